@@ -1,0 +1,81 @@
+"""What every method shares: the denoiser (network output -> (x_hat, eps_hat)) and params.
+
+Params are plain pytrees {'unet': backbone, 'adapter': eq 12 adapter}. A method splits
+them into `trainable` (optimised and EMA'd) and `frozen` (neither).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from codi_jax import diffusion
+from codi_jax.models import adapter as adapter_lib
+
+MODEL_KEYS = ("unet", "adapter")
+
+
+def compute_dtype(name: str):
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ValueError(f"config model.dtype={name!r} is not one of 'float32', 'bfloat16', 'float16'") from None
+
+
+def make_module(model_cfg) -> adapter_lib.AdaptedUNet:
+    return adapter_lib.AdaptedUNet(model_cfg.unet, model_cfg.adapter, compute_dtype(model_cfg.dtype))
+
+
+def merge(trainable, frozen):
+    """Full model params from the trainable and frozen parts (top-level keys never overlap)."""
+    out = {k: v for k, v in frozen.items() if k in MODEL_KEYS}
+    out.update({k: v for k, v in trainable.items() if k in MODEL_KEYS})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """Wraps the network so downstream code sees the pair (x_hat, eps_hat) (eq 8).
+
+    `boundary` = (sigma_data, time_scale) applies eq 17/18 to the signal prediction.
+    """
+
+    module: Any
+    schedule: diffusion.Schedule
+    prediction: str
+    boundary: tuple[float, float] | None = None
+
+    def raw(self, params, z, t, cond=None, context=None):
+        return self.module.apply({"params": params}, z, t, cond, context)
+
+    def __call__(self, params, z, t, cond=None, context=None):
+        t = jnp.broadcast_to(jnp.asarray(t), (z.shape[0],))
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        out = self.raw(params, z, t, cond, context)
+        x_hat, eps_hat = diffusion.to_x_eps(out, z, alpha, sigma, self.prediction)
+        if self.boundary is not None:
+            sigma_data, time_scale = self.boundary
+            x_hat, eps_hat = diffusion.apply_boundary(x_hat, z, t, alpha, sigma,
+                                                      sigma_data=sigma_data, time_scale=time_scale)
+        return x_hat, eps_hat
+
+
+def init_model_params(module, model_cfg, rng, image_size: int):
+    """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one."""
+    ch = model_cfg.unet.in_channels
+    z = jnp.zeros((1, image_size, image_size, ch), jnp.float32)
+    cond = jnp.zeros((1, image_size, image_size, model_cfg.adapter.cond_channels), jnp.float32)
+    ctx = None
+    if model_cfg.unet.cross_attention_dim is not None:
+        ctx = jnp.zeros((1, 1, model_cfg.unet.cross_attention_dim), jnp.float32)
+    return module.init(rng, z, jnp.zeros((1,)), cond, ctx)["params"]
+
+
+def per_batch_or_sample(key, batch_size, per_sample: bool, low: int, high: int):
+    """Integer timesteps in [low, high]: one per sample, or one shared by the batch."""
+    n = batch_size if per_sample else 1
+    t = diffusion.sample_timesteps(key, (n,), low=low, high=high)
+    return jnp.broadcast_to(t, (batch_size,))

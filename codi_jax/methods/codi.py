@@ -1,0 +1,82 @@
+"""CoDi: conditional diffusion distillation (Algorithm 1, eq 14 and 15).
+
+The loss is a pure function of (trainable params, frozen params, EMA target params,
+batch, rng). The target branch (z_s and the theta^- forward) carries no gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from codi_jax import diffusion
+from codi_jax.methods import base
+
+ZS_PREDICTORS = ("prev", "ddim", "teacher")
+MODES = ("full", "pe")
+
+
+def split_params(full_params, mode: str, zs_predictor: str):
+    """(trainable, frozen) for CoDi ('full') or PE-CoDi ('pe', sec 4.4: backbone frozen).
+
+    With the 'teacher' z_s predictor the frozen pretrained backbone is kept as
+    frozen['teacher_unet'] (in PE mode the frozen backbone is that teacher already).
+    """
+    if mode not in MODES:
+        raise ValueError(f"config codi.mode={mode!r} is not one of {MODES}")
+    if mode == "full":
+        trainable = {"unet": full_params["unet"], "adapter": full_params["adapter"]}
+        frozen = {}
+        if zs_predictor == "teacher":
+            frozen["teacher_unet"] = jax.tree_util.tree_map(jnp.array, full_params["unet"])
+    else:
+        trainable = {"adapter": full_params["adapter"]}
+        frozen = {"unet": full_params["unet"]}
+    return trainable, frozen
+
+
+def teacher_params(frozen):
+    return {"unet": frozen["teacher_unet"] if "teacher_unet" in frozen else frozen["unet"]}
+
+
+def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser,
+              teacher: base.Denoiser, cfg):
+    """Eq 15: d_eps(eps_hat_{theta-}(z_s, s, c), eps_hat_theta(z_t, t, c)) + lambda d_x(x, x_hat_theta(z_t, t, c))."""
+    x, cond, context = batch["image"], batch["cond"], batch.get("context")
+    schedule = denoiser.schedule
+    k_t, k_eps = jax.random.split(rng)
+    # Algorithm 1: t ~ [Delta t, T], s = t - Delta t.
+    t = base.per_batch_or_sample(k_t, x.shape[0], cfg.t_per_sample, cfg.delta_t, schedule.t_max)
+    s = t - cfg.delta_t
+    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_s, sigma_s = schedule.alpha_sigma(s)
+    z_t = diffusion.add_noise(x, eps, alpha_t, sigma_t)
+
+    online = base.merge(params, frozen)
+    x_hat, eps_hat = denoiser(online, z_t, t, cond, context)
+
+    sg = jax.lax.stop_gradient
+    if cfg.zs_predictor == "prev":        # eq 14: the adapted model's own PF-ODE, with the true noise
+        z_s = diffusion.prev_step(sg(x_hat), eps, alpha_s, sigma_s)
+    elif cfg.zs_predictor == "ddim":      # eq 7 with the model's own eps_hat (the public code's default)
+        z_s = diffusion.ddim_step(sg(x_hat), sg(eps_hat), alpha_s, sigma_s)
+    elif cfg.zs_predictor == "teacher":   # consistency-model style: frozen pretrained PF-ODE, no condition
+        x_te, eps_te = teacher(teacher_params(frozen), z_t, t, None, context)
+        z_s = diffusion.ddim_step(sg(x_te), sg(eps_te), alpha_s, sigma_s)
+    else:
+        raise ValueError(f"config codi.zs_predictor={cfg.zs_predictor!r} is not one of {ZS_PREDICTORS}")
+
+    # theta^-: the EMA target network; no gradient flows through it.
+    target = base.merge(sg(ema_params), frozen)
+    _, eps_target = denoiser(target, sg(z_s), s, cond, context)
+    eps_target = sg(eps_target)
+
+    d_eps = diffusion.distance(eps_hat, eps_target, cfg.d_eps, cfg.huber_c)
+    d_x = diffusion.distance(x, x_hat, cfg.d_x, cfg.huber_c)
+    loss = jnp.mean(cfg.consistency_weight * d_eps + cfg.guidance_weight * d_x)
+    metrics = {"loss": loss, "d_eps": jnp.mean(d_eps), "d_x": jnp.mean(d_x)}
+    adapter = online.get("adapter", {})
+    if "mu" in adapter:
+        metrics["mu"] = adapter["mu"]
+    return loss, metrics

@@ -1,0 +1,360 @@
+"""A Flax U-Net whose blocks and parameter names follow diffusers' `UNet2DConditionModel`.
+
+Parameter paths mirror the PyTorch state dict with '.' for nesting and '_' before list
+indices (`down_blocks_0/resnets_1/conv1`, `.../attn1/to_out_0`), as diffusers' former
+Flax classes did, so real checkpoints convert by name. Images are NHWC.
+
+The U-Net is split into `encode` (conv_in, time embedding, down blocks, mid block) and
+`decode` (up blocks, output head) so that the conditional encoder of eq 12 can fuse its
+features between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
+    """Sinusoidal timestep features, as diffusers' `get_timestep_embedding`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def conv3x3(features, name, dtype, stride=1, zero=False):
+    kw = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), dtype=dtype, name=name, **kw)
+
+
+def conv1x1(features, name, dtype, zero=False):
+    kw = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
+    return nn.Conv(features, (1, 1), padding="VALID", dtype=dtype, name=name, **kw)
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers `TimestepEmbedding`: linear_1 -> SiLU -> linear_2."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+class ResnetBlock2D(nn.Module):
+    out_channels: int
+    groups: int
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb):
+        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
+        h = conv3x3(self.out_channels, "conv1", self.dtype)(h)
+        t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        h = h + t[:, None, None, :]
+        h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
+        h = conv3x3(self.out_channels, "conv2", self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv1x1(self.out_channels, "conv_shortcut", self.dtype)(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """diffusers `Attention`: to_q/to_k/to_v without bias, to_out_0 with bias."""
+
+    heads: int
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        head_dim = self.dim // self.heads
+        q = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_q")(x)
+        k = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        v = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
+        # Fused attention where the backend has it; never a user-visible fp32 score matrix.
+        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        o = o.reshape(o.shape[:2] + (self.dim,))
+        return nn.Dense(self.dim, dtype=self.dtype, name="to_out_0")(o)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward` with GEGLU: net_0.proj -> h * gelu(gate) -> net_2."""
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        inner = self.dim * self.mult
+        # net_0 is a GEGLU module holding `proj`; mirror that nesting.
+        h, gate = jnp.split(GEGLUProj(inner * 2, dtype=self.dtype, name="net_0")(x), 2, axis=-1)
+        h = h * nn.gelu(gate, approximate=False)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class GEGLUProj(nn.Module):
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.features, dtype=self.dtype, name="proj")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    dim: int
+    heads: int
+    cross_attention: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+        x = x + Attention(self.heads, self.dim, self.dtype, name="attn1")(ln("norm1")(x))
+        if self.cross_attention:
+            x = x + Attention(self.heads, self.dim, self.dtype, name="attn2")(ln("norm2")(x), context)
+        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    channels: int
+    heads: int
+    groups: int
+    use_linear_projection: bool
+    cross_attention: bool
+    num_layers: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        b, hgt, wid, c = x.shape
+        residual = x
+        h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            h = nn.Dense(self.channels, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
+        else:
+            h = conv1x1(self.channels, "proj_in", self.dtype)(h).reshape(b, hgt * wid, self.channels)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(self.channels, self.heads, self.cross_attention, self.dtype,
+                                      name=f"transformer_blocks_{i}")(h, context)
+        if self.use_linear_projection:
+            h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
+        else:
+            h = conv1x1(c, "proj_out", self.dtype)(h.reshape(b, hgt, wid, self.channels))
+        return h + residual
+
+
+class Downsample2D(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return conv3x3(self.channels, "conv", self.dtype, stride=2)(x)
+
+
+class Upsample2D(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, h * 2, w * 2, c), method="nearest")
+        return conv3x3(self.channels, "conv", self.dtype)(x)
+
+
+def _heads(cfg, n_blocks):
+    """Heads per down block. diffusers' `attention_head_dim` means the number of heads in SD."""
+    heads = cfg.get("num_attention_heads") or cfg.attention_head_dim
+    if isinstance(heads, int):
+        return [heads] * n_blocks
+    heads = list(heads)
+    if len(heads) != n_blocks:
+        raise ValueError(f"unet attention_head_dim has {len(heads)} entries for {n_blocks} blocks")
+    return heads
+
+
+class DownBlock(nn.Module):
+    """`CrossAttnDownBlock2D` (with attentions) or `DownBlock2D`."""
+
+    out_channels: int
+    num_layers: int
+    attention: bool
+    heads: int
+    add_downsample: bool
+    cfg: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg = self.cfg
+        skips = []
+        for i in range(self.num_layers):
+            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            if self.attention:
+                x = Transformer2DModel(self.out_channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
+                                       cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
+                                       self.dtype, name=f"attentions_{i}")(x, context)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """`CrossAttnUpBlock2D` or `UpBlock2D`: consumes num_layers + 1 skips."""
+
+    out_channels: int
+    num_layers: int
+    attention: bool
+    heads: int
+    add_upsample: bool
+    cfg: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context):
+        cfg = self.cfg
+        for i in range(self.num_layers + 1):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            if self.attention:
+                x = Transformer2DModel(self.out_channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
+                                       cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
+                                       self.dtype, name=f"attentions_{i}")(x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """`UNetMidBlock2DCrossAttn`: resnets_0, attentions_0, resnets_1."""
+
+    channels: int
+    heads: int
+    cfg: Any
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg = self.cfg
+        x = ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_0")(x, temb)
+        x = Transformer2DModel(self.channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
+                               cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
+                               self.dtype, name="attentions_0")(x, context)
+        return ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_1")(x, temb)
+
+
+_ATTN_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_ATTN_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+
+def check_unet_config(cfg):
+    """One-line errors for a U-Net config that cannot build."""
+    n = len(cfg.block_out_channels)
+    for key, table in (("down_block_types", _ATTN_DOWN), ("up_block_types", _ATTN_UP)):
+        types = list(cfg[key])
+        if len(types) != n:
+            raise ValueError(f"unet.{key} has {len(types)} entries but unet.block_out_channels has {n}")
+        bad = [t for t in types if t not in table]
+        if bad:
+            raise ValueError(f"unet.{key} has unknown block type(s) {bad}; known: {sorted(table)}")
+    for c in cfg.block_out_channels:
+        if c % cfg.norm_num_groups:
+            raise ValueError(f"unet.block_out_channels entry {c} is not divisible by unet.norm_num_groups={cfg.norm_num_groups}")
+
+
+def build_encoder(module: nn.Module, cfg, dtype):
+    """Create conv_in, time_embedding, down_blocks, mid_block on `module` (called from its setup).
+
+    The U-Net and the adapter of eq 12 both call this, so the adapter's copy of the
+    encoder has the backbone's parameter names and can be initialised from it.
+    """
+    n = len(cfg.block_out_channels)
+    heads = _heads(cfg, n)
+    ch0 = cfg.block_out_channels[0]
+    module.conv_in = conv3x3(ch0, None, dtype)
+    module.time_embedding = TimestepEmbedding(ch0 * 4, dtype)
+    module.down_blocks = [
+        DownBlock(c, cfg.layers_per_block, _ATTN_DOWN[t], heads[i], i < n - 1, cfg, dtype)
+        for i, (c, t) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types))
+    ]
+    module.mid_block = MidBlock(cfg.block_out_channels[-1], heads[-1], cfg, dtype)
+
+
+def run_encoder(module: nn.Module, cfg, sample, timesteps, context, extra_input=None):
+    """Encoder forward: returns (temb, skips, mid). `extra_input` is added after conv_in (ControlNet)."""
+    t = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                           freq_shift=cfg.freq_shift)
+    temb = module.time_embedding(t.astype(module.dtype))
+    h = module.conv_in(sample.astype(module.dtype))
+    if extra_input is not None:
+        h = h + extra_input
+    skips = [h]
+    for block in module.down_blocks:
+        h, s = block(h, temb, context)
+        skips.extend(s)
+    h = module.mid_block(h, temb, context)
+    return temb, skips, h
+
+
+class UNet(nn.Module):
+    """`UNet2DConditionModel` in Flax. `__call__(sample, timesteps, context)` returns the model output."""
+
+    cfg: Any
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.cfg
+        check_unet_config(cfg)
+        build_encoder(self, cfg, self.dtype)
+        n = len(cfg.block_out_channels)
+        rev = list(reversed(cfg.block_out_channels))
+        heads = list(reversed(_heads(cfg, n)))
+        self.up_blocks = [
+            UpBlock(rev[i], cfg.layers_per_block, _ATTN_UP[t], heads[i], i < n - 1, cfg, self.dtype)
+            for i, t in enumerate(cfg.up_block_types)
+        ]
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype)
+        self.conv_out = conv3x3(cfg.out_channels, None, self.dtype)
+
+    def encode(self, sample, timesteps, context=None):
+        return run_encoder(self, self.cfg, sample, timesteps, context)
+
+    def decode(self, h, skips, temb, context=None):
+        skips = list(skips)
+        for block in self.up_blocks:
+            n_take = self.cfg.layers_per_block + 1
+            block_skips, skips = skips[-n_take:], skips[:-n_take]
+            h = block(h, block_skips, temb, context)
+        h = nn.silu(self.conv_norm_out(h))
+        return self.conv_out(h).astype(jnp.float32)
+
+    def __call__(self, sample, timesteps, context=None):
+        temb, skips, h = self.encode(sample, timesteps, context)
+        return self.decode(h, skips, temb, context)
+
+
+def count_params(tree) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,207 @@
+"""Train state, the jitted sharded step, and the training loop (one loop for every method).
+
+State is a plain dict pytree, so jit, sharding and Orbax see it directly:
+  step, params (trainable), ema_params (EMA of params: theta^- and eval weights),
+  opt_state, rng, frozen (params that neither train nor EMA, e.g. PE-CoDi's backbone).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from codi_jax import logging_utils
+from codi_jax import sharding
+from codi_jax.data import pipeline
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def make_optimizer(tcfg) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and linear warmup to a constant rate."""
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, tcfg.lr, max(tcfg.warmup_steps, 1)), optax.constant_schedule(tcfg.lr)],
+        [max(tcfg.warmup_steps, 1)])
+    return optax.chain(
+        optax.clip_by_global_norm(tcfg.grad_clip),
+        optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
+    ), lr
+
+
+def create_state(params, frozen, tx, rng) -> dict:
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema_params": copy(params),  # Algorithm 1: theta^- <- theta
+        "opt_state": tx.init(params),
+        "rng": rng,
+        "frozen": frozen,
+    }
+
+
+def ema_update(ema, params, decay):
+    """theta^- <- stopgrad(gamma theta^- + (1 - gamma) theta) (Algorithm 1)."""
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float):
+    """One update. A non-finite loss or gradient leaves the state untouched (the host then stops)."""
+
+    def step_fn(state, batch):
+        rng, key = jax.random.split(state["rng"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], state["frozen"], state["ema_params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = {
+            "step": state["step"] + 1,
+            "params": params,
+            "ema_params": ema_update(state["ema_params"], params, ema_decay),
+            "opt_state": opt_state,
+            "rng": rng,
+            "frozen": state["frozen"],
+        }
+        keep_old = lambda n, o: jnp.where(finite, n, o)
+        out = {k: (new[k] if k in ("step", "rng", "frozen") else jax.tree_util.tree_map(keep_old, new[k], state[k]))
+               for k in new}
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]), finite=finite)
+        return out, metrics
+
+    return step_fn
+
+
+def checkpoint_manager(directory: str, tcfg) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def abstract_like(state, state_sharding):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, state_sharding)
+
+
+def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_sharding, data_iter=None):
+    """Restore state (resharded to `state_sharding`) and, if given, the data iterator position."""
+    items = {"state": ocp.args.StandardRestore(abstract_like(init_state, state_sharding))}
+    if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def _first_nonfinite(pending):
+    for step, m in pending:
+        if not bool(m["finite"]):
+            return step, m
+    return None
+
+
+def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Callable, data_cfg,
+              task: str, seed: int, mesh, image_fn: Callable | None = None):
+    """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
+
+    init_fn(rng) -> (trainable params, frozen params). A stage whose latest checkpoint
+    is at `tcfg.num_steps` is complete: it is restored, not retrained.
+    image_fn(state) -> {name: images} is called for TensorBoard images.
+    """
+    stage_dir = os.path.join(workdir, name)
+    sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size")
+    tx, lr_schedule = make_optimizer(tcfg)
+    repl = sharding.replicated(mesh)
+
+    rng = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(rng)
+    params, frozen = init_fn(init_rng)
+    state = jax.device_put(create_state(params, frozen, tx, state_rng), repl)
+    state_sharding = jax.tree_util.tree_map(lambda _: repl, state)
+
+    data_iter = pipeline.make_train_iterator(
+        data_cfg, task=task, global_batch_size=tcfg.batch_size, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)
+    latest = mgr.latest_step()
+    if latest is not None:
+        state = restore_state(mgr, latest, state, state_sharding, data_iter)
+        logging.info("%s: resumed from step %d (%s)", name, latest, mgr.directory)
+    start = int(state["step"])
+    if start >= tcfg.num_steps:
+        logging.info("%s: complete at step %d; skipping training", name, start)
+        mgr.close()
+        return state
+
+    step_fn = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay),
+                      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    is_main = jax.process_index() == 0
+    writer = logging_utils.MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_main)
+    progress = logging_utils.Progress(tcfg.num_steps, start_step=start, every_n_steps=tcfg.log_every, name=name)
+    pending = []  # (step, device metrics) not yet checked on the host
+
+    def flush_pending():
+        bad = _first_nonfinite(pending)
+        if bad is not None:
+            mgr.wait_until_finished()
+            raise NonFiniteLossError(
+                f"{name}: non-finite loss at step {bad[0]} (loss={float(bad[1]['loss'])}); stopped. "
+                f"Last good checkpoint (step {mgr.latest_step()}) kept in {mgr.directory}")
+        if pending:
+            step, m = pending[-1]
+            scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+            writer.write_scalars(step, scalars)
+            progress.update(step, **scalars)
+        pending.clear()
+
+    try:
+        for step in range(start + 1, tcfg.num_steps + 1):
+            batch = sharding.put_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            pending.append((step, metrics))
+            last = step == tcfg.num_steps
+            if step % tcfg.log_every == 0 or last:
+                flush_pending()
+            if tcfg.image_every and step % tcfg.image_every == 0 and image_fn is not None:
+                writer.write_images(step, image_fn(state))
+            if step % tcfg.checkpoint_every == 0 or last:
+                flush_pending()  # never save a state that followed a non-finite step
+                mgr.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data_iter=grain.checkpoint.CheckpointSave(data_iter)))
+        if image_fn is not None:
+            writer.write_images(tcfg.num_steps, image_fn(state))
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+        writer.close()
+    return state
+
+
+def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh):
+    """The final state of a completed stage (error if it is not complete)."""
+    tx, _ = make_optimizer(tcfg)
+    repl = sharding.replicated(mesh)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params, frozen = init_fn(init_rng)
+    state = jax.device_put(create_state(params, frozen, tx, state_rng), repl)
+    mgr = checkpoint_manager(os.path.join(workdir, name, "checkpoints"), tcfg)
+    latest = mgr.latest_step()
+    if latest is None or latest < tcfg.num_steps:
+        raise FileNotFoundError(f"{name}: no complete checkpoint in {mgr.directory} (latest step {latest}, "
+                                f"want {tcfg.num_steps})")
+    state = restore_state(mgr, latest, state, jax.tree_util.tree_map(lambda _: repl, state))
+    mgr.close()
+    return state

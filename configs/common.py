@@ -1,0 +1,116 @@
+"""Shared config pieces. Configs are the only home of numbers a user might change.
+
+Every field is documented where it is set. `docs/config.md` explains the choices that
+the paper leaves open.
+"""
+
+import ml_collections as mlc
+
+
+def tiny_unet():
+    """A ~1.3M-parameter pixel-space U-Net with diffusers' UNet2DConditionModel layout."""
+    return mlc.ConfigDict(dict(
+        in_channels=3,               # channels of z_t (3 in pixel space, 4 for SD latents)
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=4,        # as in diffusers/SD: the number of heads per block
+        num_attention_heads=None,    # overrides attention_head_dim when set
+        cross_attention_dim=None,    # None: no text cross-attention (attn2 absent)
+        transformer_layers_per_block=1,
+        norm_num_groups=8,
+        norm_eps=1e-5,
+        use_linear_projection=False, # SD 1.x: conv proj_in/out; SD 2.x: linear
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    ))
+
+
+def sd15_unet():
+    """SD 1.x UNet2DConditionModel sizes (860M parameters), for benchmarks and loading."""
+    cfg = tiny_unet()
+    cfg.update(dict(
+        in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
+    ))
+    cfg.cross_attention_dim = 768
+    return cfg
+
+
+def model(unet):
+    return mlc.ConfigDict(dict(
+        prediction="v",          # what the backbone predicts: 'eps' | 'v' | 'x' (eq 8 converts)
+        dtype="float32",         # compute dtype ('float32' | 'bfloat16'); params stay float32
+        unet=unet,
+        adapter=dict(
+            fusion="mix",        # 'mix': eq 12, learnable mu (init 0); 'residual': ControlNet zero convs
+            conditioning_embedding_out_channels=(16,),  # len-1 stride-2 convs; SD latents: (16, 32, 96, 256)
+            cond_channels=3,     # channels of the image condition c
+        ),
+    ))
+
+
+def schedule_cosine():
+    return mlc.ConfigDict(dict(
+        kind="cosine",           # 'cosine' (continuous, models trained here) | 'scaled_linear' | 'linear' (SD)
+        num_timesteps=1000,      # T: timesteps are in [0, T]
+        logsnr_min=-15.0,        # cosine: log-SNR at t = T
+        logsnr_max=15.0,         # cosine: log-SNR at t = 0
+        beta_start=0.00085,      # discrete schedules only
+        beta_end=0.012,
+    ))
+
+
+def train(num_steps, batch_size, lr):
+    """Optimisation and bookkeeping of one training stage."""
+    return mlc.ConfigDict(dict(
+        num_steps=num_steps,
+        batch_size=batch_size,   # global batch, split over the 'data' mesh axis and processes
+        lr=lr,                   # peak learning rate of AdamW
+        warmup_steps=100,        # linear warmup, then constant
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=1.0,           # global-norm clip
+        ema_decay=0.999,         # EMA of the trainable params (theta^- for CoDi, eval weights)
+        log_every=25,            # progress line + TensorBoard scalars
+        checkpoint_every=200,    # Orbax saves (async); the last step is always saved
+        keep_checkpoints=2,
+        image_every=0,           # TensorBoard sample images every N steps (0: only at the end)
+    ))
+
+
+def codi_method():
+    """CoDi (Algorithm 1, eq 14, 15) and the choices of the paper and its ablations."""
+    return mlc.ConfigDict(dict(
+        mode="full",             # 'full': CoDi, everything trains; 'pe': PE-CoDi, backbone frozen (sec 4.4)
+        zs_predictor="prev",     # z_s from: 'prev' (eq 14), 'ddim' (own eps_hat, eq 7), 'teacher' (frozen pretrained)
+        d_eps="l2",              # noise-consistency distance: 'l2' | 'pseudo_huber'
+        d_x="l2",                # conditional-guidance distance: 'l2' | 'pseudo_huber'
+        huber_c=0.03,            # pseudo-Huber constant (per-element error scale)
+        guidance_weight=1.0,     # lambda on d_x in eq 15; 0 switches conditional guidance off
+        consistency_weight=1.0,  # weight on d_eps (0: no noise consistency, an ablation)
+        delta_t=20,              # s = t - delta_t, in timesteps (Algorithm 1 says 1; public code 20)
+        t_per_sample=True,       # one t per sample (True) or one per batch
+        boundary=dict(
+            enabled=True,        # eq 17/18 skip scalings on the signal prediction
+            sigma_data=0.5,
+            time_scale=10.0,     # u = time_scale * t (t in timesteps), as diffusers' LCM
+        ),
+    ))
+
+
+def evaluation():
+    return mlc.ConfigDict(dict(
+        num_examples=48,         # held-out crops evaluated
+        steps=(1, 2, 4),         # few-step sampler step counts evaluated
+        sampler="deterministic", # 'deterministic' (DDIM/PF-ODE) | 'stochastic' (fresh noise per step)
+        teacher_ddim_steps=0,    # >0 also samples the unconditional teacher with N-step DDIM (sanity grid)
+        grid_examples=8,         # rows in each PNG grid
+        batch_size=16,
+        seed=1234,
+    ))

@@ -1,0 +1,55 @@
+"""Real-world 4x super-resolution (paper sec. 5, Table 2).
+
+Variants (`--config=configs/sr.py:VARIANT`):
+  tiny   pixel-space, embedded images, pretrains its own ~1.3M-param teacher: the
+         whole path on a CPU in minutes (the README's default).
+  smoke  the same path at minimum size, for the end-to-end test.
+  (none) the paper-scale recipe: needs a pretrained latent diffusion model
+         (Stable Diffusion in diffusers format) at `teacher.pretrained_path`.
+"""
+
+import ml_collections as mlc
+
+from configs import common
+from configs import data as data_configs
+
+
+def get_config(variant=""):
+    config = mlc.ConfigDict()
+    config.variant = variant
+    config.task = "sr"
+    config.seed = 0
+    config.data = data_configs.get_data_config()
+    config.schedule = common.schedule_cosine()
+    config.model = common.model(common.tiny_unet())
+    config.teacher = mlc.ConfigDict(dict(
+        checkpoint="",            # a teacher checkpoint dir of ours; '' = pretrain one in WORKDIR/teacher
+        pretrained_path="",       # a diffusers-format folder (paper-scale runs; issue 3)
+    ))
+    config.pretrain = common.train(num_steps=1500, batch_size=32, lr=1e-3)
+    config.codi = common.codi_method()
+    config.codi.train = common.train(num_steps=800, batch_size=16, lr=2e-4)
+    config.eval = common.evaluation()
+    config.mesh = mlc.ConfigDict(dict(data=-1))  # devices on the 'data' axis (-1: all)
+
+    if variant == "tiny":
+        pass
+    elif variant == "smoke":
+        config.data.crop_size = 16
+        config.model.unet.block_out_channels = (16, 16, 16)
+        config.model.adapter.conditioning_embedding_out_channels = (8,)
+        config.model.unet.norm_num_groups = 4
+        config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+        config.codi.train.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+        config.eval.update(num_examples=4, batch_size=4, grid_examples=4, steps=(1, 2))
+    elif variant == "":
+        config.schedule.kind = "scaled_linear"
+        config.model.prediction = "eps"
+        config.model.unet = common.sd15_unet()
+        config.model.dtype = "bfloat16"
+        config.data.crop_size = 512
+        config.codi.train.update(num_steps=100_000, batch_size=128, lr=1e-5, ema_decay=0.9999,
+                                 log_every=100, checkpoint_every=2000)
+    else:
+        raise ValueError(f"unknown variant {variant!r} of configs/sr.py; use 'tiny', 'smoke' or none")
+    return config

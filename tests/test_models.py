@@ -1,0 +1,105 @@
+"""U-Net and the eq 12 adapter: names, sizes, and exact equality with the backbone at init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from codi_jax.methods import base
+from codi_jax.models import adapter as adapter_lib
+from codi_jax.models import unet as unet_lib
+
+
+def _model_cfg(fusion="mix", cross_attention_dim=None):
+    cfg = common.model(common.tiny_unet())
+    cfg.unet.cross_attention_dim = cross_attention_dim
+    cfg.adapter.fusion = fusion
+    return cfg
+
+
+def _init(cfg, size=16, seed=0):
+    module = base.make_module(cfg)
+    params = base.init_model_params(module, cfg, jax.random.PRNGKey(seed), size)
+    return module, params
+
+
+def test_tiny_unet_size_and_diffusers_names():
+    cfg = _model_cfg()
+    _, params = _init(cfg)
+    n = unet_lib.count_params(params["unet"])
+    assert 1.0e6 < n < 3.0e6, n  # "a tiny (~2M parameters)" U-Net
+    flat = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params["unet"])}
+    for name in ["conv_in/kernel", "time_embedding/linear_1/kernel", "down_blocks_0/resnets_0/conv1/kernel",
+                 "down_blocks_0/downsamplers_0/conv/kernel", "down_blocks_2/attentions_0/proj_in/kernel",
+                 "down_blocks_2/attentions_0/transformer_blocks_0/attn1/to_q/kernel",
+                 "down_blocks_2/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel",
+                 "mid_block/attentions_0/transformer_blocks_0/attn1/to_out_0/bias",
+                 "up_blocks_0/resnets_1/conv_shortcut/kernel", "up_blocks_1/upsamplers_0/conv/kernel",
+                 "conv_norm_out/scale", "conv_out/kernel"]:
+        assert name in flat, name
+
+
+def test_sd15_sized_unet_has_860m_parameters():
+    cfg = common.model(common.sd15_unet())
+    module = unet_lib.UNet(cfg.unet)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 4)), jnp.zeros((1,)),
+                                                jnp.zeros((1, 77, 768))))
+    n = unet_lib.count_params(shapes["params"])
+    assert abs(n - 859_520_964) < 1e6, n  # SD 1.5's UNet2DConditionModel parameter count
+
+
+def test_cross_attention_uses_context():
+    cfg = _model_cfg(cross_attention_dim=32)
+    module = unet_lib.UNet(cfg.unet)
+    x, t = jnp.ones((2, 16, 16, 3)), jnp.array([3, 500])
+    ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
+    params = module.init(jax.random.PRNGKey(0), x, t, ctx)
+    assert "attn2" in params["params"]["mid_block"]["attentions_0"]["transformer_blocks_0"]
+    out1, out2 = module.apply(params, x, t, ctx), module.apply(params, x, t, ctx * 2.0)
+    assert out1.shape == x.shape
+    assert not np.allclose(out1, out2)
+
+
+@pytest.mark.parametrize("fusion", adapter_lib.FUSIONS)
+def test_adapted_model_equals_backbone_at_init_bit_for_bit(fusion):
+    cfg = _model_cfg(fusion)
+    module, params = _init(cfg)
+    params = {"unet": params["unet"],
+              "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])}
+    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    z = jax.random.normal(k1, (3, 16, 16, 3))
+    cond = jax.random.normal(k2, (3, 16, 16, 3))
+    t = jnp.array([1, 400, 999])
+    adapted = jax.jit(lambda p: module.apply({"params": p}, z, t, cond))(params)
+    backbone = jax.jit(lambda p: unet_lib.UNet(cfg.unet).apply({"params": p}, z, t))(params["unet"])
+    np.testing.assert_array_equal(np.asarray(adapted), np.asarray(backbone))
+    # The condition does reach the output once the fusion opens.
+    opened = jax.tree_util.tree_map(lambda x: x, params)
+    if fusion == "mix":
+        opened["adapter"]["mu"] = jnp.asarray(0.5)
+    else:
+        opened["adapter"]["controlnet_mid_block"]["kernel"] = jnp.ones_like(opened["adapter"]["controlnet_mid_block"]["kernel"]) * 0.01
+    moved = module.apply({"params": opened}, z, t, cond)
+    assert not np.allclose(moved, backbone)
+
+
+def test_adapter_is_a_copy_of_the_backbone_encoder():
+    cfg = _model_cfg()
+    _, params = _init(cfg)
+    adapter = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
+    for key in ("conv_in", "time_embedding", "down_blocks_0", "down_blocks_2", "mid_block"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, adapter[key], params["unet"][key])
+    assert float(adapter["mu"]) == 0.0
+    assert "controlnet_cond_embedding" in adapter
+    assert "up_blocks_0" not in adapter  # only the encoder is duplicated
+
+
+def test_bad_unet_config_errors_name_the_key():
+    cfg = _model_cfg()
+    cfg.unet.down_block_types = ("DownBlock2D", "Bogus2D", "DownBlock2D")
+    with pytest.raises(ValueError, match="unet.down_block_types"):
+        _init(cfg)
+    cfg = _model_cfg(fusion="sum")
+    with pytest.raises(ValueError, match="model.adapter.fusion"):
+        _init(cfg)
