@@ -4,6 +4,7 @@
 Running the same command again resumes from the latest checkpoints.
 """
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -14,22 +15,50 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Keep orbax/grain/jax INFO chatter out of the progress log (warnings still pass)."""
+
+    def filter(self, record):
+        return record.levelno >= py_logging.WARNING or not any(
+            f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "jax", "absl"))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.set_verbosity(logging.INFO)
     from codi_jax import experiment  # after flag parsing: grain wants absl flags parsed first
 
     logging.info("config:\n%s", _CONFIG.value)
     experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
+def _one_line(e: BaseException) -> str:
+    """The useful last line of an error (flag errors embed the config file's traceback)."""
+    while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps KeyError in AttributeError
+        e = e.args[0]
+    if isinstance(e, KeyError) and e.args:
+        name, _, hint = str(e.args[0]).partition("\n")
+        return f"unknown config field {name} {hint}".strip()
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, ValueError, AttributeError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run():
     try:
-        app.run(main)
-    except (ValueError, KeyError, AttributeError, PermissionError, FileNotFoundError, NotImplementedError,
-            FloatingPointError) as e:
+        app.run(main, flags_parser=_parse_flags)
+    except (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError) as e:
         # Bad input: one clear line, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

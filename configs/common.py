@@ -58,8 +58,8 @@ def schedule_cosine():
     return mlc.ConfigDict(dict(
         kind="cosine",           # 'cosine' (continuous, models trained here) | 'scaled_linear' | 'linear' (SD)
         num_timesteps=1000,      # T: timesteps are in [0, T]
-        logsnr_min=-15.0,        # cosine: log-SNR at t = T
-        logsnr_max=15.0,         # cosine: log-SNR at t = 0
+        logsnr_min=-10.0,        # cosine: log-SNR at t = T (alpha_T ~ 7e-3)
+        logsnr_max=8.0,          # cosine: log-SNR at t = 0 (sigma_0 ~ 0.018, near SD's 0.029)
         beta_start=0.00085,      # discrete schedules only
         beta_end=0.012,
     ))

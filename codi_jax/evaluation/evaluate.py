@@ -28,9 +28,9 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     timings = {}
     rng = jax.random.PRNGKey(ecfg.seed)
 
-    def run(fn, p, c):
+    def run(fn, p, c, limit=n):
         outs = []
-        for i in range(0, n, bs):
+        for i in range(0, limit, bs):
             sl = slice(i, min(i + bs, n))
             shape = (sl.stop - sl.start,) + hr.shape[1:]
             outs.append(np.asarray(fn(p, jax.random.fold_in(rng, i), shape, c[sl] if c is not None else None)))
@@ -39,7 +39,7 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     for num_steps in ecfg.steps:
         fn = sampling.make_sampler(denoiser, num_steps, ecfg.sampler)
         t0 = time.perf_counter()
-        run(fn, params, cond[:bs])  # compile + warm up on one batch
+        run(fn, params, cond, limit=bs)  # compile + warm up on one batch
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         samples = run(fn, params, cond)

@@ -38,6 +38,7 @@ class ConditioningEmbedding(nn.Module):
 
     block_out_channels: tuple[int, ...]
     out_channels: int
+    zero_out: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -47,7 +48,7 @@ class ConditioningEmbedding(nn.Module):
         for i in range(len(ch) - 1):
             h = nn.silu(unet_lib.conv3x3(ch[i], f"blocks_{2 * i}", self.dtype)(h))
             h = nn.silu(unet_lib.conv3x3(ch[i + 1], f"blocks_{2 * i + 1}", self.dtype, stride=2)(h))
-        return unet_lib.conv3x3(self.out_channels, "conv_out", self.dtype, zero=True)(h)
+        return unet_lib.conv3x3(self.out_channels, "conv_out", self.dtype, zero=self.zero_out)(h)
 
 
 class ConditionEncoder(nn.Module):
@@ -62,8 +63,12 @@ class ConditionEncoder(nn.Module):
         if acfg.fusion not in FUSIONS:
             raise ValueError(f"config model.adapter.fusion={acfg.fusion!r} is not one of {FUSIONS}")
         unet_lib.build_encoder(self, cfg, self.dtype)
+        # ControlNet zero-initialises the embedding's conv_out. With the mu fusion that would
+        # make h_eta == h_theta at init, so dL/dmu = 0 and nothing would ever train: mu = 0
+        # alone keeps the adapted model equal to the backbone there.
         self.controlnet_cond_embedding = ConditioningEmbedding(
-            tuple(acfg.conditioning_embedding_out_channels), cfg.block_out_channels[0], self.dtype)
+            tuple(acfg.conditioning_embedding_out_channels), cfg.block_out_channels[0],
+            zero_out=acfg.fusion == "residual", dtype=self.dtype)
         if acfg.fusion == "mix":
             # The learnable scalar of eq 12, initialised to 0.
             self.mu = self.param("mu", nn.initializers.zeros, (), jnp.float32)

@@ -1,0 +1,33 @@
+"""Small shared builders for the tests: the smoke config and its model pieces."""
+
+import functools
+
+import jax
+
+from configs import sr
+from codi_jax import diffusion
+from codi_jax.data import pipeline
+from codi_jax.methods import base, codi
+from codi_jax.models import adapter as adapter_lib
+
+
+def smoke_config(**codi_overrides):
+    config = sr.get_config("smoke")
+    config.codi.update(codi_overrides)
+    return config
+
+
+def codi_setup(config, seed=0):
+    """(trainable, frozen, loss_fn, batch) for a CoDi run of `config` with a random-init backbone."""
+    schedule = diffusion.make_schedule(config.schedule)
+    module = base.make_module(config.model)
+    b = config.codi.boundary
+    wrapped = base.Denoiser(module, schedule, config.model.prediction,
+                            (b.sigma_data, b.time_scale) if b.enabled else None)
+    plain = base.Denoiser(module, schedule, config.model.prediction)
+    params = base.init_model_params(module, config.model, jax.random.PRNGKey(seed), config.data.crop_size)
+    params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
+    trainable, frozen = codi.split_params(params, config.codi.mode, config.codi.zs_predictor)
+    loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=config.codi)
+    batch = next(pipeline.make_train_iterator(config.data, task="sr", global_batch_size=4, seed=seed))
+    return trainable, frozen, loss_fn, batch

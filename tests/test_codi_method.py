@@ -1,0 +1,87 @@
+"""CoDi's training rule (Algorithm 1, eq 14, 15) as claims the paper makes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codi_jax import train
+from tests import helpers
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _run_steps(config, n, lr=None):
+    trainable, frozen, loss_fn, batch = helpers.codi_setup(config)
+    tcfg = config.codi.train
+    if lr is not None:
+        tcfg.lr = lr
+    tx, sched = train.make_optimizer(tcfg)
+    state = train.create_state(trainable, frozen, tx, jax.random.PRNGKey(0))
+    init = jax.tree_util.tree_map(np.asarray, state)
+    step = jax.jit(train.make_train_step(loss_fn, tx, sched, tcfg.ema_decay))
+    losses = []
+    for _ in range(n):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return init, state, losses
+
+
+def test_pe_mode_leaves_every_backbone_parameter_unchanged():
+    config = helpers.smoke_config(mode="pe")
+    init, state, _ = _run_steps(config, 3)
+    assert set(state["params"]) == {"adapter"}  # only the adapter (and mu) trains
+    assert _leaves_equal(init["frozen"]["unet"], state["frozen"]["unet"])
+    assert not _leaves_equal(init["params"]["adapter"], state["params"]["adapter"])
+    assert float(state["params"]["adapter"]["mu"]) != 0.0
+
+
+def test_full_mode_trains_the_backbone_too():
+    config = helpers.smoke_config(mode="full")
+    init, state, _ = _run_steps(config, 2)
+    assert not _leaves_equal(init["params"]["unet"], state["params"]["unet"])
+
+
+def test_ema_target_moves():
+    """theta^- is a real EMA of theta (not a frozen copy, see DESIGN.md traps)."""
+    config = helpers.smoke_config()
+    config.codi.train.ema_decay = 0.9
+    init, state, _ = _run_steps(config, 3)
+    assert not _leaves_equal(init["ema_params"], state["ema_params"])
+    # and it lags the online params: EMA sits strictly between init and online for a parameter that moved.
+    mu0, mu_ema, mu = (float(t["adapter"]["mu"]) for t in (init["params"], state["ema_params"], state["params"]))
+    assert min(mu0, mu) < mu_ema < max(mu0, mu)
+
+
+@pytest.mark.parametrize("zs_predictor", ["prev", "ddim", "teacher"])
+def test_no_gradient_reaches_the_target(zs_predictor):
+    config = helpers.smoke_config(zs_predictor=zs_predictor)
+    trainable, frozen, loss_fn, batch = helpers.codi_setup(config)
+    # A target that differs from the online params, so a leak would show.
+    ema = jax.tree_util.tree_map(lambda x: x + 0.01, trainable)
+    grads = jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(trainable, frozen, ema, batch, jax.random.PRNGKey(3))
+    g_online, g_frozen, g_target = grads[0]
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(g_target))
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(g_frozen))
+    assert any(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree_util.tree_leaves(g_online))
+
+
+def test_guidance_weight_zero_switches_conditional_guidance_off():
+    on = helpers.smoke_config(guidance_weight=1.0)
+    off = helpers.smoke_config(guidance_weight=0.0)
+    t_on, f_on, loss_on, batch = helpers.codi_setup(on)
+    t_off, f_off, loss_off, _ = helpers.codi_setup(off)
+    key = jax.random.PRNGKey(5)
+    l_on, m_on = loss_on(t_on, f_on, t_on, batch, key)
+    l_off, m_off = loss_off(t_off, f_off, t_off, batch, key)
+    np.testing.assert_allclose(float(l_on), float(m_on["d_eps"] + m_on["d_x"]), rtol=1e-5)
+    np.testing.assert_allclose(float(l_off), float(m_off["d_eps"]), rtol=1e-5)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    config = helpers.smoke_config()
+    config.codi.train.warmup_steps = 1
+    _, _, losses = _run_steps(config, 30, lr=2e-3)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses

@@ -1,0 +1,96 @@
+"""Train loop: exact resumption after a crash, and a non-finite loss stops with the last good checkpoint kept."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from codi_jax import diffusion, logging_utils, sharding, train
+from codi_jax.data import pipeline
+from codi_jax.methods import base, pretrain
+from tests import helpers
+
+
+def _teacher_stage(config, workdir, num_steps):
+    schedule = diffusion.make_schedule(config.schedule)
+    module = base.make_module(config.model)
+    denoiser = base.Denoiser(module, schedule, config.model.prediction)
+    tcfg = config.pretrain
+    tcfg.update(num_steps=num_steps, checkpoint_every=2, log_every=1, batch_size=4)
+
+    def init_fn(rng):
+        return {"unet": base.init_model_params(module, config.model, rng, config.data.crop_size)["unet"]}, {}
+
+    return train.run_stage(
+        name="teacher", workdir=workdir, tcfg=tcfg,
+        loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=denoiser, use_cond=False),
+        init_fn=init_fn, data_cfg=config.data, task="uncond", seed=0, mesh=sharding.make_mesh(config.mesh))
+
+
+def _params(state):
+    return jax.tree_util.tree_map(np.asarray, {k: state[k] for k in ("params", "ema_params", "opt_state", "step")})
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_params(tmp_path, monkeypatch):
+    config = helpers.smoke_config()
+    straight = _params(_teacher_stage(config, str(tmp_path / "a"), 5))
+
+    # Crash right after step 3 ran (the last checkpoint is step 2), as a preemption would.
+    real_update = logging_utils.Progress.update
+
+    def crash_at_3(self, step, **kw):
+        if step == 3:
+            raise KeyboardInterrupt("preempted")
+        return real_update(self, step, **kw)
+
+    monkeypatch.setattr(logging_utils.Progress, "update", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _teacher_stage(config, str(tmp_path / "b"), 5)
+    monkeypatch.setattr(logging_utils.Progress, "update", real_update)
+    assert sorted(os.listdir(tmp_path / "b" / "teacher" / "checkpoints")) == ["2"]
+
+    resumed = _params(_teacher_stage(config, str(tmp_path / "b"), 5))
+    assert int(resumed["step"]) == 5
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+
+    # Running the finished stage again restores it without training.
+    again = _params(_teacher_stage(config, str(tmp_path / "b"), 5))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, straight)
+
+
+class _PoisonedIterator:
+    """Delegates to a real grain iterator, but the batch of step `bad_step` holds a NaN."""
+
+    def __init__(self, it, bad_step):
+        self._it, self._bad, self._n = it, bad_step, 0
+
+    def __next__(self):
+        batch = next(self._it)
+        self._n += 1
+        if self._n == self._bad:
+            batch = dict(batch, image=batch["image"] * np.nan)
+        return batch
+
+    # grain's checkpoint handler stores a non-grain iterator's state as bytes.
+    def get_state(self):
+        return json.dumps(self._it.get_state()).encode()
+
+    def set_state(self, state):
+        self._it.set_state(json.loads(state))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = helpers.smoke_config()
+    real = pipeline.make_train_iterator
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _PoisonedIterator(real(*a, **k), 3))
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 3.*step 2"):
+        _teacher_stage(config, str(tmp_path), 6)
+    ckpts = tmp_path / "teacher" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["2"]
+    monkeypatch.setattr(pipeline, "make_train_iterator", real)
+    # The kept checkpoint is finite and resumable.
+    state = _teacher_stage(config, str(tmp_path), 2)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
