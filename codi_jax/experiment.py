@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from codi_jax import diffusion, sampling, sharding, train
@@ -82,6 +83,28 @@ def _teacher_params_init(module, config):
     return init_fn
 
 
+def _preview_fns(config, plain, wrapped, eval_batch):
+    """TensorBoard pictures: teacher DDIM samples, and bicubic | CoDi N-step | HR on held-out crops."""
+    k = min(4, eval_batch["image"].shape[0])
+    cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
+    rng = jax.random.PRNGKey(config.eval.seed)
+    ddim_steps = config.eval.teacher_ddim_steps or 16
+    teacher_sampler = sampling.make_sampler(plain, ddim_steps, "deterministic")
+    n_steps = max(config.eval.steps)
+    codi_sampler = sampling.make_sampler(wrapped, n_steps, config.eval.sampler)
+
+    def teacher_images(state):
+        x = teacher_sampler(state["ema_params"], rng, hr.shape)
+        return {f"samples/teacher_ddim{ddim_steps}_uncond": np.asarray(x)}
+
+    def codi_images(state):
+        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, hr.shape, cond)
+        row = np.concatenate([cond, np.asarray(x), hr], axis=2)  # side by side, one row per example
+        return {f"samples/bicubic_codi{n_steps}_hr": row}
+
+    return teacher_images, codi_images
+
+
 def run(config, workdir: str) -> dict:
     """Run the job described by `config` in `workdir`; returns the evaluation report."""
     if config.variant == "" and not config.teacher.pretrained_path:
@@ -99,6 +122,9 @@ def run(config, workdir: str) -> dict:
     wrapped = base.Denoiser(module, schedule, config.model.prediction,
                             (b.sigma_data, b.time_scale) if b.enabled else None)
     timings = {}
+    eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
+                                          seed=config.eval.seed)
+    teacher_images, codi_images = _preview_fns(config, plain, wrapped, eval_batch)
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
     teacher_init = _teacher_params_init(module, config)
@@ -110,7 +136,8 @@ def run(config, workdir: str) -> dict:
         tstate = train.run_stage(
             name="teacher", workdir=workdir, tcfg=config.pretrain,
             loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False),
-            init_fn=teacher_init, data_cfg=config.data, task="uncond", seed=config.seed, mesh=mesh)
+            init_fn=teacher_init, data_cfg=config.data, task="uncond", seed=config.seed, mesh=mesh,
+            image_fn=teacher_images)
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     del tstate
@@ -127,13 +154,12 @@ def run(config, workdir: str) -> dict:
     cstate = train.run_stage(
         name="codi", workdir=workdir, tcfg=c.train,
         loss_fn=functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c),
-        init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, mesh=mesh)
+        init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, mesh=mesh,
+        image_fn=codi_images)
     timings["codi_s"] = round(time.perf_counter() - t0, 1)
 
     # Stage 3: evaluation on held-out images (EMA weights, as consistency models do).
     t0 = time.perf_counter()
-    eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
-                                          seed=config.eval.seed)
     params = base.merge(cstate["ema_params"], cstate["frozen"])
     report = None
     if jax.process_index() == 0:

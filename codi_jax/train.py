@@ -28,15 +28,32 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def make_optimizer(tcfg) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and linear warmup to a constant rate."""
+def _scale_named_leaves(name: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of every leaf called `name` by `factor`."""
+
+    def scale(updates, params=None):
+        del params
+        is_named = lambda path: getattr(path[-1], "key", None) == name
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor if is_named(p) else u, updates)
+
+    return optax.stateless(scale)
+
+
+def make_optimizer(tcfg):
+    """AdamW with global-norm clipping and linear warmup to a constant rate; returns (tx, lr schedule).
+
+    The scalar mu of eq 12 gets `mu_lr_multiplier` times the rate: Adam moves each
+    parameter by about lr per step, so at lr 2e-4 a lone scalar could not travel from
+    0 towards 1 in a few hundred steps.
+    """
     lr = optax.join_schedules(
         [optax.linear_schedule(0.0, tcfg.lr, max(tcfg.warmup_steps, 1)), optax.constant_schedule(tcfg.lr)],
         [max(tcfg.warmup_steps, 1)])
-    return optax.chain(
-        optax.clip_by_global_norm(tcfg.grad_clip),
-        optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
-    ), lr
+    parts = [optax.clip_by_global_norm(tcfg.grad_clip),
+             optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay)]
+    if tcfg.get("mu_lr_multiplier", 1.0) != 1.0:
+        parts.append(_scale_named_leaves("mu", tcfg.mu_lr_multiplier))
+    return optax.chain(*parts), lr
 
 
 def create_state(params, frozen, tx, rng) -> dict:
@@ -56,7 +73,17 @@ def ema_update(ema, params, decay):
     return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float):
+def ema_decay_at(step, decay: float, warmup: bool):
+    """The EMA decay used at `step`: constant (Algorithm 1's gamma), or warmed up as
+    min(decay, (1 + step) / (10 + step)) so that a model trained from random weights
+    is not averaged with its initialisation for thousands of steps."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_warmup: bool = False):
     """One update. A non-finite loss or gradient leaves the state untouched (the host then stops)."""
 
     def step_fn(state, batch):
@@ -70,7 +97,8 @@ def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float):
         new = {
             "step": state["step"] + 1,
             "params": params,
-            "ema_params": ema_update(state["ema_params"], params, ema_decay),
+            "ema_params": ema_update(state["ema_params"], params,
+                                     ema_decay_at(state["step"], ema_decay, ema_warmup)),
             "opt_state": opt_state,
             "rng": rng,
             "frozen": state["frozen"],
@@ -144,7 +172,7 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
         mgr.close()
         return state
 
-    step_fn = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay),
+    step_fn = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup),
                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
     is_main = jax.process_index() == 0

@@ -73,10 +73,12 @@ def train(num_steps, batch_size, lr):
         lr=lr,                   # peak learning rate of AdamW
         warmup_steps=100,        # linear warmup, then constant
         weight_decay=0.0,
+        mu_lr_multiplier=1.0,    # learning-rate factor for the scalar mu of eq 12 (Adam moves it ~lr a step)
         b1=0.9,
         b2=0.999,
         grad_clip=1.0,           # global-norm clip
         ema_decay=0.999,         # EMA of the trainable params (theta^- for CoDi, eval weights)
+        ema_warmup=False,        # decay min(ema_decay, (1+step)/(10+step)): for training from random init
         log_every=25,            # progress line + TensorBoard scalars
         checkpoint_every=200,    # Orbax saves (async); the last step is always saved
         keep_checkpoints=2,

@@ -94,3 +94,26 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     # The kept checkpoint is finite and resumable.
     state = _teacher_stage(config, str(tmp_path), 2)
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_mu_learning_rate_multiplier_scales_only_mu():
+    """`mu_lr_multiplier` multiplies mu's AdamW update and leaves every other parameter's alone."""
+    params = {"adapter": {"mu": np.zeros((), np.float32), "w": np.ones((3,), np.float32)}}
+    grads = {"adapter": {"mu": np.full((), -0.5, np.float32), "w": np.full((3,), -0.5, np.float32)}}
+    updates = {}
+    for mult in (1.0, 25.0):
+        tcfg = helpers.smoke_config().codi.train
+        tcfg.update(mu_lr_multiplier=mult, warmup_steps=1, lr=1e-3)
+        tx, _ = train.make_optimizer(tcfg)
+        _, opt_state = tx.update(grads, tx.init(params), params)  # step 0: warmup starts at lr 0
+        updates[mult], _ = tx.update(grads, opt_state, params)
+    np.testing.assert_allclose(updates[25.0]["adapter"]["mu"], 25.0 * updates[1.0]["adapter"]["mu"], rtol=1e-6)
+    np.testing.assert_array_equal(updates[25.0]["adapter"]["w"], updates[1.0]["adapter"]["w"])
+    assert float(updates[1.0]["adapter"]["mu"]) != 0.0
+
+
+def test_ema_warmup_starts_short_and_reaches_the_configured_decay():
+    assert float(train.ema_decay_at(0, 0.995, warmup=True)) == pytest.approx(0.1)
+    assert float(train.ema_decay_at(90, 0.995, warmup=True)) == pytest.approx(0.91)
+    assert float(train.ema_decay_at(100_000, 0.995, warmup=True)) == pytest.approx(0.995)
+    assert float(train.ema_decay_at(0, 0.995, warmup=False)) == pytest.approx(0.995)  # Algorithm 1's constant gamma

@@ -194,6 +194,19 @@ def _heads(cfg, n_blocks):
     return heads
 
 
+def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
+    """`resnets_i` then, when heads > 0, `attentions_i`: the layer pair of diffusers' blocks.
+
+    Called inside a compact `__call__`, so the submodules belong to the calling block.
+    """
+    x = ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=f"resnets_{i}")(x, temb)
+    if heads:
+        x = Transformer2DModel(channels, heads, cfg.norm_num_groups, cfg.use_linear_projection,
+                               cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
+                               dtype, name=f"attentions_{i}")(x, context)
+    return x
+
+
 class DownBlock(nn.Module):
     """`CrossAttnDownBlock2D` (with attentions) or `DownBlock2D`."""
 
@@ -210,11 +223,8 @@ class DownBlock(nn.Module):
         cfg = self.cfg
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.attention:
-                x = Transformer2DModel(self.out_channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
-                                       cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                                       self.dtype, name=f"attentions_{i}")(x, context)
+            x = _resnet_attention(cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i,
+                                  x, temb, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
@@ -238,11 +248,8 @@ class UpBlock(nn.Module):
         cfg = self.cfg
         for i in range(self.num_layers + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock2D(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.attention:
-                x = Transformer2DModel(self.out_channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
-                                       cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                                       self.dtype, name=f"attentions_{i}")(x, context)
+            x = _resnet_attention(cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i,
+                                  x, temb, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
@@ -259,10 +266,7 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context):
         cfg = self.cfg
-        x = ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_0")(x, temb)
-        x = Transformer2DModel(self.channels, self.heads, cfg.norm_num_groups, cfg.use_linear_projection,
-                               cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                               self.dtype, name="attentions_0")(x, context)
+        x = _resnet_attention(cfg, self.channels, self.heads, self.dtype, 0, x, temb, context)
         return ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_1")(x, temb)
 
 
