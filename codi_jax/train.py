@@ -92,7 +92,7 @@ def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_wa
         (loss, metrics), grads = grad_fn(state["params"], state["frozen"], state["ema_params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = {
             "step": state["step"] + 1,
