@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -18,7 +17,8 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
                 extra: dict | None = None) -> dict:
     """Sample the held-out batch at every step count in `ecfg.steps`; compare with bicubic.
 
-    Writes OUT_DIR/metrics.json and OUT_DIR/grids/sr_grid.png (LR | bicubic | CoDi N... | HR).
+    Writes OUT_DIR/grids/sr_grid.png (LR | bicubic | CoDi N... | HR) and returns the report;
+    the caller writes it (with its own timings) as metrics.json.
     """
     hr, cond, lr = eval_batch["image"], eval_batch["cond"], eval_batch["lr"]
     n = hr.shape[0]
@@ -61,6 +61,4 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
               "grid": str(grid_path)}
     if extra:
         report.update(extra)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
     return report
