@@ -1,0 +1,1 @@
+"""Reading and writing diffusers / transformers format checkpoints (safetensors)."""
