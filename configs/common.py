@@ -50,6 +50,8 @@ def model(unet):
             fusion="mix",        # 'mix': eq 12, learnable mu (init 0); 'residual': ControlNet zero convs
             conditioning_embedding_out_channels=(16,),  # len-1 stride-2 convs; SD latents: (16, 32, 96, 256)
             cond_channels=3,     # channels of the image condition c
+            input="sample_and_cond",  # what the adapter encoder sees: z_t + embed(c) (ControlNet) | 'cond' (eq 12 literal)
+            mu_per_feature=False,     # 'mix': one mu per fused feature (each skip and the mid block) instead of one scalar
         ),
     ))
 

@@ -136,3 +136,57 @@ def test_bf16_and_fp16_weights_load(tmp_path):
     np.testing.assert_array_equal(pbf["conv_in"]["kernel"], w)
     assert p16["conv_in"]["kernel"].dtype == np.float32
     np.testing.assert_allclose(p16["conv_in"]["kernel"], w, atol=1e-2)
+
+
+def test_export_round_trips_into_diffusers(tmp_path):
+    """Our params (random, every tensor non-zero) -> diffusers folders -> PyTorch gives our outputs."""
+    import jax
+    import ml_collections as mlc
+
+    from codi_jax.pretrained import export
+
+    cfg = diffusers_folder.unet_config_from_diffusers(dict(sample_size=16, in_channels=4, out_channels=4,
+                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES["sd2"]))
+    acfg = mlc.ConfigDict(dict(fusion="residual", conditioning_embedding_out_channels=(8, 16), cond_channels=3,
+                               input="sample_and_cond", mu_per_feature=False))
+    model = adapter_lib.AdaptedUNet(cfg, acfg)
+    sample, t, ctx = _inputs("sd2")
+    cond = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), sample, t, cond, ctx)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
+    assert set(written) == {"unet", "controlnet"}
+    unet_pt = diffusers.UNet2DConditionModel.from_pretrained(written["unet"]).eval()
+    cn_pt = diffusers.ControlNetModel.from_pretrained(written["controlnet"]).eval()
+    ours = np.asarray(model.apply({"params": params}, sample, t, cond, ctx))
+    with torch.no_grad():
+        down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx), _nchw(cond), return_dict=False)
+        want = unet_pt(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx),
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    err = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
+    print(f"export round trip (sd2 family, residual adapter): max abs diff {err:.2e}")
+    assert err <= TOL, err
+    with pytest.raises(FileExistsError, match="not empty"):
+        export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
+
+
+def test_mix_adapter_exports_in_own_format(tmp_path):
+    import jax
+    import ml_collections as mlc
+
+    from codi_jax.pretrained import export, safetensors_io
+
+    cfg = diffusers_folder.unet_config_from_diffusers(dict(sample_size=16, in_channels=4, out_channels=4,
+                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES["sd1"]))
+    acfg = mlc.ConfigDict(dict(fusion="mix", conditioning_embedding_out_channels=(8, 16), cond_channels=3,
+                               input="sample_and_cond", mu_per_feature=False))
+    model = adapter_lib.AdaptedUNet(cfg, acfg)
+    sample, t, ctx = _inputs("sd1")
+    cond = np.zeros((2, 32, 32, 3), np.float32)
+    params = model.init(jax.random.PRNGKey(0), sample, t, cond, ctx)["params"]
+    written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
+    assert set(written) == {"unet", "adapter_mix"}
+    back = safetensors_io.load(written["adapter_mix"])
+    assert back["mu"].shape == () and "conv_in/kernel" in back

@@ -78,5 +78,7 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     metrics = {"loss": loss, "d_eps": jnp.mean(d_eps), "d_x": jnp.mean(d_x)}
     adapter = online.get("adapter", {})
     if "mu" in adapter:
-        metrics["mu"] = adapter["mu"]
+        metrics["mu"] = jnp.mean(adapter["mu"])     # the scalar of eq 12 (or the mean of per-feature mus)
+        if jnp.ndim(adapter["mu"]):
+            metrics["mu_max"] = jnp.max(adapter["mu"])
     return loss, metrics

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from codi_jax.models import unet as unet_lib
 
 FUSIONS = ("mix", "residual")
+ADAPTER_INPUTS = ("sample_and_cond", "cond")
 
 
 class ConditioningEmbedding(nn.Module):
@@ -69,9 +70,13 @@ class ConditionEncoder(nn.Module):
         self.controlnet_cond_embedding = ConditioningEmbedding(
             tuple(acfg.conditioning_embedding_out_channels), cfg.block_out_channels[0],
             zero_out=acfg.fusion == "residual", dtype=self.dtype)
+        if acfg.input not in ADAPTER_INPUTS:
+            raise ValueError(f"config model.adapter.input={acfg.input!r} is not one of {ADAPTER_INPUTS}")
         if acfg.fusion == "mix":
-            # The learnable scalar of eq 12, initialised to 0.
-            self.mu = self.param("mu", nn.initializers.zeros, (), jnp.float32)
+            # The learnable scalar of eq 12, initialised to 0 (or one per fused feature: the
+            # skips and the mid block, when model.adapter.mu_per_feature is set).
+            n_mu = len(self._skip_channels(cfg)) + 1 if acfg.mu_per_feature else None
+            self.mu = self.param("mu", nn.initializers.zeros, () if n_mu is None else (n_mu,), jnp.float32)
         else:
             n_skips = 1 + sum(cfg.layers_per_block + (i < len(cfg.block_out_channels) - 1)
                               for i in range(len(cfg.block_out_channels)))
@@ -92,15 +97,20 @@ class ConditionEncoder(nn.Module):
     def __call__(self, sample, timesteps, cond, context=None):
         """Returns (skip features, mid feature) of the adapter branch."""
         emb = self.controlnet_cond_embedding(cond)
+        if self.adapter_cfg.input == "cond":
+            # eq 12 read literally, h_eta(c): the duplicated conv_in sees no z_t (only its bias).
+            sample = jnp.zeros_like(sample)
         _, skips, mid = unet_lib.run_encoder(self, self.unet_cfg, sample, timesteps, context, extra_input=emb)
         return skips, mid
 
     def fuse(self, h_skips, h_mid, a_skips, a_mid):
         """Combine backbone features (h) with adapter features (a)."""
         if self.adapter_cfg.fusion == "mix":
-            mu = self.mu.astype(h_mid.dtype)
-            mix = lambda h, a: (1.0 - mu) * h + mu * a  # eq 12
-            return [mix(h, a) for h, a in zip(h_skips, a_skips)], mix(h_mid, a_mid)
+            mus = self.mu.astype(h_mid.dtype)
+            if mus.ndim == 0:
+                mus = jnp.broadcast_to(mus, (len(h_skips) + 1,))
+            mix = lambda h, a, mu: (1.0 - mu) * h + mu * a  # eq 12
+            return [mix(h, a, mus[i]) for i, (h, a) in enumerate(zip(h_skips, a_skips))], mix(h_mid, a_mid, mus[-1])
         skips = [h + conv(a) for h, a, conv in zip(h_skips, a_skips, self.controlnet_down_blocks)]
         return skips, h_mid + self.controlnet_mid_block(a_mid)
 

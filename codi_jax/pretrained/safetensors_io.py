@@ -57,7 +57,7 @@ def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | N
     """Write tensors as a safetensors file (written to a temporary name, then renamed)."""
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if arr.dtype not in _NAMES:
             raise ValueError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
         blob = arr.tobytes()
