@@ -13,13 +13,14 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
-from absl import logging
 
 from codi_jax import diffusion, sampling, sharding, train
 from codi_jax.data import pipeline
 from codi_jax.evaluation import evaluate
-from codi_jax.methods import base, codi, pretrain
+from codi_jax.methods import base, codi, latent, pretrain
 from codi_jax.models import adapter as adapter_lib
 
 TASKS = ("sr",)
@@ -29,7 +30,7 @@ def validate_config(config):
     """One-line errors for values that would otherwise fail deep inside a run."""
     if config.task not in TASKS:
         raise ValueError(f"config task={config.task!r} is not one of {TASKS}")
-    if config.model.prediction not in diffusion.PREDICTIONS:
+    if config.model.prediction not in diffusion.PREDICTIONS + (("auto",) if config.teacher.pretrained_path else ()):
         raise ValueError(f"config model.prediction={config.model.prediction!r} is not one of {diffusion.PREDICTIONS}")
     base.compute_dtype(config.model.dtype)
     if config.model.adapter.fusion not in adapter_lib.FUSIONS:
@@ -55,12 +56,10 @@ def validate_config(config):
         for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if tcfg[key] < 1:
                 raise ValueError(f"config {stage}{'.train' if stage == 'codi' else ''}.{key}={tcfg[key]} must be >= 1")
-    if config.teacher.pretrained_path:
-        raise NotImplementedError(
-            "config teacher.pretrained_path: loading diffusers-format Stable Diffusion weights is not built yet "
-            "(issue 3); use --config=configs/sr.py:tiny, which pretrains its own teacher")
-    if config.model.unet.in_channels != 3 and config.variant != "":
-        raise ValueError("config model.unet.in_channels must be 3 for pixel-space variants")
+    if c.guidance_space not in codi.GUIDANCE_SPACES:
+        raise ValueError(f"config codi.guidance_space={c.guidance_space!r} is not one of {codi.GUIDANCE_SPACES}")
+    if not config.teacher.pretrained_path and config.model.unet.in_channels != 3:
+        raise ValueError("config model.unet.in_channels must be 3 for pixel-space models (no teacher.pretrained_path)")
 
 
 def check_workdir(workdir: str):
@@ -83,10 +82,57 @@ def _teacher_params_init(module, config):
     return init_fn
 
 
-def _preview_fns(config, plain, wrapped, eval_batch):
+def _with_pretrained(config, workdir):
+    """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
+    from codi_jax.pretrained import stable_diffusion
+    from codi_jax.models import vae as vae_lib
+
+    prediction = config.model.prediction
+    pre = stable_diffusion.load(config.teacher.pretrained_path, prompt=config.teacher.prompt,
+                                cache_dir=os.path.join(workdir, "cache"), allow_pickle=config.teacher.allow_pickle,
+                                expect_prediction=None if prediction == "auto" else prediction)
+    config = mlc.ConfigDict(config.to_dict())
+    config.model.unet = pre.unet_cfg
+    config.model.prediction = pre.prediction
+    config.schedule = pre.schedule_cfg
+    factor = vae_lib.downscale_factor(pre.vae_cfg)
+    n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
+    if 2 ** n_down != factor:
+        raise ValueError(f"config model.adapter.conditioning_embedding_out_channels has {n_down} stride-2 convs "
+                         f"(len - 1) but the VAE downscales by {factor}: it needs {factor.bit_length() - 1}")
+    if config.data.crop_size % factor:
+        raise ValueError(f"config data.crop_size={config.data.crop_size} is not a multiple of the VAE's factor {factor}")
+    return config, pre, factor
+
+
+class _Space:
+    """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
+
+    def __init__(self, config, pre=None, codec=None, factor=1):
+        self.codec, self.pre = codec, pre
+        side = config.data.crop_size // factor
+        self.shape = (side, side, config.model.unet.in_channels)
+        self.context = None if pre is None else pre.context
+        self._decode = None if codec is None else jax.jit(codec.decode)
+
+    def batch_context(self, n):
+        return None if self.context is None else np.broadcast_to(self.context, (n,) + self.context.shape[1:])
+
+    def to_pixels(self, x, frozen):
+        """Samples as images; `frozen` (the train state's) holds the VAE params of latent models."""
+        return np.asarray(x) if self._decode is None else np.asarray(self._decode(frozen["vae"], x))
+
+    def eval_kwargs(self, frozen):
+        if self.codec is None:
+            return {}
+        return dict(sample_shape=self.shape, context=self.context, to_pixels=lambda x: self.to_pixels(x, frozen))
+
+
+def _preview_fns(config, plain, wrapped, eval_batch, space: _Space):
     """TensorBoard pictures: teacher DDIM samples, and bicubic | CoDi N-step | HR on held-out crops."""
     k = min(4, eval_batch["image"].shape[0])
     cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
+    shape, ctx = (k,) + space.shape, space.batch_context(k)
     rng = jax.random.PRNGKey(config.eval.seed)
     ddim_steps = config.eval.teacher_ddim_steps or 16
     teacher_sampler = sampling.make_sampler(plain, ddim_steps, "deterministic")
@@ -94,12 +140,12 @@ def _preview_fns(config, plain, wrapped, eval_batch):
     codi_sampler = sampling.make_sampler(wrapped, n_steps, config.eval.sampler)
 
     def teacher_images(state):
-        x = teacher_sampler(state["ema_params"], rng, hr.shape)
-        return {f"samples/teacher_ddim{ddim_steps}_uncond": np.asarray(x)}
+        x = teacher_sampler(state["ema_params"], rng, shape, None, ctx)
+        return {f"samples/teacher_ddim{ddim_steps}_uncond": space.to_pixels(x, state["frozen"])}
 
     def codi_images(state):
-        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, hr.shape, cond)
-        row = np.concatenate([cond, np.asarray(x), hr], axis=2)  # side by side, one row per example
+        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, ctx)
+        row = np.concatenate([cond, space.to_pixels(x, state["frozen"]), hr], axis=2)  # side by side, one row per example
         return {f"samples/bicubic_codi{n_steps}_hr": row}
 
     return teacher_images, codi_images
@@ -114,6 +160,11 @@ def run(config, workdir: str) -> dict:
     validate_config(config)
     check_workdir(workdir)
     t_start = time.perf_counter()
+    pre, codec, factor = None, None, 1
+    if config.teacher.pretrained_path:
+        config, pre, factor = _with_pretrained(config, workdir)
+        codec = latent.LatentCodec(pre.vae_module, float(pre.vae_cfg.scaling_factor), float(pre.vae_cfg.shift_factor),
+                                   sample_posterior=config.teacher.sample_latents)
     mesh = sharding.make_mesh(config.mesh)
     schedule = diffusion.make_schedule(config.schedule)
     module = base.make_module(config.model)
@@ -124,12 +175,15 @@ def run(config, workdir: str) -> dict:
     timings = {}
     eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
                                           seed=config.eval.seed)
-    teacher_images, codi_images = _preview_fns(config, plain, wrapped, eval_batch)
+    space = _Space(config, pre, codec, factor)
+    teacher_images, codi_images = _preview_fns(config, plain, wrapped, eval_batch, space)
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
     teacher_init = _teacher_params_init(module, config)
     t0 = time.perf_counter()
-    if config.teacher.checkpoint:
+    if pre is not None:
+        tstate = {"ema_params": {"unet": pre.unet_params}}
+    elif config.teacher.checkpoint:
         tstate = train.load_final_state(name="teacher", workdir=config.teacher.checkpoint, tcfg=config.pretrain,
                                         init_fn=teacher_init, seed=config.seed, mesh=mesh)
     else:
@@ -144,16 +198,26 @@ def run(config, workdir: str) -> dict:
 
     # Stage 2: CoDi. Adapter duplicated from the teacher's encoder; mu = 0 (eq 12).
     c = config.codi
+    keep_teacher = bool(config.eval.teacher_ddim_steps)
 
     def codi_init(rng):
-        params = base.init_model_params(module, config.model, rng, config.data.crop_size)
-        params = {"unet": teacher_unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], teacher_unet)}
-        return codi.split_params(params, c.mode, c.zs_predictor)
+        params = base.init_model_params(module, config.model, rng, space.shape[0], config.data.crop_size)
+        # The train step donates its state: keep a copy of the teacher only if evaluation samples it.
+        unet = jax.tree_util.tree_map(jnp.copy, teacher_unet) if keep_teacher else teacher_unet
+        params = {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], teacher_unet)}
+        trainable, frozen = codi.split_params(params, c.mode, c.zs_predictor)
+        if pre is not None:  # the latent space's VAE and the prompt embedding travel with the state
+            frozen = dict(frozen, vae=pre.vae_params, context=pre.context)
+        return trainable, frozen
 
+    loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c,
+                                decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z))
+    if codec is not None:
+        loss_fn = latent.latent_loss(loss_fn, codec)
     t0 = time.perf_counter()
     cstate = train.run_stage(
         name="codi", workdir=workdir, tcfg=c.train,
-        loss_fn=functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c),
+        loss_fn=loss_fn,
         init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, mesh=mesh,
         image_fn=codi_images)
     timings["codi_s"] = round(time.perf_counter() - t0, 1)
@@ -164,8 +228,10 @@ def run(config, workdir: str) -> dict:
     report = None
     if jax.process_index() == 0:
         report = evaluate.evaluate_sr(denoiser=wrapped, params=params, eval_batch=eval_batch, ecfg=config.eval,
-                                      out_dir=workdir, teacher=plain, teacher_params={"unet": teacher_unet},
-                                      extra={"variant": config.variant, "timings_s": timings})
+                                      out_dir=workdir, teacher=plain if keep_teacher else None,
+                                      teacher_params={"unet": teacher_unet} if keep_teacher else None,
+                                      extra={"variant": config.variant, "timings_s": timings},
+                                      **space.eval_kwargs(cstate["frozen"]))
         timings["eval_s"] = round(time.perf_counter() - t0, 1)
         timings["total_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:

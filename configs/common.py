@@ -50,7 +50,10 @@ def model(unet):
             fusion="mix",        # 'mix': eq 12, learnable mu (init 0); 'residual': ControlNet zero convs
             conditioning_embedding_out_channels=(16,),  # len-1 stride-2 convs; SD latents: (16, 32, 96, 256)
             cond_channels=3,     # channels of the image condition c
-            input="sample_and_cond",  # what the adapter encoder sees: z_t + embed(c) (ControlNet) | 'cond' (eq 12 literal)
+            # What the duplicated encoder sees: 'sample_and_cond' z_t + embed(c) (ControlNet);
+            # 'cond' embed(c) only (eq 12's h_eta(c)); 'cond_as_sample' c in z_t's place + embed(c)
+            # (zero-initialised), for pixel-space conditions of the sample's shape.
+            input="sample_and_cond",
             mu_per_feature=False,     # 'mix': one mu per fused feature (each skip and the mid block) instead of one scalar
         ),
     ))
@@ -97,6 +100,7 @@ def codi_method():
         d_x="l2",                # conditional-guidance distance: 'l2' | 'pseudo_huber'
         huber_c=0.03,            # pseudo-Huber constant (per-element error scale)
         guidance_weight=1.0,     # lambda on d_x in eq 15; 0 switches conditional guidance off
+        guidance_space="latent", # d_x on 'latent's or on 'pixel's through the VAE decoder (Fig. 2); same for pixel models
         consistency_weight=1.0,  # weight on d_eps (0: no noise consistency, an ablation)
         delta_t=20,              # s = t - delta_t, in timesteps (Algorithm 1 says 1; public code 20)
         t_per_sample=True,       # one t per sample (True) or one per batch

@@ -24,7 +24,11 @@ def get_config(variant=""):
     config.model = common.model(common.tiny_unet())
     config.teacher = mlc.ConfigDict(dict(
         checkpoint="",            # a teacher checkpoint dir of ours; '' = pretrain one in WORKDIR/teacher
-        pretrained_path="",       # a diffusers-format folder (paper-scale runs; issue 3)
+        pretrained_path="",       # a diffusers-format folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/):
+                                  # latent-space CoDi; model.unet, the schedule and the prediction type follow it
+        prompt="",                # text prompt of the training context (SD's empty prompt: unconditional)
+        allow_pickle=False,       # accept .bin/.ckpt weights (pickle can run code); safetensors otherwise
+        sample_latents=True,      # targets: a sample of the VAE posterior (SD training) or its mean
     ))
     # The tiny recipe (sized so that the whole job takes ~10 minutes on 2 CPU cores).
     config.pretrain = common.train(num_steps=1200, batch_size=16, lr=1e-3)
@@ -52,8 +56,9 @@ def get_config(variant=""):
         config.eval.update(num_examples=4, batch_size=4, grid_examples=4, steps=(1, 2))
     elif variant == "":
         config.schedule.kind = "scaled_linear"
-        config.model.prediction = "eps"
-        config.model.unet = common.sd15_unet()
+        config.model.prediction = "auto"   # from the folder's scheduler config (eps for SD 1.x, v for SD 2.x)
+        config.model.unet = common.sd15_unet()   # replaced by the folder's unet/config.json
+        config.model.adapter.conditioning_embedding_out_channels = (16, 32, 96, 256)  # 8x: pixels -> latents
         config.model.dtype = "bfloat16"
         config.data.crop_size = 512
         config.codi.train.update(num_steps=100_000, batch_size=128, lr=1e-5, ema_decay=0.9999, mu_lr_multiplier=1.0,

@@ -90,16 +90,7 @@ def test_load_errors(tmp_path):
         clip_text.clip_text_config_from_transformers({"hidden_act": "relu"})
 
 
-def _tiny_tokenizer_folder(path, model_max_length=8):
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-    pieces += [a + b for a, b in merges]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": model_max_length}))
-    return vocab
+from tests.sd_folder import tiny_clip_tokenizer as _tiny_tokenizer_folder  # noqa: E402
 
 
 def test_tokenizer_truncation_and_warning(tmp_path, caplog):

@@ -14,9 +14,11 @@ from codi_jax.evaluation import grids, metrics
 
 
 def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teacher=None, teacher_params=None,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, sample_shape=None, context=None, to_pixels=None) -> dict:
     """Sample the held-out batch at every step count in `ecfg.steps`; compare with bicubic.
 
+    Latent models: `sample_shape` is one latent's (H, W, C), `context` the [1, L, D] prompt
+    embedding, `to_pixels` the VAE decoder (latents -> images). Pixel models: all None.
     Writes OUT_DIR/grids/sr_grid.png (LR | bicubic | CoDi N... | HR) and returns the report;
     the caller writes it (with its own timings) as metrics.json.
     """
@@ -28,12 +30,16 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     timings = {}
     rng = jax.random.PRNGKey(ecfg.seed)
 
+    one_shape = tuple(sample_shape) if sample_shape is not None else hr.shape[1:]
+
     def run(fn, p, c, limit=n):
         outs = []
         for i in range(0, limit, bs):
             sl = slice(i, min(i + bs, n))
-            shape = (sl.stop - sl.start,) + hr.shape[1:]
-            outs.append(np.asarray(fn(p, jax.random.fold_in(rng, i), shape, c[sl] if c is not None else None)))
+            m = sl.stop - sl.start
+            ctx = None if context is None else np.broadcast_to(context, (m,) + context.shape[1:])
+            x = fn(p, jax.random.fold_in(rng, i), (m,) + one_shape, c[sl] if c is not None else None, ctx)
+            outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
         return np.concatenate(outs)
 
     for num_steps in ecfg.steps:

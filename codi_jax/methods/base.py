@@ -63,11 +63,16 @@ class Denoiser:
         return x_hat, eps_hat
 
 
-def init_model_params(module, model_cfg, rng, image_size: int):
-    """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one."""
+def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | None = None):
+    """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one.
+
+    image_size: side of z_t (pixels, or latents); cond_size: side of the condition c
+    (default image_size; the pixel size for latent models).
+    """
     ch = model_cfg.unet.in_channels
     z = jnp.zeros((1, image_size, image_size, ch), jnp.float32)
-    cond = jnp.zeros((1, image_size, image_size, model_cfg.adapter.cond_channels), jnp.float32)
+    cs = cond_size or image_size
+    cond = jnp.zeros((1, cs, cs, model_cfg.adapter.cond_channels), jnp.float32)
     ctx = None
     if model_cfg.unet.cross_attention_dim is not None:
         ctx = jnp.zeros((1, 1, model_cfg.unet.cross_attention_dim), jnp.float32)

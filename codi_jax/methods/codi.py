@@ -39,9 +39,16 @@ def teacher_params(frozen):
     return {"unet": frozen["teacher_unet"] if "teacher_unet" in frozen else frozen["unet"]}
 
 
+GUIDANCE_SPACES = ("latent", "pixel")
+
+
 def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser,
-              teacher: base.Denoiser, cfg):
-    """Eq 15: d_eps(eps_hat_{theta-}(z_s, s, c), eps_hat_theta(z_t, t, c)) + lambda d_x(x, x_hat_theta(z_t, t, c))."""
+              teacher: base.Denoiser, cfg, decode=None):
+    """Eq 15: d_eps(eps_hat_{theta-}(z_s, s, c), eps_hat_theta(z_t, t, c)) + lambda d_x(x, x_hat_theta(z_t, t, c)).
+
+    `decode(frozen, latents) -> pixels` (latent models): with cfg.guidance_space == 'pixel',
+    d_x compares pixels through the VAE decoder (Fig. 2); 'latent' compares latents.
+    """
     x, cond, context = batch["image"], batch["cond"], batch.get("context")
     schedule = denoiser.schedule
     k_t, k_eps = jax.random.split(rng)
@@ -73,7 +80,10 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     eps_target = sg(eps_target)
 
     d_eps = diffusion.distance(eps_hat, eps_target, cfg.d_eps, cfg.huber_c)
-    d_x = diffusion.distance(x, x_hat, cfg.d_x, cfg.huber_c)
+    if cfg.guidance_space == "pixel" and decode is not None:
+        d_x = diffusion.distance(batch["pixels"], decode(frozen, x_hat), cfg.d_x, cfg.huber_c)
+    else:  # latent space (for pixel-space models the two are the same)
+        d_x = diffusion.distance(x, x_hat, cfg.d_x, cfg.huber_c)
     loss = jnp.mean(cfg.consistency_weight * d_eps + cfg.guidance_weight * d_x)
     metrics = {"loss": loss, "d_eps": jnp.mean(d_eps), "d_x": jnp.mean(d_x)}
     adapter = online.get("adapter", {})

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from codi_jax.models import unet as unet_lib
 
 FUSIONS = ("mix", "residual")
-ADAPTER_INPUTS = ("sample_and_cond", "cond")
+ADAPTER_INPUTS = ("sample_and_cond", "cond", "cond_as_sample")
 
 
 class ConditioningEmbedding(nn.Module):
@@ -69,7 +69,7 @@ class ConditionEncoder(nn.Module):
         # alone keeps the adapted model equal to the backbone there.
         self.controlnet_cond_embedding = ConditioningEmbedding(
             tuple(acfg.conditioning_embedding_out_channels), cfg.block_out_channels[0],
-            zero_out=acfg.fusion == "residual", dtype=self.dtype)
+            zero_out=acfg.fusion == "residual" or acfg.input == "cond_as_sample", dtype=self.dtype)
         if acfg.input not in ADAPTER_INPUTS:
             raise ValueError(f"config model.adapter.input={acfg.input!r} is not one of {ADAPTER_INPUTS}")
         if acfg.fusion == "mix":
@@ -100,6 +100,13 @@ class ConditionEncoder(nn.Module):
         if self.adapter_cfg.input == "cond":
             # eq 12 read literally, h_eta(c): the duplicated conv_in sees no z_t (only its bias).
             sample = jnp.zeros_like(sample)
+        elif self.adapter_cfg.input == "cond_as_sample":
+            # h_eta(c) with c in z_t's place (pixel-space tasks, where c has the sample's shape):
+            # the duplicated encoder starts out seeing the condition as an image it knows.
+            if cond.shape != sample.shape:
+                raise ValueError(f"config model.adapter.input='cond_as_sample' needs the condition's shape "
+                                 f"{cond.shape} to equal the sample's {sample.shape}")
+            sample = cond
         _, skips, mid = unet_lib.run_encoder(self, self.unet_cfg, sample, timesteps, context, extra_input=emb)
         return skips, mid
 

@@ -1,0 +1,58 @@
+"""Latent-space training (Stable Diffusion): pixels <-> VAE latents, and the text context.
+
+The VAE params and the cached prompt embedding ride in the train state's `frozen` dict
+(keys 'vae' and 'context'), so the jitted step sees them as arguments, not constants.
+Diffusion latents are z = scaling_factor * (E(x) - shift_factor), as diffusers' pipelines.
+The condition c stays in pixel space: the adapter's conv embedding brings it to the latent
+resolution (ControlNet's layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+FROZEN_KEYS = ("vae", "context")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentCodec:
+    vae: Any              # codi_jax.models.vae.AutoencoderKL
+    scaling_factor: float
+    shift_factor: float = 0.0
+    sample_posterior: bool = True  # draw from the VAE posterior (SD training) or take its mean
+
+    def encode(self, vae_params, images, rng=None):
+        mean, logvar = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
+        z = mean
+        if self.sample_posterior and rng is not None:
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode(self, vae_params, latents):
+        z = latents / self.scaling_factor + self.shift_factor
+        return self.vae.apply({"params": vae_params}, z, method=self.vae.decode).astype(jnp.float32)
+
+
+def context_for(frozen, batch_size: int):
+    ctx = frozen.get("context")
+    if ctx is None:
+        return None
+    return jnp.broadcast_to(ctx, (batch_size,) + ctx.shape[1:])
+
+
+def latent_loss(loss_fn, codec: LatentCodec):
+    """Wrap a pixel-batch loss: the image becomes its latent (no gradient), the prompt
+    embedding becomes the batch's context; the pixel image is kept as batch['pixels']."""
+
+    def wrapped(params, frozen, ema_params, batch, rng):
+        k_enc, k_loss = jax.random.split(rng)
+        images = batch["image"]
+        latents = jax.lax.stop_gradient(codec.encode(frozen["vae"], images, k_enc))
+        batch = dict(batch, image=latents, pixels=images, context=context_for(frozen, images.shape[0]))
+        return loss_fn(params, frozen, ema_params, batch, k_loss)
+
+    return wrapped
