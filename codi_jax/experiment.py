@@ -91,8 +91,10 @@ def _with_pretrained(config, workdir):
     pre = stable_diffusion.load(config.teacher.pretrained_path, prompt=config.teacher.prompt,
                                 cache_dir=os.path.join(workdir, "cache"), allow_pickle=config.teacher.allow_pickle,
                                 expect_prediction=None if prediction == "auto" else prediction)
+    remat = config.model.unet.get("remat", False)
     config = mlc.ConfigDict(config.to_dict())
     config.model.unet = pre.unet_cfg
+    config.model.unet.remat = remat
     config.model.prediction = pre.prediction
     config.schedule = pre.schedule_cfg
     factor = vae_lib.downscale_factor(pre.vae_cfg)

@@ -25,6 +25,7 @@ def tiny_unet():
         use_linear_projection=False, # SD 1.x: conv proj_in/out; SD 2.x: linear
         flip_sin_to_cos=True,
         freq_shift=0,
+        remat=False,                 # rematerialise ResNet/transformer blocks in the backward pass (memory)
     ))
 
 

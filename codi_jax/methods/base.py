@@ -76,7 +76,7 @@ def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | 
     ctx = None
     if model_cfg.unet.cross_attention_dim is not None:
         ctx = jnp.zeros((1, 1, model_cfg.unet.cross_attention_dim), jnp.float32)
-    return module.init(rng, z, jnp.zeros((1,)), cond, ctx)["params"]
+    return jax.jit(module.init)(rng, z, jnp.zeros((1,)), cond, ctx)["params"]  # jitted: eager init is slow
 
 
 def per_batch_or_sample(key, batch_size, per_sample: bool, low: int, high: int):

@@ -199,12 +199,19 @@ def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
 
     Called inside a compact `__call__`, so the submodules belong to the calling block.
     """
-    x = ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=f"resnets_{i}")(x, temb)
+    resnet, transformer = _maybe_remat(cfg, ResnetBlock2D), _maybe_remat(cfg, Transformer2DModel)
+    x = resnet(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=f"resnets_{i}")(x, temb)
     if heads:
-        x = Transformer2DModel(channels, heads, cfg.norm_num_groups, cfg.use_linear_projection,
-                               cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                               dtype, name=f"attentions_{i}")(x, context)
+        x = transformer(channels, heads, cfg.norm_num_groups, cfg.use_linear_projection,
+                        cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
+                        dtype, name=f"attentions_{i}")(x, context)
     return x
+
+
+def _maybe_remat(cfg, cls):
+    """`unet.remat`: recompute each ResNet / transformer block's activations in the backward
+    pass instead of storing them (less memory, about one more forward of compute)."""
+    return nn.remat(cls) if cfg.get("remat", False) else cls
 
 
 class DownBlock(nn.Module):
