@@ -91,10 +91,11 @@ def _with_pretrained(config, workdir):
     pre = stable_diffusion.load(config.teacher.pretrained_path, prompt=config.teacher.prompt,
                                 cache_dir=os.path.join(workdir, "cache"), allow_pickle=config.teacher.allow_pickle,
                                 expect_prediction=None if prediction == "auto" else prediction)
-    remat = config.model.unet.get("remat", False)
+    user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
     config = mlc.ConfigDict(config.to_dict())
     config.model.unet = pre.unet_cfg
-    config.model.unet.remat = remat
+    config.model.unet.remat = user_unet.get("remat", False)
+    config.model.unet.attention = user_unet.get("attention", "auto")
     config.model.prediction = pre.prediction
     config.schedule = pre.schedule_cfg
     factor = vae_lib.downscale_factor(pre.vae_cfg)

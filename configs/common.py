@@ -26,6 +26,7 @@ def tiny_unet():
         flip_sin_to_cos=True,
         freq_shift=0,
         remat=False,                 # rematerialise ResNet/transformer blocks in the backward pass (memory)
+        attention="auto",            # 'auto' (cuDNN flash attention on GPUs in bf16/fp16 where shapes allow) | 'xla' | 'cudnn'
     ))
 
 

@@ -52,6 +52,8 @@ def _cli(*args, cwd=REPO):
     (["--config=configs/sr.py:smoke", "--config.codi.delta_t=0"], "codi.delta_t=0"),
     (["--config=configs/sr.py:smokey"], "unknown variant 'smokey'"),
     (["--config=configs/sr.py"], "needs a pretrained model"),
+    (["--config=configs/sr.py", "--config.teacher.pretrained_path=/nonexistent/sd"],
+     "pretrained model folder /nonexistent/sd does not exist"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, args, expected):
     out = _cli(*args, f"--workdir={tmp_path}")

@@ -133,3 +133,14 @@ def test_remat_changes_nothing_but_memory():
     # The rematerialised backward pass really recomputes: more convolutions in its gradient's program.
     n_convs = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params)).count("conv_general_dilated")
     assert n_convs(remat) > n_convs(plain)
+
+
+def test_attention_backend_choice(monkeypatch):
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "xla"  # this CPU
+    monkeypatch.setattr(unet_lib.jax, "default_backend", lambda: "gpu")
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "cudnn"   # SD 1.5's 320-wide blocks
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 160) == "xla"    # 1280-wide: beyond cuDNN's 128
+    assert unet_lib.attention_backend("auto", jnp.float32, 40) == "xla"      # flash attention needs half precision
+    assert unet_lib.attention_backend("xla", jnp.bfloat16, 40) == "xla"
+    with pytest.raises(ValueError, match="model.unet.attention='flash'"):
+        unet_lib.attention_backend("flash", jnp.bfloat16, 40)

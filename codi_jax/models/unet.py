@@ -74,12 +74,29 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def attention_backend(setting: str, dtype, head_dim: int) -> str:
+    """`unet.attention`: 'xla' (materialises the score matrix), 'cudnn' (fused flash attention,
+    GPUs with fp16/bf16), or 'auto': cudnn where it applies (GPU backend, half-precision
+    compute, head_dim a multiple of 8 and at most 128), else xla."""
+    if setting not in ATTENTION_IMPLS:
+        raise ValueError(f"config model.unet.attention={setting!r} is not one of {ATTENTION_IMPLS}")
+    if setting != "auto":
+        return setting
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
+
+
 class Attention(nn.Module):
     """diffusers `Attention`: to_q/to_k/to_v without bias, to_out_0 with bias."""
 
     heads: int
     dim: int
     dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -90,7 +107,8 @@ class Attention(nn.Module):
         v = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_v")(context)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
         # Fused attention where the backend has it; never a user-visible fp32 score matrix.
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        o = jax.nn.dot_product_attention(split(q), split(k), split(v),
+                                         implementation=attention_backend(self.impl, self.dtype, head_dim))
         o = o.reshape(o.shape[:2] + (self.dim,))
         return nn.Dense(self.dim, dtype=self.dtype, name="to_out_0")(o)
 
@@ -125,13 +143,15 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     cross_attention: bool
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
-        x = x + Attention(self.heads, self.dim, self.dtype, name="attn1")(ln("norm1")(x))
+        attn = lambda name: Attention(self.heads, self.dim, self.dtype, self.attention, name=name)
+        x = x + attn("attn1")(ln("norm1")(x))
         if self.cross_attention:
-            x = x + Attention(self.heads, self.dim, self.dtype, name="attn2")(ln("norm2")(x), context)
+            x = x + attn("attn2")(ln("norm2")(x), context)
         return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
 
 
@@ -143,6 +163,7 @@ class Transformer2DModel(nn.Module):
     cross_attention: bool
     num_layers: int = 1
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
@@ -154,7 +175,7 @@ class Transformer2DModel(nn.Module):
         else:
             h = conv1x1(self.channels, "proj_in", self.dtype)(h).reshape(b, hgt * wid, self.channels)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.channels, self.heads, self.cross_attention, self.dtype,
+            h = BasicTransformerBlock(self.channels, self.heads, self.cross_attention, self.dtype, self.attention,
                                       name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
             h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
@@ -204,7 +225,7 @@ def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
     if heads:
         x = transformer(channels, heads, cfg.norm_num_groups, cfg.use_linear_projection,
                         cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                        dtype, name=f"attentions_{i}")(x, context)
+                        dtype, cfg.get("attention", "auto"), name=f"attentions_{i}")(x, context)
     return x
 
 

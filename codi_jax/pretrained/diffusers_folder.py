@@ -129,6 +129,7 @@ def unet_config_from_diffusers(d: dict, what: str = "unet") -> mlc.ConfigDict:
         flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
         freq_shift=float(d.get("freq_shift", 0)),
         remat=False,
+        attention="auto",
     ))
 
 
