@@ -138,21 +138,29 @@ def test_bf16_and_fp16_weights_load(tmp_path):
     np.testing.assert_allclose(p16["conv_in"]["kernel"], w, atol=1e-2)
 
 
-def test_export_round_trips_into_diffusers(tmp_path):
-    """Our params (random, every tensor non-zero) -> diffusers folders -> PyTorch gives our outputs."""
+def _our_adapted(family, fusion, seed=0):
+    """Our U-Net + adapter of `family`'s tiny config with random params, and inputs for it."""
     import jax
     import ml_collections as mlc
 
-    from codi_jax.pretrained import export
-
     cfg = diffusers_folder.unet_config_from_diffusers(dict(sample_size=16, in_channels=4, out_channels=4,
-                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES["sd2"]))
-    acfg = mlc.ConfigDict(dict(fusion="residual", conditioning_embedding_out_channels=(8, 16), cond_channels=3,
+                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES[family]))
+    acfg = mlc.ConfigDict(dict(fusion=fusion, conditioning_embedding_out_channels=(8, 16), cond_channels=3,
                                input="sample_and_cond", mu_per_feature=False))
     model = adapter_lib.AdaptedUNet(cfg, acfg)
-    sample, t, ctx = _inputs("sd2")
+    sample, t, ctx = _inputs(family)
     cond = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    params = model.init(jax.random.PRNGKey(0), sample, t, cond, ctx)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), sample, t, cond, ctx)["params"]
+    return cfg, acfg, model, (sample, t, cond, ctx), params
+
+
+def test_export_round_trips_into_diffusers(tmp_path):
+    """Our params (random, every tensor non-zero) -> diffusers folders -> PyTorch gives our outputs."""
+    import jax
+
+    from codi_jax.pretrained import export
+
+    cfg, acfg, model, (sample, t, cond, ctx), params = _our_adapted("sd2", "residual")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     params = jax.tree_util.tree_unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
@@ -173,19 +181,9 @@ def test_export_round_trips_into_diffusers(tmp_path):
 
 
 def test_mix_adapter_exports_in_own_format(tmp_path):
-    import jax
-    import ml_collections as mlc
-
     from codi_jax.pretrained import export, safetensors_io
 
-    cfg = diffusers_folder.unet_config_from_diffusers(dict(sample_size=16, in_channels=4, out_channels=4,
-                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES["sd1"]))
-    acfg = mlc.ConfigDict(dict(fusion="mix", conditioning_embedding_out_channels=(8, 16), cond_channels=3,
-                               input="sample_and_cond", mu_per_feature=False))
-    model = adapter_lib.AdaptedUNet(cfg, acfg)
-    sample, t, ctx = _inputs("sd1")
-    cond = np.zeros((2, 32, 32, 3), np.float32)
-    params = model.init(jax.random.PRNGKey(0), sample, t, cond, ctx)["params"]
+    cfg, acfg, _, _, params = _our_adapted("sd1", "mix")
     written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
     assert set(written) == {"unet", "adapter_mix"}
     back = safetensors_io.load(written["adapter_mix"])

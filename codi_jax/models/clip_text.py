@@ -13,7 +13,6 @@ by transformers >= 5 drop the `text_model.` prefix; `load_text_encoder` accepts 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -187,17 +186,9 @@ def load_text_encoder(folder: str, dtype: Dtype = jnp.float32, *, allow_pickle: 
     """(module, params, cfg) from a transformers text-encoder folder (`config.json` and
     `model.safetensors`, or `model.fp16.safetensors` when the former is absent). The
     weights, whatever their float dtype, become float32 parameters."""
-    from codi_jax.pretrained import convert
+    from codi_jax.pretrained import convert, diffusers_folder
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"text encoder folder not found: {folder}")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"text encoder config not found: {config_path}")
-    with open(config_path) as f:
-        cfg = clip_text_config_from_transformers(json.load(f))
-    from codi_jax.pretrained import diffusers_folder
-
+    cfg = clip_text_config_from_transformers(diffusers_folder.component_config(folder, "text encoder"))
     state = diffusers_folder.load_weights(diffusers_folder.weights_path(folder, "model", allow_pickle=allow_pickle))
 
     module = CLIPTextModel(cfg, dtype=dtype)

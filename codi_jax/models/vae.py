@@ -18,8 +18,6 @@ by `cfg.scaling_factor`, after subtracting `cfg.shift_factor`, to get the diffus
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -299,17 +297,9 @@ def init_shapes(module: AutoencoderKL, cfg):
 
 def load_vae(folder: str, dtype=jnp.float32, *, allow_pickle: bool = False):
     """(module, params, cfg) from a diffusers VAE folder (config.json + safetensors weights)."""
-    from codi_jax.pretrained import convert
+    from codi_jax.pretrained import convert, diffusers_folder
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"VAE folder {folder} does not exist")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"VAE config {config_path} does not exist")
-    with open(config_path) as f:
-        cfg = vae_config_from_diffusers(json.load(f))
-    from codi_jax.pretrained import diffusers_folder
-
+    cfg = vae_config_from_diffusers(diffusers_folder.component_config(folder, "VAE"))
     weights = diffusers_folder.weights_path(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
     module = AutoencoderKL(cfg, dtype=dtype)
     state = diffusers_folder.load_weights(weights)

@@ -37,6 +37,13 @@ def read_json(path: str) -> dict:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def component_config(folder: str, what: str) -> dict:
+    """config.json of one component folder (one-line errors naming what is missing)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} folder {folder} does not exist")
+    return read_json(os.path.join(folder, "config.json"))
+
+
 def check_folder(folder: str, components=("unet", "scheduler")) -> dict:
     """model_index.json of a diffusers pipeline folder, after checking the components exist."""
     if not os.path.isdir(folder):
@@ -192,7 +199,7 @@ def unet_param_shapes(cfg, sample_size: int = 8):
 
 def load_unet(unet_dir: str, *, allow_pickle: bool = False):
     """(our U-Net config, float32 params) from a diffusers `unet/` folder."""
-    cfg = unet_config_from_diffusers(read_json(os.path.join(unet_dir, "config.json")))
+    cfg = unet_config_from_diffusers(component_config(unet_dir, "unet"))
     _, shapes = unet_param_shapes(cfg)
     params = load_params(unet_dir, "diffusion_pytorch_model", shapes, what=f"unet ({unet_dir})",
                          allow_pickle=allow_pickle)
