@@ -23,7 +23,8 @@ def _config(folder, **codi):
     config.model.adapter.conditioning_embedding_out_channels = (8, 16)  # one stride-2 conv: 2x
     config.codi.update(codi)
     config.codi.train.update(num_steps=4, batch_size=2, warmup_steps=1, log_every=2, checkpoint_every=2)
-    config.eval.update(num_examples=2, batch_size=2, grid_examples=2, steps=(1, 2, 4))
+    config.model.dtype = "float32"  # bf16 compiles slowly on CPU; bf16 compute is checked in test_parity_unet
+    config.eval.update(num_examples=2, batch_size=2, grid_examples=2, steps=(1, 4))
     return config
 
 
@@ -34,7 +35,7 @@ def test_sr_runs_in_latent_space_on_tiny_sd_folder(tmp_path):
     report = experiment.run(config, workdir)
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)
-    assert set(saved["metrics"]) == {"bicubic", "codi_1step", "codi_2step", "codi_4step"}
+    assert set(saved["metrics"]) == {"bicubic", "codi_1step", "codi_4step"}
     for row in saved["metrics"].values():
         assert np.isfinite(row["psnr"]) and row["swd_mean"] >= 0.0
     assert os.path.isfile(saved["grid"])

@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
+
 from codi_jax.models import clip_text  # noqa: E402
 from codi_jax.pretrained import safetensors_io  # noqa: E402
 
@@ -66,7 +68,7 @@ def test_parity_with_transformers(tmp_path, act, eos_id, layout):
     module, params, cfg = clip_text.load_text_encoder(str(tmp_path))
     assert cfg.hidden_act == act and cfg.eos_token_id == eos_id
     ids = _ids()
-    last, pooled = module.apply({"params": params}, ids)
+    last, pooled = jax.jit(module.apply)({"params": params}, ids)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids))
     d_last = float(np.max(np.abs(np.asarray(last) - out.last_hidden_state.numpy())))
