@@ -1,8 +1,11 @@
 """Small shared builders for the tests: the smoke config and its model pieces."""
 
 import functools
+import json
+import os
 
 import jax
+import numpy as np
 
 from configs import sr
 from codi_jax import diffusion
@@ -31,3 +34,14 @@ def codi_setup(config, seed=0):
     loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=config.codi)
     batch = next(pipeline.make_train_iterator(config.data, task="sr", global_batch_size=4, seed=seed))
     return trainable, frozen, loss_fn, batch
+
+
+def read_metrics(workdir, expected_rows):
+    """The job's metrics.json, checked: exactly `expected_rows`, finite PSNR, non-negative SWD, a grid file."""
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        saved = json.load(f)
+    assert set(saved["metrics"]) == set(expected_rows)
+    for row in saved["metrics"].values():
+        assert np.isfinite(row["psnr"]) and row["swd_mean"] >= 0.0
+    assert os.path.isfile(saved["grid"])
+    return saved

@@ -1,10 +1,8 @@
 """configs/sr.py (the paper-scale recipe) end to end on a tiny diffusers-format SD folder:
 latent-space CoDi distillation from the folder's U-Net, 1-4 step sampling through the VAE, metrics."""
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -13,7 +11,7 @@ pytest.importorskip("transformers")
 
 from configs import sr  # noqa: E402
 from codi_jax import experiment  # noqa: E402
-from tests import sd_folder  # noqa: E402
+from tests import helpers, sd_folder  # noqa: E402
 
 
 def _config(folder, **codi):
@@ -33,12 +31,7 @@ def test_sr_runs_in_latent_space_on_tiny_sd_folder(tmp_path):
     config = _config(folder, guidance_space="pixel")
     workdir = str(tmp_path / "run")
     report = experiment.run(config, workdir)
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        saved = json.load(f)
-    assert set(saved["metrics"]) == {"bicubic", "codi_1step", "codi_4step"}
-    for row in saved["metrics"].values():
-        assert np.isfinite(row["psnr"]) and row["swd_mean"] >= 0.0
-    assert os.path.isfile(saved["grid"])
+    saved = helpers.read_metrics(workdir, {"bicubic", "codi_1step", "codi_4step"})
     assert report["metrics"] == saved["metrics"]
     assert [f for f in os.listdir(os.path.join(workdir, "cache")) if f.startswith("prompt_")]
 
