@@ -94,7 +94,7 @@ def _with_pretrained(config, workdir):
     user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
     config = mlc.ConfigDict(config.to_dict())
     config.model.unet = pre.unet_cfg
-    config.model.unet.remat = user_unet.get("remat", False)
+    config.model.unet.remat = user_unet.get("remat", "none")
     config.model.unet.attention = user_unet.get("attention", "auto")
     config.model.prediction = pre.prediction
     config.schedule = pre.schedule_cfg
@@ -169,6 +169,7 @@ def run(config, workdir: str) -> dict:
         codec = latent.LatentCodec(pre.vae_module, float(pre.vae_cfg.scaling_factor), float(pre.vae_cfg.shift_factor),
                                    sample_posterior=config.teacher.sample_latents)
     mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
     schedule = diffusion.make_schedule(config.schedule)
     module = base.make_module(config.model)
     plain = base.Denoiser(module, schedule, config.model.prediction)
@@ -180,6 +181,12 @@ def run(config, workdir: str) -> dict:
                                           seed=config.eval.seed)
     space = _Space(config, pre, codec, factor)
     teacher_images, codi_images = _preview_fns(config, plain, wrapped, eval_batch, space)
+    if jax.process_count() > 1:  # previews read whole arrays on one process; metrics come at the end
+        teacher_images = codi_images = None
+    # The logical axis names the modules put on their weights, for the sharding rules.
+    names = base.model_logical_names(module, config.model, space.shape[0], config.data.crop_size)
+    logical = {"unet": names["unet"], "adapter": names["adapter"], "teacher_unet": names["unet"]}
+    place = dict(mesh=mesh, rules=rules, logical=logical)
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
     teacher_init = _teacher_params_init(module, config)
@@ -188,13 +195,13 @@ def run(config, workdir: str) -> dict:
         tstate = {"ema_params": {"unet": pre.unet_params}}
     elif config.teacher.checkpoint:
         tstate = train.load_final_state(name="teacher", workdir=config.teacher.checkpoint, tcfg=config.pretrain,
-                                        init_fn=teacher_init, seed=config.seed, mesh=mesh)
+                                        init_fn=teacher_init, seed=config.seed, **place)
     else:
         tstate = train.run_stage(
             name="teacher", workdir=workdir, tcfg=config.pretrain,
             loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False),
-            init_fn=teacher_init, data_cfg=config.data, task="uncond", seed=config.seed, mesh=mesh,
-            image_fn=teacher_images)
+            init_fn=teacher_init, data_cfg=config.data, task="uncond", seed=config.seed, image_fn=teacher_images,
+            **place)
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     del tstate
@@ -221,20 +228,24 @@ def run(config, workdir: str) -> dict:
     cstate = train.run_stage(
         name="codi", workdir=workdir, tcfg=c.train,
         loss_fn=loss_fn,
-        init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, mesh=mesh,
-        image_fn=codi_images)
+        init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, image_fn=codi_images,
+        **place)
     timings["codi_s"] = round(time.perf_counter() - t0, 1)
 
     # Stage 3: evaluation on held-out images (EMA weights, as consistency models do).
     t0 = time.perf_counter()
-    params = base.merge(cstate["ema_params"], cstate["frozen"])
+    frozen = cstate["frozen"]
+    params = base.merge(cstate["ema_params"], frozen)
+    if jax.process_count() > 1:  # every process takes part in gathering; process 0 evaluates alone
+        from jax.experimental import multihost_utils
+        params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
     report = None
     if jax.process_index() == 0:
         report = evaluate.evaluate_sr(denoiser=wrapped, params=params, eval_batch=eval_batch, ecfg=config.eval,
                                       out_dir=workdir, teacher=plain if keep_teacher else None,
                                       teacher_params={"unet": teacher_unet} if keep_teacher else None,
                                       extra={"variant": config.variant, "timings_s": timings},
-                                      **space.eval_kwargs(cstate["frozen"]))
+                                      **space.eval_kwargs(frozen))
         timings["eval_s"] = round(time.perf_counter() - t0, 1)
         timings["total_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -2,6 +2,8 @@
 
 `--config` takes `file.py:variant` and `--config.a.b=value` overrides (ml_collections).
 Running the same command again resumes from the latest checkpoints.
+Multi-host: the same command on every host with `--multihost` (TPU pods and clusters that
+JAX detects) or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
 import logging as py_logging
@@ -12,6 +14,14 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sr.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and pictures.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Initialise jax.distributed from the environment (TPU pods, SLURM, ...): one process per host.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 (multi-process without cluster auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 60, "Seconds without a heartbeat before a lost process makes the others exit with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +38,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.set_verbosity(logging.INFO)
+    if _MULTIHOST.value or _COORDINATOR.value:
+        from codi_jax import sharding
+
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                        heartbeat_timeout_s=_HEARTBEAT.value)
     from codi_jax import experiment  # after flag parsing: grain wants absl flags parsed first
 
     logging.info("config:\n%s", _CONFIG.value)

@@ -7,6 +7,7 @@ State is a plain dict pytree, so jit, sharding and Orbax see it directly:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable
@@ -83,13 +84,46 @@ def ema_decay_at(step, decay: float, warmup: bool):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_warmup: bool = False):
-    """One update. A non-finite loss or gradient leaves the state untouched (the host then stops)."""
+def _microbatches(tree, k: int):
+    """(B, ...) -> (k, B/k, ...), microbatch i holding rows i, i+k, i+2k, ...: each device's
+    contiguous block of the batch keeps an equal share of every microbatch."""
+    return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), tree)
+
+
+def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_warmup: bool = False,
+                    grad_accum_steps: int = 1):
+    """One update. A non-finite loss or gradient leaves the state untouched (the host then stops).
+
+    The loss gets one PRNG key per example (split from the step's key over the global batch),
+    so an example's noise and t do not depend on sharding or on `grad_accum_steps`, which
+    scans the loss and gradient over that many microbatches and averages them before the
+    single optimiser update: the same update as the whole batch at once, in less memory.
+    """
+
+    def grads_of(params, frozen, ema, batch, keys):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(params, frozen, ema, batch, keys)
+        return grads, dict(metrics, loss=loss)
 
     def step_fn(state, batch):
         rng, key = jax.random.split(state["rng"])
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state["params"], state["frozen"], state["ema_params"], batch, key)
+        batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        keys = jax.random.split(key, batch_size)
+        args = (state["params"], state["frozen"], state["ema_params"])
+        if grad_accum_steps == 1:
+            grads, metrics = grads_of(*args, batch, keys)
+        else:
+            micro = _microbatches((batch, keys), grad_accum_steps)
+
+            def body(acc, mb):
+                g, m = grads_of(*args, *mb)
+                return jax.tree_util.tree_map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.tree_util.tree_map(
+                jnp.zeros_like, jax.eval_shape(grads_of, *args, *jax.tree_util.tree_map(lambda x: x[0], micro)))
+            total, _ = jax.lax.scan(body, zeros, micro)
+            grads, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, total)
+        loss = metrics["loss"]
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
@@ -112,20 +146,47 @@ def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_wa
     return step_fn
 
 
+def compile_step(step_jit, state, batch, mesh, rules, name: str = "step"):
+    """Lower and compile ahead of time, so that compile time and memory are known before step 1.
+
+    Returns (compiled executable, stats): compile seconds, per-device bytes of arguments,
+    outputs and temporaries, and the FLOPs of one step from XLA's cost analysis.
+    """
+    t0 = time.perf_counter()
+    with sharding.activation_rules(mesh, rules):
+        lowered = step_jit.lower(state, batch)
+    compiled = lowered.compile()
+    stats = {"compile_s": round(time.perf_counter() - t0, 2)}
+    try:
+        mem = compiled.memory_analysis()
+        for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                    "alias_size_in_bytes", "generated_code_size_in_bytes"):
+            if hasattr(mem, key):
+                stats[key] = int(getattr(mem, key))
+    except Exception as e:  # noqa: BLE001 - not every backend reports memory
+        logging.info("%s: no memory analysis (%s)", name, e)
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        stats["flops"] = float(cost.get("flops", 0.0))
+    except Exception as e:  # noqa: BLE001
+        logging.info("%s: no cost analysis (%s)", name, e)
+    gib = lambda k: stats.get(k, 0) / 2**30
+    logging.info("%s: compiled in %.1f s; per device: arguments %.3f GiB, temporaries %.3f GiB, outputs %.3f GiB; "
+                 "%.3g GFLOP per step", name, stats["compile_s"], gib("argument_size_in_bytes"),
+                 gib("temp_size_in_bytes"), gib("output_size_in_bytes"), stats.get("flops", 0.0) / 1e9)
+    return compiled, stats
+
+
 def checkpoint_manager(directory: str, tcfg) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def abstract_like(state, state_sharding):
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, state_sharding)
-
-
 def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_sharding, data_iter=None):
     """Restore state (resharded to `state_sharding`) and, if given, the data iterator position."""
-    items = {"state": ocp.args.StandardRestore(abstract_like(init_state, state_sharding))}
+    items = {"state": ocp.args.StandardRestore(sharding.abstract(init_state, state_sharding))}
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     return mgr.restore(step, args=ocp.args.Composite(**items))["state"]
@@ -138,24 +199,47 @@ def _first_nonfinite(pending):
     return None
 
 
+def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=None, name: str = "state"):
+    """(state, its shardings): init_fn's params placed by the logical axis rules.
+
+    `logical` maps top-level param keys ('unet', 'adapter', ...) to trees of logical names
+    (methods.base.model_logical_names); keys it lacks, and everything when it is None, are
+    replicated. The state is built by a jitted function with those output shardings, so
+    EMA params and Adam moments are created sharded.
+    """
+    rules = rules if rules is not None else {}
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params, frozen = init_fn(init_rng)
+    if jax.process_count() > 1:  # process-local arrays -> host values, identical on every process
+        params, frozen = jax.tree_util.tree_map(np.asarray, (params, frozen))
+    make = lambda p, f, r: create_state(p, f, tx, r)
+    shapes = jax.eval_shape(make, params, frozen, state_rng)
+    state_sharding = sharding.state_shardings(shapes, logical or {}, mesh, rules, tx, name=name)
+    state = jax.jit(make, out_shardings=state_sharding)(params, frozen, state_rng)
+    logging.info("%s: %s", name, sharding.describe(state_sharding["params"]))
+    return state, state_sharding
+
+
 def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Callable, data_cfg,
-              task: str, seed: int, mesh, image_fn: Callable | None = None):
+              task: str, seed: int, mesh, image_fn: Callable | None = None, rules=None, logical=None):
     """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
 
     init_fn(rng) -> (trainable params, frozen params). A stage whose latest checkpoint
     is at `tcfg.num_steps` is complete: it is restored, not retrained.
     image_fn(state) -> {name: images} is called for TensorBoard images.
+    rules / logical: the logical axis rules (sharding.rules_from_config) and the params'
+    logical names (see `initial_state`); None: batch over 'data' and 'fsdp', state replicated.
     """
+    rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = os.path.join(workdir, name)
-    sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size")
+    sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
+    accum = tcfg.get("grad_accum_steps", 1)
+    if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
+        raise ValueError(f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
+                         f"({tcfg.batch_size} / {sharding.batch_shards(mesh, rules)} shards)")
     tx, lr_schedule = make_optimizer(tcfg)
     repl = sharding.replicated(mesh)
-
-    rng = jax.random.PRNGKey(seed)
-    init_rng, state_rng = jax.random.split(rng)
-    params, frozen = init_fn(init_rng)
-    state = jax.device_put(create_state(params, frozen, tx, state_rng), repl)
-    state_sharding = jax.tree_util.tree_map(lambda _: repl, state)
+    state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
 
     data_iter = pipeline.make_train_iterator(
         data_cfg, task=task, global_batch_size=tcfg.batch_size, seed=seed,
@@ -172,13 +256,20 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
         mgr.close()
         return state
 
-    step_fn = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup),
-                      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    step_jit = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, accum),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
+                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
     is_main = jax.process_index() == 0
     writer = logging_utils.MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_main)
     progress = logging_utils.Progress(tcfg.num_steps, start_step=start, every_n_steps=tcfg.log_every, name=name)
     pending = []  # (step, device metrics) not yet checked on the host
+    first_batch = sharding.put_batch(next(data_iter), mesh, rules)
+    step_fn, compile_stats = compile_step(step_jit, state, first_batch, mesh, rules, name=name)
+    if is_main:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "compile.json"), "w") as f:
+            json.dump(dict(compile_stats, devices=jax.device_count(), mesh=dict(mesh.shape),
+                           batch_size=tcfg.batch_size, grad_accum_steps=accum), f, indent=2)
 
     def flush_pending():
         bad = _first_nonfinite(pending)
@@ -196,7 +287,7 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
 
     try:
         for step in range(start + 1, tcfg.num_steps + 1):
-            batch = sharding.put_batch(next(data_iter), mesh)
+            batch = first_batch if step == start + 1 else sharding.put_batch(next(data_iter), mesh, rules)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             last = step == tcfg.num_steps
@@ -218,18 +309,16 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
     return state
 
 
-def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh):
+def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh, rules=None,
+                     logical=None):
     """The final state of a completed stage (error if it is not complete)."""
     tx, _ = make_optimizer(tcfg)
-    repl = sharding.replicated(mesh)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params, frozen = init_fn(init_rng)
-    state = jax.device_put(create_state(params, frozen, tx, state_rng), repl)
+    state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
     mgr = checkpoint_manager(os.path.join(workdir, name, "checkpoints"), tcfg)
     latest = mgr.latest_step()
     if latest is None or latest < tcfg.num_steps:
         raise FileNotFoundError(f"{name}: no complete checkpoint in {mgr.directory} (latest step {latest}, "
                                 f"want {tcfg.num_steps})")
-    state = restore_state(mgr, latest, state, jax.tree_util.tree_map(lambda _: repl, state))
+    state = restore_state(mgr, latest, state, state_sharding)
     mgr.close()
     return state

@@ -25,7 +25,9 @@ def tiny_unet():
         use_linear_projection=False, # SD 1.x: conv proj_in/out; SD 2.x: linear
         flip_sin_to_cos=True,
         freq_shift=0,
-        remat=False,                 # rematerialise ResNet/transformer blocks in the backward pass (memory)
+        remat="none",                # rematerialisation of ResNet/transformer blocks in the backward pass:
+                                     # 'none' | 'full' (recompute all) | 'dots' (keep matmul/conv outputs) |
+                                     # 'dots_no_batch' (keep weight-only matmuls); less memory, more compute
         attention="auto",            # 'auto' (cuDNN flash attention on GPUs in bf16/fp16 where shapes allow) | 'xla' | 'cudnn'
     ))
 
@@ -84,6 +86,7 @@ def train(num_steps, batch_size, lr):
         b1=0.9,
         b2=0.999,
         grad_clip=1.0,           # global-norm clip
+        grad_accum_steps=1,      # microbatches per update (scan; same update as the whole batch, less memory)
         ema_decay=0.999,         # EMA of the trainable params (theta^- for CoDi, eval weights)
         ema_warmup=False,        # decay min(ema_decay, (1+step)/(10+step)): for training from random init
         log_every=25,            # progress line + TensorBoard scalars
@@ -123,4 +126,31 @@ def evaluation():
         grid_examples=8,         # rows in each PNG grid
         batch_size=16,
         seed=1234,
+    ))
+
+
+def mesh():
+    """Device mesh and the logical axis rules (codi_jax/sharding.py).
+
+    Examples: 8 GPUs data parallel: ici=(-1, 1, 1); FSDP over 8: ici=(1, -1, 1);
+    a 2-slice TPU pod with FSDP inside each slice: ici=(1, -1, 1), dcn=(2, 1, 1).
+    """
+    return mlc.ConfigDict(dict(
+        axes=("data", "fsdp", "tensor"),
+        ici=(-1, 1, 1),          # devices per axis inside a slice (or host group); one -1 takes the rest
+        dcn=(1, 1, 1),           # slices per axis (multi-slice TPU); must multiply to the number of slices
+        # Logical name -> mesh axes. Modules name weight dimensions (embed/mlp/heads/conv_in/conv_out/
+        # vocab) and activations (batch/height/width/channels); a name left out is replicated.
+        rules=dict(
+            batch=("data", "fsdp"),   # batches: data parallel over data and fsdp
+            embed=("fsdp",),          # weights' input dims: FSDP (params, EMA, Adam moments stored 1/fsdp)
+            conv_in=("fsdp",),
+            mlp=("tensor",),          # weights' output dims: tensor parallel
+            heads=("tensor",),
+            conv_out=("tensor",),
+            vocab=("tensor",),
+            height=(),
+            width=(),
+            channels=(),
+        ),
     ))

@@ -39,7 +39,7 @@ def get_config(variant=""):
     # ~55% the initial model at the end). mu needs a larger rate to move in 600 steps.
     config.codi.train.update(ema_decay=0.99, mu_lr_multiplier=5.0)
     config.eval = common.evaluation()
-    config.mesh = mlc.ConfigDict(dict(data=-1))  # devices on the 'data' axis (-1: all)
+    config.mesh = common.mesh()     # devices, axes and logical axis rules (default: all devices data parallel)
 
     if variant == "tiny":
         # 8x8-pixel LR inputs: the full Real-ESRGAN ranges (noise sigma up to 30/255, JPEG quality 30,

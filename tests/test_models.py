@@ -8,6 +8,7 @@ import pytest
 from configs import common
 from codi_jax.methods import base
 from codi_jax.models import adapter as adapter_lib
+from codi_jax.models import layers
 from codi_jax.models import unet as unet_lib
 
 
@@ -54,7 +55,7 @@ def test_cross_attention_uses_context():
     module = unet_lib.UNet(cfg.unet)
     x, t = jnp.ones((2, 16, 16, 3)), jnp.array([3, 500])
     ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
-    params = module.init(jax.random.PRNGKey(0), x, t, ctx)
+    params = layers.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), x, t, ctx))
     assert "attn2" in params["params"]["mid_block"]["attentions_0"]["transformer_blocks_0"]
     out1, out2 = module.apply(params, x, t, ctx), module.apply(params, x, t, ctx * 2.0)
     assert out1.shape == x.shape
@@ -105,8 +106,8 @@ def test_bad_unet_config_errors_name_the_key():
         _init(cfg)
 
 
-def test_remat_changes_nothing_but_memory():
-    """unet.remat recomputes activations in the backward pass: same outputs and gradients."""
+def test_remat_policies_change_nothing_but_memory():
+    """unet.remat policies recompute activations in the backward pass: same outputs and gradients."""
     def cfg(remat):
         c = common.tiny_unet()
         c.update(block_out_channels=(8,), down_block_types=("CrossAttnDownBlock2D",),
@@ -117,22 +118,31 @@ def test_remat_changes_nothing_but_memory():
     z = jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
     t = jnp.array([10.0, 700.0])
-    plain, remat = unet_lib.UNet(cfg(False)), unet_lib.UNet(cfg(True))
+    plain = unet_lib.UNet(cfg("none"))
     # Shapes from eval_shape, values from numpy: initialising through flax costs more than the test.
-    shapes = jax.eval_shape(plain.init, jax.random.PRNGKey(0), z, t, ctx)["params"]
+    shapes = layers.unbox(jax.eval_shape(plain.init, jax.random.PRNGKey(0), z, t, ctx)["params"])
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32), shapes)
 
     def loss(m):
         return lambda p: jnp.mean(jnp.square(m.apply({"params": p}, z, t, ctx)))
 
-    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss(m)))(params) for m in (plain, remat))
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
-    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-    # The rematerialised backward pass really recomputes: more convolutions in its gradient's program.
+    l0, g0 = jax.jit(jax.value_and_grad(loss(plain)))(params)
     n_convs = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params)).count("conv_general_dilated")
-    assert n_convs(remat) > n_convs(plain)
+    for policy in ("full", "dots"):
+        remat = unet_lib.UNet(cfg(policy))
+        l1, g1 = jax.jit(jax.value_and_grad(loss(remat)))(params)
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
+        for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        # The policy reaches the program: a checkpoint region with it; 'full' recomputes every convolution.
+        jaxpr = str(jax.make_jaxpr(loss(remat))(params))
+        assert f"policy={unet_lib.REMAT_POLICIES[policy]!r}" in jaxpr or (
+            policy == "full" and "policy=<function nothing_saveable" in jaxpr), policy
+        if policy == "full":
+            assert n_convs(remat) > n_convs(plain)
+    with pytest.raises(ValueError, match="model.unet.remat='some'"):
+        unet_lib.remat_policy("some")
 
 
 def test_attention_backend_choice(monkeypatch):

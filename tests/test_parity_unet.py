@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from codi_jax.models import adapter as adapter_lib  # noqa: E402
+from codi_jax.models import layers  # noqa: E402
 from codi_jax.models import unet as unet_lib  # noqa: E402
 from codi_jax.pretrained import convert, diffusers_folder  # noqa: E402
 
@@ -105,7 +106,7 @@ def test_residual_adapter_matches_controlnet(tmp_path):
     cond = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     import jax
 
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, t, cond, ctx))["params"]
+    shapes = layers.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, t, cond, ctx))["params"])
     adapter_params = diffusers_folder.load_params(str(tmp_path / "controlnet"), "diffusion_pytorch_model",
                                                   shapes["adapter"], what="controlnet")
     params = {"unet": unet_params, "adapter": adapter_params}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from codi_jax import diffusion
 from codi_jax.models import adapter as adapter_lib
+from codi_jax.models import layers
 
 MODEL_KEYS = ("unet", "adapter")
 
@@ -63,12 +64,7 @@ class Denoiser:
         return x_hat, eps_hat
 
 
-def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | None = None):
-    """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one.
-
-    image_size: side of z_t (pixels, or latents); cond_size: side of the condition c
-    (default image_size; the pixel size for latent models).
-    """
+def _dummy_inputs(model_cfg, image_size: int, cond_size: int | None):
     ch = model_cfg.unet.in_channels
     z = jnp.zeros((1, image_size, image_size, ch), jnp.float32)
     cs = cond_size or image_size
@@ -76,11 +72,57 @@ def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | 
     ctx = None
     if model_cfg.unet.cross_attention_dim is not None:
         ctx = jnp.zeros((1, 1, model_cfg.unet.cross_attention_dim), jnp.float32)
-    return jax.jit(module.init)(rng, z, jnp.zeros((1,)), cond, ctx)["params"]  # jitted: eager init is slow
+    return z, jnp.zeros((1,)), cond, ctx
 
 
-def per_batch_or_sample(key, batch_size, per_sample: bool, low: int, high: int):
-    """Integer timesteps in [low, high]: one per sample, or one shared by the batch."""
-    n = batch_size if per_sample else 1
-    t = diffusion.sample_timesteps(key, (n,), low=low, high=high)
+def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | None = None):
+    """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one.
+
+    image_size: side of z_t (pixels, or latents); cond_size: side of the condition c
+    (default image_size; the pixel size for latent models).
+    """
+    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
+    boxed = jax.jit(module.init)(rng, *inputs)["params"]  # jitted: eager init is slow
+    return layers.unbox(boxed)
+
+
+def model_logical_names(module, model_cfg, image_size: int, cond_size: int | None = None):
+    """{'unet': ..., 'adapter': ...} trees of the logical axis names the modules put on weights."""
+    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
+    return layers.logical_names(jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"])
+
+
+def example_keys(rng, batch_size: int):
+    """Per-example PRNG keys, shape (batch_size, 2).
+
+    The train step passes one key per example (split from the step's key over the global
+    batch), so every example's noise and t are the same however the batch is sharded or
+    split into accumulation microbatches. Given a single key, split it here.
+    """
+    rng = jnp.asarray(rng)
+    if rng.ndim == 2:
+        if rng.shape[0] != batch_size:
+            raise ValueError(f"{rng.shape[0]} per-example keys for a batch of {batch_size}")
+        return rng
+    return jax.random.split(rng, batch_size)
+
+
+def split_each(keys, num: int = 2):
+    """Split every per-example key: a tuple of `num` key arrays of keys' shape."""
+    parts = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+    return tuple(parts[:, i] for i in range(num))
+
+
+def normal_each(keys, shape, dtype=jnp.float32):
+    """Standard normal noise of `shape` (batch first), drawn example by example."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(keys)
+
+
+def per_batch_or_sample(keys, batch_size, per_sample: bool, low: int, high: int):
+    """Integer timesteps in [low, high]: one per sample, or one shared by the batch (drawn
+    from the first example's key: one per microbatch under gradient accumulation)."""
+    keys = example_keys(keys, batch_size)
+    if per_sample:
+        return jax.vmap(lambda k: diffusion.sample_timesteps(k, (), low=low, high=high))(keys)
+    t = diffusion.sample_timesteps(keys[0], (), low=low, high=high)
     return jnp.broadcast_to(t, (batch_size,))

@@ -51,11 +51,11 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     """
     x, cond, context = batch["image"], batch["cond"], batch.get("context")
     schedule = denoiser.schedule
-    k_t, k_eps = jax.random.split(rng)
+    k_t, k_eps = base.split_each(base.example_keys(rng, x.shape[0]))
     # Algorithm 1: t ~ [Delta t, T], s = t - Delta t.
     t = base.per_batch_or_sample(k_t, x.shape[0], cfg.t_per_sample, cfg.delta_t, schedule.t_max)
     s = t - cfg.delta_t
-    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    eps = base.normal_each(k_eps, x.shape, x.dtype)
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
     z_t = diffusion.add_noise(x, eps, alpha_t, sigma_t)

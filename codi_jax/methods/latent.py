@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from codi_jax.methods import base
+
 FROZEN_KEYS = ("vae", "context")
 
 
@@ -29,7 +31,8 @@ class LatentCodec:
         mean, logvar = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
         z = mean
         if self.sample_posterior and rng is not None:
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+            noise = base.normal_each(base.example_keys(rng, mean.shape[0]), mean.shape, mean.dtype)
+            z = mean + jnp.exp(0.5 * logvar) * noise
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, vae_params, latents):
@@ -49,8 +52,8 @@ def latent_loss(loss_fn, codec: LatentCodec):
     embedding becomes the batch's context; the pixel image is kept as batch['pixels']."""
 
     def wrapped(params, frozen, ema_params, batch, rng):
-        k_enc, k_loss = jax.random.split(rng)
         images = batch["image"]
+        k_enc, k_loss = base.split_each(base.example_keys(rng, images.shape[0]))
         latents = jax.lax.stop_gradient(codec.encode(frozen["vae"], images, k_enc))
         batch = dict(batch, image=latents, pixels=images, context=context_for(frozen, images.shape[0]))
         return loss_fn(params, frozen, ema_params, batch, k_loss)

@@ -3,7 +3,6 @@ is the conditional finetuning baseline)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from codi_jax import diffusion
@@ -14,10 +13,10 @@ def diffusion_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Den
     """E_t,eps || f_theta(z_t, t) - target ||^2, target in the backbone's parameterisation."""
     del ema_params
     x = batch["image"]
-    k_t, k_eps = jax.random.split(rng)
+    k_t, k_eps = base.split_each(base.example_keys(rng, x.shape[0]))
     schedule = denoiser.schedule
     t = base.per_batch_or_sample(k_t, x.shape[0], True, 0, schedule.t_max)
-    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    eps = base.normal_each(k_eps, x.shape, x.dtype)
     alpha, sigma = schedule.alpha_sigma(t)
     z = diffusion.add_noise(x, eps, alpha, sigma)
     cond = batch["cond"] if use_cond else None

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from codi_jax.models import layers
+
 Dtype = Any
 
 
@@ -34,13 +36,11 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift
 
 
 def conv3x3(features, name, dtype, stride=1, zero=False):
-    kw = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), dtype=dtype, name=name, **kw)
+    return layers.conv(features, 3, name, dtype, strides=stride, padding=((1, 1), (1, 1)), zero=zero)
 
 
 def conv1x1(features, name, dtype, zero=False):
-    kw = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros) if zero else {}
-    return nn.Conv(features, (1, 1), padding="VALID", dtype=dtype, name=name, **kw)
+    return layers.conv(features, 1, name, dtype, padding="VALID", zero=zero)
 
 
 class TimestepEmbedding(nn.Module):
@@ -51,8 +51,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
-        return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+        x = layers.dense(self.dim, "linear_1", self.dtype)(x)
+        return layers.dense(self.dim, "linear_2", self.dtype, names=layers.DENSE_OUT)(nn.silu(x))
 
 
 class ResnetBlock2D(nn.Module):
@@ -65,7 +65,7 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x, temb):
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x))
         h = conv3x3(self.out_channels, "conv1", self.dtype)(h)
-        t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+        t = layers.dense(self.out_channels, "time_emb_proj", self.dtype, names=layers.DENSE_OUT)(nn.silu(temb))
         h = h + t[:, None, None, :]
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h))
         h = conv3x3(self.out_channels, "conv2", self.dtype)(h)
@@ -102,15 +102,15 @@ class Attention(nn.Module):
     def __call__(self, x, context=None):
         context = x if context is None else context
         head_dim = self.dim // self.heads
-        q = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_k")(context)
-        v = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        q = layers.dense(self.dim, "to_q", self.dtype, names=layers.QKV, use_bias=False)(x)
+        k = layers.dense(self.dim, "to_k", self.dtype, names=layers.QKV, use_bias=False)(context)
+        v = layers.dense(self.dim, "to_v", self.dtype, names=layers.QKV, use_bias=False)(context)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
         # Fused attention where the backend has it; never a user-visible fp32 score matrix.
         o = jax.nn.dot_product_attention(split(q), split(k), split(v),
                                          implementation=attention_backend(self.impl, self.dtype, head_dim))
         o = o.reshape(o.shape[:2] + (self.dim,))
-        return nn.Dense(self.dim, dtype=self.dtype, name="to_out_0")(o)
+        return layers.dense(self.dim, "to_out_0", self.dtype, names=layers.ATTN_OUT)(o)
 
 
 class FeedForward(nn.Module):
@@ -126,7 +126,7 @@ class FeedForward(nn.Module):
         # net_0 is a GEGLU module holding `proj`; mirror that nesting.
         h, gate = jnp.split(GEGLUProj(inner * 2, dtype=self.dtype, name="net_0")(x), 2, axis=-1)
         h = h * nn.gelu(gate, approximate=False)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+        return layers.dense(self.dim, "net_2", self.dtype, names=layers.DENSE_OUT)(h)
 
 
 class GEGLUProj(nn.Module):
@@ -135,7 +135,7 @@ class GEGLUProj(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.dtype, name="proj")(x)
+        return layers.dense(self.features, "proj", self.dtype)(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -171,14 +171,14 @@ class Transformer2DModel(nn.Module):
         residual = x
         h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
-            h = nn.Dense(self.channels, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
+            h = layers.dense(self.channels, "proj_in", self.dtype)(h.reshape(b, hgt * wid, c))
         else:
             h = conv1x1(self.channels, "proj_in", self.dtype)(h).reshape(b, hgt * wid, self.channels)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.channels, self.heads, self.cross_attention, self.dtype, self.attention,
                                       name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
+            h = layers.dense(c, "proj_out", self.dtype, names=layers.DENSE_OUT)(h).reshape(b, hgt, wid, c)
         else:
             h = conv1x1(c, "proj_out", self.dtype)(h.reshape(b, hgt, wid, self.channels))
         return h + residual
@@ -229,10 +229,31 @@ def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
     return x
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(setting) -> str:
+    """`unet.remat` as a policy name (False/True from older configs mean 'none'/'full')."""
+    if isinstance(setting, bool) or setting is None:
+        return "full" if setting else "none"
+    if setting not in REMAT_POLICIES:
+        raise ValueError(f"config model.unet.remat={setting!r} is not one of {tuple(REMAT_POLICIES)}")
+    return setting
+
+
 def _maybe_remat(cfg, cls):
     """`unet.remat`: recompute each ResNet / transformer block's activations in the backward
-    pass instead of storing them (less memory, about one more forward of compute)."""
-    return nn.remat(cls) if cfg.get("remat", False) else cls
+    pass instead of storing them, all of them ('full') or all but the matmul/conv outputs
+    ('dots', 'dots_no_batch'): less memory for up to one more forward of compute."""
+    policy = remat_policy(cfg.get("remat", "none"))
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 class DownBlock(nn.Module):
@@ -343,11 +364,13 @@ def run_encoder(module: nn.Module, cfg, sample, timesteps, context, extra_input=
     h = module.conv_in(sample.astype(module.dtype))
     if extra_input is not None:
         h = h + extra_input
+    h = layers.constrain(h)  # activations stay split over the batch axes (config mesh.rules)
     skips = [h]
     for block in module.down_blocks:
         h, s = block(h, temb, context)
+        h = layers.constrain(h)
         skips.extend(s)
-    h = module.mid_block(h, temb, context)
+    h = layers.constrain(module.mid_block(h, temb, context))
     return temb, skips, h
 
 
@@ -379,7 +402,7 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             n_take = self.cfg.layers_per_block + 1
             block_skips, skips = skips[-n_take:], skips[:-n_take]
-            h = block(h, block_skips, temb, context)
+            h = layers.constrain(block(h, block_skips, temb, context))
         h = nn.silu(self.conv_norm_out(h))
         return self.conv_out(h).astype(jnp.float32)
 

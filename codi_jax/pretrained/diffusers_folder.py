@@ -135,7 +135,7 @@ def unet_config_from_diffusers(d: dict, what: str = "unet") -> mlc.ConfigDict:
         use_linear_projection=bool(d.get("use_linear_projection", False)),
         flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
         freq_shift=float(d.get("freq_shift", 0)),
-        remat=False,
+        remat="none",
         attention="auto",
     ))
 
@@ -189,12 +189,14 @@ def unet_param_shapes(cfg, sample_size: int = 8):
     import jax
     import jax.numpy as jnp
 
+    from codi_jax.models import layers
     from codi_jax.models import unet as unet_lib
 
     module = unet_lib.UNet(cfg)
     ctx = None if cfg.cross_attention_dim is None else jnp.zeros((1, 1, cfg.cross_attention_dim))
     z = jnp.zeros((1, sample_size, sample_size, cfg.in_channels))
-    return module, jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), z, jnp.zeros((1,)), ctx))["params"]
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), z, jnp.zeros((1,)), ctx))["params"]
+    return module, layers.unbox(shapes)
 
 
 def load_unet(unet_dir: str, *, allow_pickle: bool = False):
