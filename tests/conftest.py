@@ -2,6 +2,10 @@ import os
 
 # Tests run on the CPU; keep XLA from grabbing every core for intra-op threads twice over.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile many small programs and run each a few times: XLA's CPU backend at -O0 compiles
+# them about twice as fast (measured: a tiny U-Net test 32 s -> 17 s). Subprocesses inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 
