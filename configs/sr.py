@@ -52,7 +52,9 @@ def get_config(variant=""):
         config.model.adapter.update(input="cond_as_sample", mu_per_feature=True)
     elif variant == "smoke":
         config.data.crop_size = 16
-        config.model.unet.block_out_channels = (16, 16, 16)
+        # One down/up block (with attention) and the mid block: every layer kind, the shortest compile.
+        config.model.unet.update(block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
+                                 up_block_types=("CrossAttnUpBlock2D",))
         config.model.adapter.conditioning_embedding_out_channels = (8,)
         config.model.unet.norm_num_groups = 4
         config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)

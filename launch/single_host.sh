@@ -3,7 +3,7 @@
 # already holds checkpoints. Usage:
 #   launch/single_host.sh CONFIG WORKDIR [--config.a.b=value ...]
 #   launch/single_host.sh configs/sr.py:tiny runs/sr_tiny --config.codi.mode=pe
-# Multi-host pods come with issue 4 (launch/tpu_pod.sh).
+# Several hosts: launch/tpu_pod.sh (TPU VM pods), launch/multi_gpu.sh (GPU hosts); docs/launch.md.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG WORKDIR [--config.a.b=value ...]" >&2

@@ -167,7 +167,7 @@ def _our_adapted(family, fusion, seed=0):
     model = adapter_lib.AdaptedUNet(cfg, acfg)
     sample, t, ctx = _inputs(family)
     cond = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-    params = jax.jit(model.init)(jax.random.PRNGKey(seed), sample, t, cond, ctx)["params"]
+    params = layers.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), sample, t, cond, ctx)["params"])
     return cfg, acfg, model, (sample, t, cond, ctx), params
 
 

@@ -32,7 +32,7 @@ _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Global batch size
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per batch size (after one warm-up step).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _FUSION = flags.DEFINE_enum("fusion", "mix", ["mix", "residual"], "Adapter fusion.")
-_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise U-Net blocks.")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "U-Net remat policy.")
 _OUT = flags.DEFINE_string("out", "", "Write the figures as JSON here.")
 
 
