@@ -51,8 +51,9 @@ workdirs=()     # the whole list, in order
 configs=()      # per workdir ('' = --config)
 trainer_args=()
 
-set_option() { # NAME VALUE
+set_option() { # NAME VALUE, or --FLAG (see parse_args in lib.sh)
   case $1 in
+    --allow-untrained | --allow_untrained) allow_untrained=1 ;;
     config) CONFIG=$2 ;;
     workdirs_file) workdirs_files+=("$2") ;;
     shard) SHARD=$2 ;;
@@ -61,28 +62,16 @@ set_option() { # NAME VALUE
     summary) SUMMARY=$2 ;;
     log_dir) LOG_DIR=$2 ;;
     python) PYTHON=$2 ;;
-    *) die "unknown option --$1 (see --help)" ;;
+    *) return 1 ;;
   esac
 }
 
-while [ $# -gt 0 ]; do
-  arg=$1
-  shift
-  case $arg in
-    --) trainer_args+=("$@"); break ;;
-    --config.*) trainer_args+=("$arg") ;;
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1 ;;
-    --allow-untrained | --allow_untrained) allow_untrained=1 ;;
-    --*=*) set_option "$(opt_name "$arg")" "${arg#*=}" ;;
-    --*)
-      case ${1:---} in --*) die "$arg needs a value ($arg=VALUE for values that start with --)" ;; esac
-      set_option "$(opt_name "$arg")" "$1"
-      shift
-      ;;
-    *) workdirs+=("$arg"); configs+=('') ;;
-  esac
-done
+script_arg() { # ARG: a WORKDIR
+  workdirs+=("$1")
+  configs+=('')
+}
+
+parse_args "$@"
 
 for f in ${workdirs_files[@]+"${workdirs_files[@]}"}; do
   [ -f "$f" ] || die "--workdirs_file=$f: no such file"

@@ -81,3 +81,45 @@ has_override() {
   done
   return 1
 }
+
+# parse_args ARG...: a launch script's command line (the same for every script). It handles
+#   --                      the rest go to the trainer (appended to the script's trainer_args)
+#   --config.a.b=v          to the trainer (trainer_args)
+#   -h, --help              the script's usage, then exit 0
+#   --dry-run, --dry_run    DRY_RUN=1
+#   --NAME=VALUE            set_option NAME VALUE, NAME as opt_name makes it (some_flag)
+#   --NAME VALUE            the same; VALUE must not start with -- (then --NAME=VALUE is needed)
+# through two functions that each script defines:
+#   set_option NAME VALUE   sets the script's option NAME; returns 1 for a NAME it does not know.
+#   set_option --FLAG       (one argument, as typed) sets the script's option FLAG, one without a
+#                           value (e.g. --slurm); returns 1 when FLAG is no such option. Every --ARG
+#                           without "=" is offered this way before it is read as --NAME VALUE.
+#   script_arg ARG          any other argument: a positional, or an error.
+# set_option runs as a condition, where set -e does not act: it should report bad values with die.
+parse_args() {
+  local arg name value
+  while [ $# -gt 0 ]; do
+    arg=$1
+    shift
+    case $arg in
+      --) trainer_args+=("$@"); break ;;
+      --config.*) trainer_args+=("$arg") ;;
+      -h | --help) usage; exit 0 ;;
+      --dry-run | --dry_run) DRY_RUN=1 ;;
+      --*)
+        name=$(opt_name "$arg")
+        case $arg in
+          *=*) value=${arg#*=} ;;
+          *)
+            if set_option "$arg"; then continue; fi
+            case ${1:---} in --*) die "$arg needs a value ($arg=VALUE for values that start with --)" ;; esac
+            value=$1
+            shift
+            ;;
+        esac
+        set_option "$name" "$value" || die "unknown option --$name (see --help)"
+        ;;
+      *) script_arg "$arg" ;;
+    esac
+  done
+}

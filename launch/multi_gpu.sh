@@ -59,8 +59,9 @@ heartbeat=''
 positional=()
 trainer_args=()
 
-set_option() { # NAME VALUE
+set_option() { # NAME VALUE, or --FLAG (see parse_args in lib.sh)
   case $1 in
+    --slurm) slurm=1 ;;
     gpus) GPUS=$2 ;;
     mesh) MESH=$2 ;;
     coordinator_address) COORDINATOR_ADDRESS=$2 ;;
@@ -70,28 +71,15 @@ set_option() { # NAME VALUE
     heartbeat_timeout) heartbeat=$2 ;;
     log) log=$2 ;;
     python) PYTHON=$2 ;;
-    *) die "unknown option --$1 (see --help)" ;;
+    *) return 1 ;;
   esac
 }
 
-while [ $# -gt 0 ]; do
-  arg=$1
-  shift
-  case $arg in
-    --) trainer_args+=("$@"); break ;;
-    --config.*) trainer_args+=("$arg") ;;
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1 ;;
-    --slurm) slurm=1 ;;
-    --*=*) set_option "$(opt_name "$arg")" "${arg#*=}" ;;
-    --*)
-      case ${1:---} in --*) die "$arg needs a value ($arg=VALUE for values that start with --)" ;; esac
-      set_option "$(opt_name "$arg")" "$1"
-      shift
-      ;;
-    *) positional+=("$arg") ;;
-  esac
-done
+script_arg() { # ARG: CONFIG or WORKDIR
+  positional+=("$1")
+}
+
+parse_args "$@"
 [ ${#positional[@]} -eq 2 ] || die "want CONFIG and WORKDIR, got ${#positional[@]} argument(s) (see --help)"
 config=${positional[0]}
 workdir=${positional[1]}

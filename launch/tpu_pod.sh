@@ -96,8 +96,9 @@ run_env=()
 trainer_args=()
 subcommand=''
 
-set_option() { # NAME VALUE
+set_option() { # NAME VALUE, or --FLAG (see parse_args in lib.sh)
   case $1 in
+    --delete-when-done | --delete_when_done) DELETE_WHEN_DONE=1 ;;
     name) TPU_NAME=$2 ;;
     zone) ZONE=$2 ;;
     project) PROJECT=$2 ;;
@@ -123,32 +124,21 @@ set_option() { # NAME VALUE
     venv_dir) VENV_DIR=$2 ;;
     log_file) LOG_FILE=$2 ;;
     log_worker) LOG_WORKER=$2 ;;
-    *) die "unknown option --$1 (see --help)" ;;
+    *) return 1 ;;
   esac
 }
 
-while [ $# -gt 0 ]; do
-  arg=$1
-  shift
-  case $arg in
-    --) trainer_args+=("$@"); break ;;
-    --config.*) trainer_args+=("$arg") ;;
-    -h | --help) usage; exit 0 ;;
-    --dry-run | --dry_run) DRY_RUN=1 ;;
-    --delete-when-done | --delete_when_done) DELETE_WHEN_DONE=1 ;;
-    --*=*) set_option "$(opt_name "$arg")" "${arg#*=}" ;;
-    --*)
-      case ${1:---} in --*) die "$arg needs a value ($arg=VALUE for values that start with --)" ;; esac
-      set_option "$(opt_name "$arg")" "$1"
-      shift
-      ;;
+script_arg() { # ARG: the subcommand
+  case $1 in
     create | install | run | logs | stop | delete | all)
-      [ -z "$subcommand" ] || die "two subcommands: $subcommand and $arg"
-      subcommand=$arg
+      [ -z "$subcommand" ] || die "two subcommands: $subcommand and $1"
+      subcommand=$1
       ;;
-    *) die "unexpected argument '$arg' (subcommands: create install run logs stop delete all; see --help)" ;;
+    *) die "unexpected argument '$1' (subcommands: create install run logs stop delete all; see --help)" ;;
   esac
-done
+}
+
+parse_args "$@"
 [ -n "$subcommand" ] || die "no subcommand (create install run logs stop delete all; see --help)"
 
 # ---------------------------------------------------------------------------------------------
