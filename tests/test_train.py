@@ -149,7 +149,11 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
 def test_bfloat16_compute_keeps_float32_master_params():
     """model.dtype='bfloat16': the forward runs in bf16, params, EMA and Adam moments stay float32,
     and the loss stays close to the float32 one on the same batch and noise."""
-    (f32, _), _ = _one_codi_step(helpers.smoke_config())
+    # The float32 loss of the same first step: same params, batch and per-example keys, forward only.
+    trainable, frozen, loss_fn, _ = helpers.codi_setup(helpers.smoke_config())
+    batch = next(pipeline.make_train_iterator(helpers.smoke_config().data, task="sr", global_batch_size=4, seed=0))
+    keys = jax.random.split(jax.random.split(jax.random.PRNGKey(0))[1], 4)  # as make_train_step splits state rng
+    f32 = float(jax.jit(loss_fn)(trainable, frozen, trainable, batch, keys)[0])
     config = helpers.smoke_config()
     config.model.dtype = "bfloat16"
     (bf16, bf16_2), state = _one_codi_step(config)
