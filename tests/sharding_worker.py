@@ -95,8 +95,6 @@ def run_meshes(out_path):
         adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
         results[f"{shape[0]}x{shape[1]}"] = {
             "losses": losses,
-            "params": {"/".join(p): np.asarray(get(state["params"], p)).tolist() for p in (conv, qkv)},
-            "max_param_diff": None,
             "specs": {
                 "conv_kernel": _spec_str(get(state["params"], conv).sharding),
                 "conv_kernel_ema": _spec_str(get(state["ema_params"], conv).sharding),
@@ -108,7 +106,7 @@ def run_meshes(out_path):
         }
         print(f"{shape}: ran {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
         flat = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(state["params"])])
-        if shape == (1, 1):
+        if shape == (1, 1):  # the single-device reference, and how far its two steps moved the params
             reference, initial = flat, np.concatenate(
                 [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(init_once()[0])])
             results["1x1"]["max_param_update"] = float(np.max(np.abs(flat - initial)))
