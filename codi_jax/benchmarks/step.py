@@ -123,12 +123,8 @@ class _Setup:
 
     @functools.cached_property
     def boxed_shapes(self):
-        """The params' shapes with their logical axis names (as `base.model_logical_names` reads them),
-        from one abstract evaluation of the module's init."""
-        z = jnp.zeros((1, self.side, self.side, self.channels), jnp.float32)
-        cond = jnp.zeros((1, self.cond_side, self.cond_side, self.cond_channels), jnp.float32)
-        ctx = None if self.context_dim is None else jnp.zeros((1, 1, self.context_dim), jnp.float32)
-        return jax.eval_shape(self.module.init, jax.random.PRNGKey(0), z, jnp.zeros((1,)), cond, ctx)["params"]
+        """The params' shapes with their logical axis names, from one abstract evaluation of the init."""
+        return base.abstract_params(self.module, self.config.model, self.side, self.cond_side)
 
     def logical_names(self):
         return layers.logical_names(self.boxed_shapes)

@@ -86,10 +86,15 @@ def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | 
     return layers.unbox(boxed)
 
 
+def abstract_params(module, model_cfg, image_size: int, cond_size: int | None = None):
+    """Shapes of {'unet', 'adapter'} with their logical-name boxes (no compute: jax.eval_shape)."""
+    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+
+
 def model_logical_names(module, model_cfg, image_size: int, cond_size: int | None = None):
     """{'unet': ..., 'adapter': ...} trees of the logical axis names the modules put on weights."""
-    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
-    return layers.logical_names(jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"])
+    return layers.logical_names(abstract_params(module, model_cfg, image_size, cond_size))
 
 
 def example_keys(rng, batch_size: int):
