@@ -98,7 +98,7 @@ def make_schedule(cfg) -> Schedule:
     raise ValueError(f"config schedule.kind={kind!r} is not one of 'cosine', 'scaled_linear', 'linear'")
 
 
-def _bcast(coef, x):
+def bcast(coef, x):
     """Broadcast per-example coefficients [B] (or scalars) against x [B, ...]."""
     coef = jnp.asarray(coef, x.dtype)
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
@@ -109,7 +109,7 @@ def _bcast(coef, x):
 
 def add_noise(x, eps, alpha, sigma):
     """Eq 1 by reparameterisation: z_t = alpha_t x + sigma_t eps."""
-    return _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+    return bcast(alpha, x) * x + bcast(sigma, x) * eps
 
 
 # --------------------------------------------------------------------------- parameterisations (eq 8)
@@ -121,7 +121,7 @@ def to_x_eps(pred, z, alpha, sigma, prediction: Prediction):
     v (eq 8): x = a z - s v, eps = a v + s z.  eps: x = (z - s eps) / a.
     x: eps = (z - a x) / s.
     """
-    a, s = _bcast(alpha, z), _bcast(sigma, z)
+    a, s = bcast(alpha, z), bcast(sigma, z)
     if prediction == "v":
         return a * z - s * pred, a * pred + s * z
     if prediction == "eps":
@@ -133,7 +133,7 @@ def to_x_eps(pred, z, alpha, sigma, prediction: Prediction):
 
 def from_x_eps(x, eps, z, alpha, sigma, prediction: Prediction):
     """The network target for a given (x, eps) pair (inverse of `to_x_eps`)."""
-    a, s = _bcast(alpha, z), _bcast(sigma, z)
+    a, s = bcast(alpha, z), bcast(sigma, z)
     if prediction == "v":
         return a * eps - s * x
     if prediction == "eps":
@@ -145,7 +145,7 @@ def from_x_eps(x, eps, z, alpha, sigma, prediction: Prediction):
 
 def eps_from_x(x, z, alpha, sigma):
     """eps implied by a signal estimate x at z_t (z = a x + s eps)."""
-    return (z - _bcast(alpha, z) * x) / _bcast(sigma, z)
+    return (z - bcast(alpha, z) * x) / bcast(sigma, z)
 
 
 # --------------------------------------------------------------------------- steps
@@ -153,12 +153,12 @@ def eps_from_x(x, z, alpha, sigma):
 
 def ddim_step(x_hat, eps_hat, alpha_s, sigma_s):
     """DDIM / PF-ODE step to time s (eq 7, eq 9 in v form): z_s = a_s x_hat + s_s eps_hat."""
-    return _bcast(alpha_s, x_hat) * x_hat + _bcast(sigma_s, x_hat) * eps_hat
+    return bcast(alpha_s, x_hat) * x_hat + bcast(sigma_s, x_hat) * eps_hat
 
 
 def prev_step(x_hat, eps, alpha_s, sigma_s):
     """PREv step (eq 14): z_s = a_s x_hat_theta(z_t, c, t) + s_s eps, eps the noise that made z_t."""
-    return _bcast(alpha_s, x_hat) * x_hat + _bcast(sigma_s, x_hat) * eps
+    return bcast(alpha_s, x_hat) * x_hat + bcast(sigma_s, x_hat) * eps
 
 
 # --------------------------------------------------------------------------- boundary condition (eq 17, 18)
@@ -186,7 +186,7 @@ def apply_boundary(x_hat, z, t, alpha, sigma, *, sigma_data: float, time_scale: 
     prediction is re-derived from x' so the pair stays consistent with z_t.
     """
     c_skip, c_out = boundary_scalings(t, sigma_data=sigma_data, time_scale=time_scale)
-    x_b = _bcast(c_skip, z) * z + _bcast(c_out, z) * x_hat
+    x_b = bcast(c_skip, z) * z + bcast(c_out, z) * x_hat
     return x_b, eps_from_x(x_b, z, alpha, sigma)
 
 

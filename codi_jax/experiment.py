@@ -20,10 +20,12 @@ import numpy as np
 from codi_jax import diffusion, sampling, sharding, train
 from codi_jax.data import pipeline
 from codi_jax.evaluation import evaluate
-from codi_jax.methods import base, codi, latent, pretrain
+from codi_jax.methods import base, codi, latent, pretrain, progressive
 from codi_jax.models import adapter as adapter_lib
 
 TASKS = ("sr",)
+METHODS = ("codi", "finetune", "gd")
+CODI_INITS = ("pretrained", "finetuned", "random")
 
 
 def validate_config(config):
@@ -46,16 +48,28 @@ def validate_config(config):
     schedule = diffusion.make_schedule(config.schedule)
     if not 1 <= c.delta_t < schedule.t_max:
         raise ValueError(f"config codi.delta_t={c.delta_t} must be in [1, {schedule.t_max - 1}]")
-    if config.eval.sampler not in sampling.SAMPLERS:
-        raise ValueError(f"config eval.sampler={config.eval.sampler!r} is not one of {sampling.SAMPLERS}")
+    if not config.eval.samplers:
+        raise ValueError("config eval.samplers is empty; give at least one of " + str(sampling.SAMPLERS))
+    for name in config.eval.samplers:
+        sampling.check_sampler(name, "eval.samplers")
+    if config.method not in METHODS:
+        raise ValueError(f"config method={config.method!r} is not one of {METHODS}")
+    if c.init not in CODI_INITS:
+        raise ValueError(f"config codi.init={c.init!r} is not one of {CODI_INITS}")
+    if c.consistency_space not in codi.CONSISTENCY_SPACES:
+        raise ValueError(f"config codi.consistency_space={c.consistency_space!r} is not one of {codi.CONSISTENCY_SPACES}")
+    if config.finetune.mode not in codi.MODES:
+        raise ValueError(f"config finetune.mode={config.finetune.mode!r} is not one of {codi.MODES}")
+    if config.method == "gd":
+        progressive.rounds(config.gd.start_steps, config.gd.final_steps)
     for n in config.eval.steps:
         if not 1 <= n <= 1000:
             raise ValueError(f"config eval.steps has {n}; step counts must be in [1, 1000]")
-    for stage in ("pretrain", "codi"):
-        tcfg = config.pretrain if stage == "pretrain" else config.codi.train
+    for prefix, tcfg in (("pretrain", config.pretrain), ("codi.train", c.train), ("finetune.train", config.finetune.train),
+                         ("gd.train", config.gd.train)):
         for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if tcfg[key] < 1:
-                raise ValueError(f"config {stage}{'.train' if stage == 'codi' else ''}.{key}={tcfg[key]} must be >= 1")
+                raise ValueError(f"config {prefix}.{key}={tcfg[key]} must be >= 1")
     if c.guidance_space not in codi.GUIDANCE_SPACES:
         raise ValueError(f"config codi.guidance_space={c.guidance_space!r} is not one of {codi.GUIDANCE_SPACES}")
     if not config.teacher.pretrained_path and config.model.unet.in_channels != 3:
@@ -131,8 +145,8 @@ class _Space:
         return dict(sample_shape=self.shape, context=self.context, to_pixels=lambda x: self.to_pixels(x, frozen))
 
 
-def _preview_fns(config, plain, wrapped, eval_batch, space: _Space):
-    """TensorBoard pictures: teacher DDIM samples, and bicubic | CoDi N-step | HR on held-out crops."""
+def _preview_fns(config, plain, method_denoiser, eval_batch, space: _Space):
+    """TensorBoard pictures: teacher DDIM samples, and bicubic | the method's N-step samples | HR on held-out crops."""
     k = min(4, eval_batch["image"].shape[0])
     cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
     shape, ctx = (k,) + space.shape, space.batch_context(k)
@@ -140,7 +154,7 @@ def _preview_fns(config, plain, wrapped, eval_batch, space: _Space):
     ddim_steps = config.eval.teacher_ddim_steps or 16
     teacher_sampler = sampling.make_sampler(plain, ddim_steps, "deterministic")
     n_steps = max(config.eval.steps)
-    codi_sampler = sampling.make_sampler(wrapped, n_steps, config.eval.sampler)
+    codi_sampler = sampling.make_sampler(method_denoiser, n_steps, config.eval.samplers[0])
 
     def teacher_images(state):
         x = teacher_sampler(state["ema_params"], rng, shape, None, ctx)
@@ -149,13 +163,28 @@ def _preview_fns(config, plain, wrapped, eval_batch, space: _Space):
     def codi_images(state):
         x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, ctx)
         row = np.concatenate([cond, space.to_pixels(x, state["frozen"]), hr], axis=2)  # side by side, one row per example
-        return {f"samples/bicubic_codi{n_steps}_hr": row}
+        return {f"samples/bicubic_{config.method}{n_steps}_hr": row}
 
     return teacher_images, codi_images
 
 
-def run(config, workdir: str) -> dict:
-    """Run the job described by `config` in `workdir`; returns the evaluation report."""
+def _copy(tree):
+    """A fresh copy: train steps donate their state, and jit may forward input buffers to outputs."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
+    """Run the job described by `config` in `workdir`; returns the evaluation report.
+
+    Stages, each in WORKDIR/<stage> (resumed, or skipped when complete):
+      teacher   the pretrained model (loaded, or pretrained here for the tiny recipes)
+      finetune  conditional finetuning with the diffusion loss (method 'finetune', and the start
+                of the two-stage baselines: codi.init='finetuned' (CM-II), method 'gd' (GD-II))
+      codi      CoDi / PE-CoDi / CM-II and the ablations (method 'codi')
+      gd_Nsteps progressive distillation rounds (method 'gd')
+    then evaluation of the method's final EMA weights. `stop_after='teacher'` returns after stage 1
+    (the reproduction's shared teacher).
+    """
     if config.variant == "" and not config.teacher.pretrained_path:
         raise ValueError("configs/sr.py (paper scale) needs a pretrained model: set "
                          "--config.teacher.pretrained_path=/path/to/stable-diffusion (diffusers format), "
@@ -176,16 +205,21 @@ def run(config, workdir: str) -> dict:
     b = config.codi.boundary
     wrapped = base.Denoiser(module, schedule, config.model.prediction,
                             (b.sigma_data, b.time_scale) if b.enabled else None)
+    method = config.method
+    # CoDi samples through the boundary-wrapped consistency function (eq 17/18); the finetuned
+    # and progressively distilled models are plain diffusion models.
+    method_denoiser = wrapped if method == "codi" else plain
     timings = {}
     eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
                                           seed=config.eval.seed)
     space = _Space(config, pre, codec, factor)
-    teacher_images, codi_images = _preview_fns(config, plain, wrapped, eval_batch, space)
+    teacher_images, method_images = _preview_fns(config, plain, method_denoiser, eval_batch, space)
     if jax.process_count() > 1:  # previews read whole arrays on one process; metrics come at the end
-        teacher_images = codi_images = None
+        teacher_images = method_images = None
     # The logical axis names the modules put on their weights, for the sharding rules.
     names = base.model_logical_names(module, config.model, space.shape[0], config.data.crop_size)
-    logical = {"unet": names["unet"], "adapter": names["adapter"], "teacher_unet": names["unet"]}
+    logical = {"unet": names["unet"], "adapter": names["adapter"],
+               "teacher_unet": names["unet"], "teacher_adapter": names["adapter"]}
     place = dict(mesh=mesh, rules=rules, logical=logical)
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
@@ -205,44 +239,92 @@ def run(config, workdir: str) -> dict:
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     del tstate
-
-    # Stage 2: CoDi. Adapter duplicated from the teacher's encoder; mu = 0 (eq 12).
-    c = config.codi
+    if stop_after == "teacher":
+        return None
     keep_teacher = bool(config.eval.teacher_ddim_steps)
 
-    def codi_init(rng):
-        params = base.init_model_params(module, config.model, rng, space.shape[0], config.data.crop_size)
-        # The train step donates its state: keep a copy of the teacher only if evaluation samples it.
-        unet = jax.tree_util.tree_map(jnp.copy, teacher_unet) if keep_teacher else teacher_unet
-        params = {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], teacher_unet)}
-        trainable, frozen = codi.split_params(params, c.mode, c.zs_predictor)
+    def with_space(frozen):
         if pre is not None:  # the latent space's VAE and the prompt embedding travel with the state
             frozen = dict(frozen, vae=pre.vae_params, context=pre.context)
-        return trainable, frozen
+        return frozen
 
-    loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c,
-                                decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z))
-    if codec is not None:
-        loss_fn = latent.latent_loss(loss_fn, codec)
-    t0 = time.perf_counter()
-    cstate = train.run_stage(
-        name="codi", workdir=workdir, tcfg=c.train,
-        loss_fn=loss_fn,
-        init_fn=codi_init, data_cfg=config.data, task=config.task, seed=config.seed + 1, image_fn=codi_images,
-        **place)
-    timings["codi_s"] = round(time.perf_counter() - t0, 1)
+    def adapted_init(rng, random_backbone=False):
+        """{unet: the teacher (or random), adapter: a duplicate of its encoder, mu = 0} (eq 12)."""
+        params = base.init_model_params(module, config.model, rng, space.shape[0], config.data.crop_size)
+        unet = params["unet"] if random_backbone else (_copy(teacher_unet) if keep_teacher else teacher_unet)
+        return {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], unet)}
+
+    def stage(name, tcfg, loss_fn, init_fn, seed_offset, image_fn=method_images, workdir_=workdir, load=False):
+        t0 = time.perf_counter()
+        if load:
+            state = train.load_final_state(name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn,
+                                           seed=config.seed + seed_offset, **place)
+        else:
+            if codec is not None:
+                loss_fn = latent.latent_loss(loss_fn, codec)
+            state = train.run_stage(name=name, workdir=workdir_, tcfg=tcfg, loss_fn=loss_fn, init_fn=init_fn,
+                                    data_cfg=config.data, task=config.task, seed=config.seed + seed_offset,
+                                    image_fn=image_fn, **place)
+        timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+        return state
+
+    # Stage 2a: conditional finetuning with the plain diffusion loss (baseline, and GD-II/CM-II's first stage).
+    state = None
+    if method in ("finetune", "gd") or config.codi.init == "finetuned":
+        f = config.finetune
+
+        def finetune_init(rng):
+            return codi.split_params(adapted_init(rng), f.mode, key="finetune")
+
+        state = stage("finetune", f.train, functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
+                      finetune_init, 1, workdir_=f.checkpoint or workdir, load=bool(f.checkpoint),
+                      image_fn=method_images if method == "finetune" else None)
+
+    def finetuned_params():
+        return base.merge(state["ema_params"], state["frozen"])
+
+    # Stage 2b: the distillation.
+    if method == "codi":
+        c = config.codi
+
+        def codi_init(rng):
+            if c.init == "finetuned":
+                params = finetuned_params()
+            else:
+                params = adapted_init(rng, random_backbone=c.init == "random")
+            # A frozen teacher (zs_predictor 'teacher') is the starting model: the pretrained backbone
+            # without the condition, or the finetuned model with it (CM-II).
+            trainable, frozen = codi.split_params(params, c.mode, c.zs_predictor,
+                                                  teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher")
+            return trainable, with_space(frozen)
+
+        loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c,
+                                    decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z))
+        state = stage("codi", c.train, loss_fn, codi_init, 1)
+    elif method == "gd":
+        g = config.gd
+        for i, n in enumerate(progressive.rounds(g.start_steps, g.final_steps)):
+            start = finetuned_params()   # the previous round's student (the finetuned model first)
+
+            def gd_init(rng, start=start):
+                del rng
+                return codi.split_params(start, "full", teacher_cond=True)
+
+            loss_fn = functools.partial(progressive.progressive_loss, denoiser=plain, student_steps=n)
+            state = stage(f"gd_{n}steps", g.train, loss_fn, gd_init, 2 + i)
 
     # Stage 3: evaluation on held-out images (EMA weights, as consistency models do).
     t0 = time.perf_counter()
-    frozen = cstate["frozen"]
-    params = base.merge(cstate["ema_params"], frozen)
+    frozen = state["frozen"]
+    params = base.merge(state["ema_params"], frozen)
     if jax.process_count() > 1:  # every process takes part in gathering; process 0 evaluates alone
         from jax.experimental import multihost_utils
         params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
     report = None
     if jax.process_index() == 0:
-        report = evaluate.evaluate_sr(denoiser=wrapped, params=params, eval_batch=eval_batch, ecfg=config.eval,
-                                      out_dir=workdir, teacher=plain if keep_teacher else None,
+        report = evaluate.evaluate_sr(denoiser=method_denoiser, params=params, eval_batch=eval_batch,
+                                      ecfg=config.eval, out_dir=workdir, method=method,
+                                      teacher=plain if keep_teacher else None,
                                       teacher_params={"unet": teacher_unet} if keep_teacher else None,
                                       extra={"variant": config.variant, "timings_s": timings},
                                       **space.eval_kwargs(frozen))

@@ -1,6 +1,13 @@
-"""Few-step samplers: one model call per step, `jax.lax.scan` over the steps.
+"""Samplers: one model call per step, `jax.lax.scan` over the steps.
 
 Compiled once per step count (the timestep grid is a static-shape array argument).
+
+  deterministic  DDIM / PF-ODE (eq 7): z_s = a_s x_hat + s_s eps_hat. N steps of it is the
+                 "DDIM N" baseline for a finetuned model and CoDi's few-step sampler.
+  stochastic     consistency-style multistep: z_s = a_s x_hat + s_s eps', fresh eps' each step.
+  dpmpp_2m       DPM-Solver++(2M) (Lu et al. 2022, the paper's Table 2 baseline): a second-order
+                 multistep solver of the PF-ODE in data prediction x_hat and log-SNR time.
+Every sampler returns the last step's x_hat (a 1-step sampler returns x_hat(z_T, T)).
 """
 
 from __future__ import annotations
@@ -9,12 +16,29 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from codi_jax import diffusion
 from codi_jax.methods import base
 
-SAMPLERS = ("deterministic", "stochastic")
+SAMPLERS = ("deterministic", "stochastic", "dpmpp_2m")
+# Short names for result keys and plot legends.
+SAMPLER_LABELS = {"deterministic": "DDIM", "stochastic": "multistep", "dpmpp_2m": "DPM++2M"}
+
+
+def check_sampler(name: str, key: str = "eval.sampler") -> str:
+    if name not in SAMPLERS:
+        raise ValueError(f"config {key}={name!r} is not one of {SAMPLERS}")
+    return name
+
+
+def _start(rng, shape):
+    k0, rng = jax.random.split(rng)
+    return jax.random.normal(k0, shape, jnp.float32), rng
+
+
+def _grid(timesteps):
+    timesteps = jnp.asarray(timesteps, jnp.int32)
+    return timesteps, jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.int32)])
 
 
 def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, context=None,
@@ -24,10 +48,8 @@ def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, co
     deterministic: DDIM / PF-ODE, z_s = a_s x_hat + s_s eps_hat (eq 7).
     stochastic:    consistency-style multistep, z_s = a_s x_hat + s_s eps', fresh eps'.
     """
-    timesteps = jnp.asarray(timesteps, jnp.int32)
-    next_t = jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.int32)])
-    k0, rng = jax.random.split(rng)
-    z = jax.random.normal(k0, shape, jnp.float32)
+    timesteps, next_t = _grid(timesteps)
+    z, rng = _start(rng, shape)
 
     def step(carry, ts):
         z, key = carry
@@ -42,14 +64,56 @@ def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, co
     return x_hats[-1]
 
 
+def dpmpp_2m_update(z, x_hat, x_prev, lam_t, lam_s, lam_prev, alpha_s, sigma_t, sigma_s, first):
+    """One DPM-Solver++(2M) step from t to s (lam = log(alpha / sigma), h = lam_s - lam_t):
+
+        D   = (1 + 1/(2r)) x_hat_t - 1/(2r) x_hat_prev,  r = (lam_t - lam_prev) / h   (D = x_hat_t when `first`)
+        z_s = (sigma_s / sigma_t) z_t - alpha_s (exp(-h) - 1) D
+
+    With D = x_hat_t this is exactly the DDIM step (eq 7) written in log-SNR time.
+    """
+    h = lam_s - lam_t
+    r = (lam_t - lam_prev) / h
+    d = jnp.where(first, x_hat, (1.0 + 0.5 / r) * x_hat - (0.5 / r) * x_prev)
+    return (sigma_s / sigma_t) * z - alpha_s * jnp.expm1(-h) * d
+
+
+def sample_dpmpp_2m(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, context=None):
+    """DPM-Solver++(2M) over `timesteps` (descending): first step first order, the rest second
+    order, and the output is the last step's x_hat (the "lower order final" choice of
+    diffusers' DPMSolverMultistepScheduler for few steps, as DDIM ends here)."""
+    timesteps, next_t = _grid(timesteps)
+    z, _ = _start(rng, shape)
+    schedule = denoiser.schedule
+
+    def lam(t):
+        a, s = schedule.alpha_sigma(t)
+        return jnp.log(a) - jnp.log(s)
+
+    def step(carry, inputs):
+        z, x_prev, lam_prev = carry
+        i, t, s = inputs
+        x_hat, _ = denoiser(params, z, t, cond, context)
+        _, sigma_t = schedule.alpha_sigma(t)
+        alpha_s, sigma_s = schedule.alpha_sigma(s)
+        z_s = dpmpp_2m_update(z, x_hat, x_prev, lam(t), lam(s), lam_prev, alpha_s, sigma_t, sigma_s, i == 0)
+        return (z_s, x_hat, lam(t)), x_hat
+
+    steps = jnp.arange(timesteps.shape[0])
+    init = (z, jnp.zeros_like(z), lam(timesteps[0]) + 1.0)  # lam_prev unused on the first step
+    _, x_hats = jax.lax.scan(step, init, (steps, timesteps, next_t))
+    return x_hats[-1]
+
+
 def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "deterministic"):
-    """A jitted `fn(params, rng, cond, context) -> x` for a fixed step count."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"config eval.sampler={sampler!r} is not one of {SAMPLERS}")
+    """A jitted `fn(params, rng, shape, cond, context) -> x` for a fixed step count."""
+    check_sampler(sampler)
     timesteps = diffusion.sampling_timesteps(denoiser.schedule, num_steps)
 
     @functools.partial(jax.jit, static_argnums=(2,))
     def fn(params, rng, shape, cond=None, context=None):
+        if sampler == "dpmpp_2m":
+            return sample_dpmpp_2m(denoiser, params, rng, timesteps, shape, cond, context)
         return sample(denoiser, params, rng, timesteps, shape, cond, context, sampler == "stochastic")
 
     return fn

@@ -106,7 +106,12 @@ def codi_method():
         huber_c=0.03,            # pseudo-Huber constant (per-element error scale)
         guidance_weight=1.0,     # lambda on d_x in eq 15; 0 switches conditional guidance off
         guidance_space="latent", # d_x on 'latent's or on 'pixel's through the VAE decoder (Fig. 2); same for pixel models
-        consistency_weight=1.0,  # weight on d_eps (0: no noise consistency, an ablation)
+        consistency_weight=1.0,  # weight on the consistency term (0: none at all, an ablation)
+        consistency_space="eps", # consistency in 'eps' (noise space, eq 15) or 'x' (signal space, as consistency
+                                 # models; Table 3's "- noise-consistency" row and the CM-II baseline)
+        init="pretrained",       # start from: 'pretrained' (teacher backbone + duplicated encoder, eq 12),
+                                 # 'finetuned' (the finetune stage's model: CM-II; a 'teacher' z_s predictor is
+                                 # then the frozen finetuned model, given the condition), 'random' (Fig. 7)
         delta_t=20,              # s = t - delta_t, in timesteps (Algorithm 1 says 1; public code 20)
         t_per_sample=True,       # one t per sample (True) or one per batch
         boundary=dict(
@@ -117,11 +122,31 @@ def codi_method():
     ))
 
 
+def finetune(num_steps, batch_size, lr):
+    """Conditional finetuning with the plain diffusion loss: the paper's finetuned-LDM / ControlNet
+    baseline, and the first stage of the two-stage baselines (CM-II, GD-II)."""
+    return mlc.ConfigDict(dict(
+        mode="full",             # 'full': backbone and adapter train (LDM row); 'pe': adapter only (ControlNet)
+        checkpoint="",           # a workdir whose finetune/ stage is complete: load it instead of training
+        train=train(num_steps, batch_size, lr),
+    ))
+
+
+def progressive_distillation(num_steps, batch_size, lr):
+    """GD-II: progressive distillation of the finetuned model (Salimans & Ho 2022), one stage per halving."""
+    return mlc.ConfigDict(dict(
+        start_steps=16,          # DDIM steps of the finetuned teacher of the first round
+        final_steps=4,           # the last round's student steps (start_steps / final_steps a power of two)
+        train=train(num_steps, batch_size, lr),  # per round
+    ))
+
+
 def evaluation():
     return mlc.ConfigDict(dict(
         num_examples=48,         # held-out crops evaluated
         steps=(1, 2, 4),         # few-step sampler step counts evaluated
-        sampler="deterministic", # 'deterministic' (DDIM/PF-ODE) | 'stochastic' (fresh noise per step)
+        samplers=("deterministic",),  # each of: 'deterministic' (DDIM/PF-ODE, eq 7) | 'stochastic' (fresh noise
+                                 # per step, consistency multistep) | 'dpmpp_2m' (DPM-Solver++ 2M); all x all steps
         teacher_ddim_steps=0,    # >0 also samples the unconditional teacher with N-step DDIM (sanity grid)
         grid_examples=8,         # rows in each PNG grid
         batch_size=16,

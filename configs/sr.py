@@ -19,6 +19,7 @@ def get_config(variant=""):
     config.variant = variant
     config.task = "sr"
     config.seed = 0
+    config.method = "codi"        # 'codi' (CoDi, PE-CoDi, CM-II and ablations, by codi.*) | 'finetune' | 'gd' (GD-II)
     config.data = data_configs.get_data_config()
     config.schedule = common.schedule_cosine()
     config.model = common.model(common.tiny_unet())
@@ -38,6 +39,10 @@ def get_config(variant=""):
     # theta^- starts at the teacher; a 0.99 EMA follows a 600-step run (0.999 would still be
     # ~55% the initial model at the end). mu needs a larger rate to move in 600 steps.
     config.codi.train.update(ema_decay=0.99, mu_lr_multiplier=5.0)
+    config.finetune = common.finetune(num_steps=600, batch_size=16, lr=1e-3)
+    config.finetune.train.update(ema_decay=0.99, mu_lr_multiplier=5.0)
+    config.gd = common.progressive_distillation(num_steps=300, batch_size=16, lr=1e-4)
+    config.gd.train.update(ema_decay=0.99, warmup_steps=20)
     config.eval = common.evaluation()
     config.mesh = common.mesh()     # devices, axes and logical axis rules (default: all devices data parallel)
 
@@ -59,6 +64,9 @@ def get_config(variant=""):
         config.model.unet.norm_num_groups = 4
         config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
         config.codi.train.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+        config.finetune.train.update(num_steps=4, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+        config.gd.update(start_steps=4, final_steps=2)
+        config.gd.train.update(num_steps=2, batch_size=4, warmup_steps=1, log_every=2, checkpoint_every=2)
         config.eval.update(num_examples=4, batch_size=4, grid_examples=4, steps=(1, 2))
     elif variant == "":
         config.schedule.kind = "scaled_linear"
@@ -69,6 +77,11 @@ def get_config(variant=""):
         config.data.crop_size = 512
         config.codi.train.update(num_steps=100_000, batch_size=128, lr=1e-5, ema_decay=0.9999, mu_lr_multiplier=1.0,
                                  log_every=100, checkpoint_every=2000)
+        config.finetune.train.update(num_steps=100_000, batch_size=128, lr=1e-5, ema_decay=0.9999,
+                                     mu_lr_multiplier=1.0, log_every=100, checkpoint_every=2000)
+        config.gd.update(start_steps=64, final_steps=4)
+        config.gd.train.update(num_steps=10_000, batch_size=128, lr=1e-5, ema_decay=0.9999, log_every=100,
+                               checkpoint_every=2000)
     else:
         raise ValueError(f"unknown variant {variant!r} of configs/sr.py; use 'tiny', 'smoke' or none")
     return config

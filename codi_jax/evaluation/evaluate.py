@@ -13,9 +13,24 @@ from codi_jax import sampling
 from codi_jax.evaluation import grids, metrics
 
 
+METHOD_LABELS = {"codi": "CoDi", "finetune": "finetuned", "gd": "GD"}
+
+
+def result_key(method: str, sampler: str, num_steps: int) -> str:
+    """metrics.json row name: 'codi_4step' (the default DDIM/PF-ODE sampler), 'finetune_dpmpp_2m_4step'."""
+    return f"{method}_{num_steps}step" if sampler == "deterministic" else f"{method}_{sampler}_{num_steps}step"
+
+
+def column_label(method: str, sampler: str, num_steps: int) -> str:
+    name = METHOD_LABELS.get(method, method)
+    return f"{name} {num_steps}" if sampler == "deterministic" else f"{name} {sampling.SAMPLER_LABELS[sampler]} {num_steps}"
+
+
 def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teacher=None, teacher_params=None,
-                extra: dict | None = None, sample_shape=None, context=None, to_pixels=None) -> dict:
-    """Sample the held-out batch at every step count in `ecfg.steps`; compare with bicubic.
+                extra: dict | None = None, sample_shape=None, context=None, to_pixels=None,
+                method: str = "codi") -> dict:
+    """Sample the held-out batch with every sampler in `ecfg.samplers` at every step count in
+    `ecfg.steps`; compare with bicubic. Rows are named by `result_key(method, sampler, steps)`.
 
     Latent models: `sample_shape` is one latent's (H, W, C), `context` the [1, L, D] prompt
     embedding, `to_pixels` the VAE decoder (latents -> images). Pixel models: all None.
@@ -42,18 +57,20 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
             outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
         return np.concatenate(outs)
 
-    for num_steps in ecfg.steps:
-        fn = sampling.make_sampler(denoiser, num_steps, ecfg.sampler)
-        t0 = time.perf_counter()
-        run(fn, params, cond, limit=bs)  # compile + warm up on one batch
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        samples = run(fn, params, cond)
-        timings[f"codi_{num_steps}step"] = {"compile_and_first_batch_s": round(compile_s, 3),
-                                            "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
-        results[f"codi_{num_steps}step"] = metrics.evaluate_batch(samples, hr)
-        columns.append((f"CoDi {num_steps}", samples))
-        logging.info("eval: CoDi %d step(s): %s", num_steps, results[f"codi_{num_steps}step"])
+    for sampler in ecfg.samplers:
+        for num_steps in ecfg.steps:
+            key = result_key(method, sampler, num_steps)
+            fn = sampling.make_sampler(denoiser, num_steps, sampler)
+            t0 = time.perf_counter()
+            run(fn, params, cond, limit=bs)  # compile + warm up on one batch
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            samples = run(fn, params, cond)
+            timings[key] = {"compile_and_first_batch_s": round(compile_s, 3),
+                            "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
+            results[key] = metrics.evaluate_batch(samples, hr)
+            columns.append((column_label(method, sampler, num_steps), samples))
+            logging.info("eval: %s: %s", key, results[key])
 
     if teacher is not None and ecfg.teacher_ddim_steps:
         fn = sampling.make_sampler(teacher, ecfg.teacher_ddim_steps, "deterministic")
@@ -63,7 +80,7 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     columns.append(("HR", hr))
     k = min(ecfg.grid_examples, n)
     grid_path = grids.save_grid(os.path.join(out_dir, "grids", "sr_grid.png"), [(name, x[:k]) for name, x in columns])
-    report = {"num_examples": int(n), "sampler": ecfg.sampler, "metrics": results, "timings": timings,
+    report = {"num_examples": int(n), "method": method, "samplers": list(ecfg.samplers), "metrics": results, "timings": timings,
               "grid": str(grid_path)}
     if extra:
         report.update(extra)

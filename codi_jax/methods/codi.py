@@ -16,30 +16,46 @@ ZS_PREDICTORS = ("prev", "ddim", "teacher")
 MODES = ("full", "pe")
 
 
-def split_params(full_params, mode: str, zs_predictor: str):
+def split_params(full_params, mode: str, zs_predictor: str = "prev", teacher_cond: bool = False, key: str = "codi"):
     """(trainable, frozen) for CoDi ('full') or PE-CoDi ('pe', sec 4.4: backbone frozen).
 
-    With the 'teacher' z_s predictor the frozen pretrained backbone is kept as
-    frozen['teacher_unet'] (in PE mode the frozen backbone is that teacher already).
+    With the 'teacher' z_s predictor (or `teacher_cond`) a frozen copy of the starting model
+    is kept as the teacher: frozen['teacher_unet'] (in PE mode the frozen backbone is that
+    teacher already) and, with `teacher_cond` (a finetuned conditional teacher: CM-II, GD-II),
+    frozen['teacher_adapter'] too, so the teacher sees the condition.
     """
     if mode not in MODES:
-        raise ValueError(f"config codi.mode={mode!r} is not one of {MODES}")
+        raise ValueError(f"config {key}.mode={mode!r} is not one of {MODES}")
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
     if mode == "full":
         trainable = {"unet": full_params["unet"], "adapter": full_params["adapter"]}
         frozen = {}
-        if zs_predictor == "teacher":
-            frozen["teacher_unet"] = jax.tree_util.tree_map(jnp.array, full_params["unet"])
+        if zs_predictor == "teacher" or teacher_cond:
+            frozen["teacher_unet"] = copy(full_params["unet"])
     else:
         trainable = {"adapter": full_params["adapter"]}
         frozen = {"unet": full_params["unet"]}
+    if teacher_cond:
+        frozen["teacher_adapter"] = copy(full_params["adapter"])
     return trainable, frozen
 
 
 def teacher_params(frozen):
-    return {"unet": frozen["teacher_unet"] if "teacher_unet" in frozen else frozen["unet"]}
+    """The frozen teacher's params: {'unet'} (unconditional) or {'unet', 'adapter'} (conditional)."""
+    out = {"unet": frozen["teacher_unet"] if "teacher_unet" in frozen else frozen["unet"]}
+    if "teacher_adapter" in frozen:
+        out["adapter"] = frozen["teacher_adapter"]
+    return out
+
+
+def teacher_predict(teacher: base.Denoiser, frozen, z, t, cond, context):
+    """(x_hat, eps_hat) of the frozen teacher; a conditional teacher is given the condition."""
+    tp = teacher_params(frozen)
+    return teacher(tp, z, t, cond if "adapter" in tp else None, context)
 
 
 GUIDANCE_SPACES = ("latent", "pixel")
+CONSISTENCY_SPACES = ("eps", "x")
 
 
 def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser,
@@ -68,18 +84,23 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
         z_s = diffusion.prev_step(sg(x_hat), eps, alpha_s, sigma_s)
     elif cfg.zs_predictor == "ddim":      # eq 7 with the model's own eps_hat (the public code's default)
         z_s = diffusion.ddim_step(sg(x_hat), sg(eps_hat), alpha_s, sigma_s)
-    elif cfg.zs_predictor == "teacher":   # consistency-model style: frozen pretrained PF-ODE, no condition
-        x_te, eps_te = teacher(teacher_params(frozen), z_t, t, None, context)
+    elif cfg.zs_predictor == "teacher":   # consistency-model style: the frozen starting model's PF-ODE
+        x_te, eps_te = teacher_predict(teacher, frozen, z_t, t, cond, context)
         z_s = diffusion.ddim_step(sg(x_te), sg(eps_te), alpha_s, sigma_s)
     else:
         raise ValueError(f"config codi.zs_predictor={cfg.zs_predictor!r} is not one of {ZS_PREDICTORS}")
 
     # theta^-: the EMA target network; no gradient flows through it.
     target = base.merge(sg(ema_params), frozen)
-    _, eps_target = denoiser(target, sg(z_s), s, cond, context)
-    eps_target = sg(eps_target)
+    x_target, eps_target = jax.tree_util.tree_map(sg, denoiser(target, sg(z_s), s, cond, context))
 
-    d_eps = diffusion.distance(eps_hat, eps_target, cfg.d_eps, cfg.huber_c)
+    space = cfg.get("consistency_space", "eps")
+    if space == "eps":   # eq 15: noise-space consistency
+        d_eps = diffusion.distance(eps_hat, eps_target, cfg.d_eps, cfg.huber_c)
+    elif space == "x":   # signal-space consistency f(z_t, t) = f(z_s, s) (consistency models; an ablation)
+        d_eps = diffusion.distance(x_hat, x_target, cfg.d_eps, cfg.huber_c)
+    else:
+        raise ValueError(f"config codi.consistency_space={space!r} is not one of {CONSISTENCY_SPACES}")
     if cfg.guidance_space == "pixel" and decode is not None:
         d_x = diffusion.distance(batch["pixels"], decode(frozen, x_hat), cfg.d_x, cfg.huber_c)
     else:  # latent space (for pixel-space models the two are the same)
