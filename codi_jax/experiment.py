@@ -6,6 +6,7 @@ same command again resumes where it stopped and skips finished stages.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -96,7 +97,7 @@ def _teacher_params_init(module, config):
     return init_fn
 
 
-def _with_pretrained(config, workdir):
+def with_pretrained(config, workdir):
     """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
     from codi_jax.pretrained import stable_diffusion
     from codi_jax.models import vae as vae_lib
@@ -122,7 +123,7 @@ def _with_pretrained(config, workdir):
     return config, pre, factor
 
 
-class _Space:
+class Space:
     """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
 
     def __init__(self, config, pre=None, codec=None, factor=1):
@@ -145,7 +146,7 @@ class _Space:
         return dict(sample_shape=self.shape, context=self.context, to_pixels=lambda x: self.to_pixels(x, frozen))
 
 
-def _preview_fns(config, plain, method_denoiser, eval_batch, space: _Space):
+def _preview_fns(config, plain, method_denoiser, eval_batch, space: Space):
     """TensorBoard pictures: teacher DDIM samples, and bicubic | the method's N-step samples | HR on held-out crops."""
     k = min(4, eval_batch["image"].shape[0])
     cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
@@ -166,6 +167,53 @@ def _preview_fns(config, plain, method_denoiser, eval_batch, space: _Space):
         return {f"samples/bicubic_{config.method}{n_steps}_hr": row}
 
     return teacher_images, codi_images
+
+
+@dataclasses.dataclass
+class Model:
+    """What a run (or the evaluation job) builds from a config: the networks and the sample space."""
+    config: mlc.ConfigDict      # with the pretrained folder's architecture filled in
+    pre: object                 # stable_diffusion.Pretrained, or None (pixel-space tiny models)
+    codec: object               # latent.LatentCodec, or None
+    space: Space
+    module: object
+    plain: base.Denoiser        # the network as a diffusion model (eq 8)
+    wrapped: base.Denoiser      # with CoDi's boundary scalings (eq 17/18)
+
+    @property
+    def method_denoiser(self) -> base.Denoiser:
+        """CoDi samples through the boundary-wrapped consistency function; the finetuned and
+        progressively distilled models are plain diffusion models."""
+        return self.wrapped if self.config.method == "codi" else self.plain
+
+
+def build_model(config, workdir: str) -> Model:
+    pre, codec, factor = None, None, 1
+    if config.teacher.pretrained_path:
+        config, pre, factor = with_pretrained(config, workdir)
+        codec = latent.LatentCodec(pre.vae_module, float(pre.vae_cfg.scaling_factor), float(pre.vae_cfg.shift_factor),
+                                   sample_posterior=config.teacher.sample_latents)
+    schedule = diffusion.make_schedule(config.schedule)
+    module = base.make_module(config.model)
+    b = config.codi.boundary
+    plain = base.Denoiser(module, schedule, config.model.prediction)
+    wrapped = base.Denoiser(module, schedule, config.model.prediction,
+                            (b.sigma_data, b.time_scale) if b.enabled else None)
+    return Model(config, pre, codec, Space(config, pre, codec, factor), module, plain, wrapped)
+
+
+def final_stage(config) -> tuple[str, str]:
+    """(workdir holding it, stage name) of the stage whose EMA weights a run evaluates."""
+    if config.method == "finetune":
+        return config.finetune.checkpoint, "finetune"
+    if config.method == "gd":
+        return "", f"gd_{config.gd.final_steps}steps"
+    return "", "codi"
+
+
+def final_stage_steps(config) -> int:
+    """Train steps of the final stage (its last checkpoint's step once complete)."""
+    return {"finetune": config.finetune.train, "gd": config.gd.train}.get(config.method, config.codi.train).num_steps
 
 
 def _copy(tree):
@@ -192,27 +240,17 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     validate_config(config)
     check_workdir(workdir)
     t_start = time.perf_counter()
-    pre, codec, factor = None, None, 1
-    if config.teacher.pretrained_path:
-        config, pre, factor = _with_pretrained(config, workdir)
-        codec = latent.LatentCodec(pre.vae_module, float(pre.vae_cfg.scaling_factor), float(pre.vae_cfg.shift_factor),
-                                   sample_posterior=config.teacher.sample_latents)
+    m = build_model(config, workdir)
+    config, pre, codec, space, module = m.config, m.pre, m.codec, m.space, m.module
+    plain, wrapped, method_denoiser, method = m.plain, m.wrapped, m.method_denoiser, config.method
+    if jax.process_index() == 0:  # what the evaluation job reads back
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    plain = base.Denoiser(module, schedule, config.model.prediction)
-    b = config.codi.boundary
-    wrapped = base.Denoiser(module, schedule, config.model.prediction,
-                            (b.sigma_data, b.time_scale) if b.enabled else None)
-    method = config.method
-    # CoDi samples through the boundary-wrapped consistency function (eq 17/18); the finetuned
-    # and progressively distilled models are plain diffusion models.
-    method_denoiser = wrapped if method == "codi" else plain
     timings = {}
     eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
                                           seed=config.eval.seed)
-    space = _Space(config, pre, codec, factor)
     teacher_images, method_images = _preview_fns(config, plain, method_denoiser, eval_batch, space)
     if jax.process_count() > 1:  # previews read whole arrays on one process; metrics come at the end
         teacher_images = method_images = None

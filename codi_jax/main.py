@@ -1,5 +1,7 @@
 """Entry point: `python -m codi_jax.main --config=configs/sr.py:tiny --workdir=DIR`.
 
+`--config=configs/eval.py --config.checkpoint=RUN_DIR` runs the batch evaluation job instead.
+
 `--config` takes `file.py:variant` and `--config.a.b=value` overrides (ml_collections).
 Running the same command again resumes from the latest checkpoints.
 Multi-host: the same command on every host with `--multihost` (TPU pods and clusters that
@@ -43,9 +45,15 @@ def main(argv):
 
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         heartbeat_timeout_s=_HEARTBEAT.value)
-    from codi_jax import experiment  # after flag parsing: grain wants absl flags parsed first
-
     logging.info("config:\n%s", _CONFIG.value)
+    # Imports after flag parsing: grain wants absl flags parsed first.
+    if _CONFIG.value.get("job") == "eval":   # configs/eval.py: the batch evaluation job
+        from codi_jax.evaluation import job
+
+        job.run(_CONFIG.value, _WORKDIR.value)
+        return
+    from codi_jax import experiment
+
     experiment.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -21,11 +21,12 @@ import platform
 import shutil
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
 from codi_jax import experiment
+from codi_jax.evaluation import plots
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/repro.py:tiny", "The reproduction's run list.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every run lives (resumable).")
@@ -230,34 +231,13 @@ def ordering_checks(rcfg, rows):
 
 
 def plot_steps(rcfg, rows, path):
-    """PSNR and SWD against the number of sampling steps, one line per (run, sampler)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    lines = {}
+    """PSNR and SWD against the number of sampling steps, one line per (run, sampler); seed means."""
+    series = {}
     for (name, key), vals in rows.items():
         run = next(r for r in rcfg.runs if r.name == name)
         label, n = _row_label(run, key)
-        lines.setdefault(label, []).append((n, np.mean(vals["psnr"]), np.mean(vals["swd_mean"])))
-    for label, pts in sorted(lines.items()):
-        if len(pts) < 2:
-            continue
-        pts.sort()
-        n, psnr, swd = zip(*pts)
-        axes[0].plot(n, psnr, marker="o", label=label)
-        axes[1].plot(n, swd, marker="o", label=label)
-    for ax, title in zip(axes, ("PSNR (higher is better)", "Laplacian SWD (lower is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sampling steps")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        series.setdefault(label, []).append((n, {m: float(np.mean(vals[m])) for m, _, _ in METRICS}))
+    return plots.metrics_vs_steps({k: v for k, v in series.items() if len(v) > 1}, path)
 
 
 def write_report(rcfg, workdir: str, seeds, results_path: str, command: str, teacher_dir: str = "") -> str:

@@ -184,8 +184,44 @@ def checkpoint_manager(directory: str, tcfg) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that holds another model or method than the config describes."""
+
+
+MODEL_PARTS = ("params", "ema_params", "frozen")
+
+
+def _shapes_by_path(tree) -> dict:
+    """{"['params']['unet']...": shape} over the model parts (optimiser states are namedtuples, which
+    the checkpoint's metadata stores as plain containers, so their paths do not compare)."""
+    flat = jax.tree_util.tree_flatten_with_path({k: tree[k] for k in MODEL_PARTS if k in tree})[0]
+    return {jax.tree_util.keystr(path): tuple(getattr(v, "shape", ())) for path, v in flat}
+
+
+def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) -> None:
+    """One-line error naming the first parameter whose presence or shape differs between the
+    checkpoint at `step` and the state this config builds (orbax's own message names neither)."""
+    # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
+    meta = getattr(meta, "item_metadata", None) or meta
+    stored = _shapes_by_path(getattr(meta, "tree", meta))
+    wanted = _shapes_by_path(init_state)
+    where = f"checkpoint {mgr.directory}/{step}"
+    for key in sorted(set(wanted) | set(stored)):
+        if key not in stored:
+            raise CheckpointMismatchError(f"{where} lacks {key} that this config's model has: a checkpoint of "
+                                          "another method or model?")
+        if key not in wanted:
+            raise CheckpointMismatchError(f"{where} holds {key} that this config's model lacks: a checkpoint of "
+                                          "another method or model?")
+        if stored[key] != wanted[key]:
+            raise CheckpointMismatchError(f"{where}: {key} has shape {stored[key]}, this config's model "
+                                          f"{wanted[key]}: a checkpoint of another model size?")
+
+
 def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_sharding, data_iter=None):
     """Restore state (resharded to `state_sharding`) and, if given, the data iterator position."""
+    check_checkpoint_matches(mgr, step, init_state)
     items = {"state": ocp.args.StandardRestore(sharding.abstract(init_state, state_sharding))}
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)

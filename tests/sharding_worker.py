@@ -73,7 +73,7 @@ def run_meshes(out_path):
     qkv = ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")  # (16, 16)
     init_once = functools.lru_cache(maxsize=None)(lambda: init_fn(jax.random.split(jax.random.PRNGKey(0))[0]))
     shared_init = lambda rng: init_once()  # the same initial params for every mesh, built once
-    for shape in [(1, 1), (8, 1), (1, 8), (2, 4), (4, 2)]:
+    for shape in [(1, 1), (8, 1), (1, 8), (2, 4)]:  # (4, 2) adds a compile and nothing (2, 4) lacks
         n = shape[0] * shape[1]
         mesh_cfg = config.mesh.copy_and_resolve_references()
         mesh_cfg.ici = (shape[0], shape[1], 1)

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from codi_jax import experiment
+from codi_jax.evaluation import job
+from configs import eval as eval_configs
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,25 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     # The same command again: both stages are complete, so nothing retrains and results repeat.
     again = experiment.run(config, workdir)
     assert again["metrics"] == report["metrics"]
+
+    # The batch evaluation job on the finished run, split over two shards (the entries interleave).
+    ecfg = eval_configs.get_config()
+    ecfg.update(checkpoint=workdir, steps=(1, 2), samplers=("deterministic", "dpmpp_2m"), num_shards=2)
+    out = str(tmp_path / "eval")
+    ecfg.shard = 1
+    assert job.run(ecfg, out) is None                     # shard 0's entries are still missing
+    ecfg.shard = 0
+    summary = job.run(ecfg, out)
+    # Same crops, seeds and weights as the run's own evaluation: the same numbers.
+    for key in ("bicubic", "codi_1step", "codi_2step"):
+        assert summary["metrics"][key]["psnr"] == pytest.approx(report["metrics"][key]["psnr"], abs=1e-4), key
+    # DPM-Solver++(2M) at 1 step is the same single model call as DDIM.
+    assert summary["metrics"]["codi_dpmpp_2m_1step"]["psnr"] == pytest.approx(summary["metrics"]["codi_1step"]["psnr"])
+    assert os.path.isfile(summary["grid"]) and os.path.isfile(summary["plot"])
+    assert Image.open(summary["grid"]).size[0] == 2 + 7 * (crop + 2)   # LR, bicubic, 4 entries, HR
+    before = os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json"))
+    job.run(ecfg, out)                                     # resumes: nothing to redo
+    assert os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json")) == before
 
 
 def _cli(*args, cwd=REPO):

@@ -11,7 +11,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +45,7 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
     r = json.loads(out.read_text())
     ref = r["1x1"]
     assert ref["max_param_update"] > 1e-3  # the steps really moved the params
-    for mesh in ("8x1", "1x8", "2x4", "4x2"):
+    for mesh in ("8x1", "1x8", "2x4"):
         # Same loss and updated params up to float32 reduction order (tolerance 1e-6 absolute on params
         # that moved by ~4e-3; the loss to 1e-6 relative).
         np.testing.assert_allclose(r[mesh]["losses"], ref["losses"], rtol=1e-6)
@@ -56,7 +55,7 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
     assert r["8x1"]["specs"] == {"conv_kernel": "()", "conv_kernel_ema": "()", "conv_kernel_adam_mu": "()",
                                  "qkv_kernel": "()", "image_batch": "('data',)"}
     fsdp_conv = "(None, None, 'fsdp')"
-    for mesh, batch in (("1x8", "('fsdp',)"), ("2x4", "(('data', 'fsdp'),)"), ("4x2", "(('data', 'fsdp'),)")):
+    for mesh, batch in (("1x8", "('fsdp',)"), ("2x4", "(('data', 'fsdp'),)")):
         specs = r[mesh]["specs"]
         assert specs["conv_kernel"] == specs["conv_kernel_ema"] == specs["conv_kernel_adam_mu"] == fsdp_conv, mesh
         assert specs["qkv_kernel"] == "('fsdp',)" and specs["image_batch"] == batch, mesh

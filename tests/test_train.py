@@ -163,3 +163,22 @@ def test_bfloat16_compute_keeps_float32_master_params():
     assert np.isfinite(bf16_2)
     assert abs(bf16 - f32) < 0.03 * abs(f32), (bf16, f32)
     assert bf16 != f32  # the compute really ran in bfloat16
+
+
+@pytest.mark.parametrize("other,expected", [
+    ({"params": {"unet": np.zeros((4, 3)), "adapter": np.zeros(2)}}, r"\['params'\]\['unet'\] has shape \(3, 3\), this config's model \(4, 3\)"),
+    ({"params": {"adapter": np.zeros(2)}}, r"holds \['params'\]\['unet'\] that this config's model lacks"),
+    ({"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2), "mu": np.zeros(())}}, r"lacks \['params'\]\['mu'\]"),
+])
+def test_checkpoint_of_another_model_or_method_is_named(tmp_path, other, expected):
+    """A full-mode state restored as PE (no 'unet' among params), another size, or a missing leaf."""
+    tcfg = helpers.smoke_config().codi.train
+    mgr = train.checkpoint_manager(str(tmp_path / "ck"), tcfg)
+    import orbax.checkpoint as ocp
+    mgr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2)}})))
+    mgr.wait_until_finished()
+    train.check_checkpoint_matches(mgr, 3, {"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2)}})
+    with pytest.raises(train.CheckpointMismatchError, match=expected):
+        train.check_checkpoint_matches(mgr, 3, other)
+    mgr.close()

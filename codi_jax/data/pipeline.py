@@ -140,9 +140,9 @@ def make_train_iterator(data_config, *, task: str, global_batch_size: int,
       process_index=process_index, process_count=process_count))
 
 
-def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int
-                    ) -> dict[str, np.ndarray]:
-  """Fixed batch from the held-out eval images (same keys as training).
+def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int, split: str = 'eval',
+                    min_images: int = 1) -> dict[str, np.ndarray]:
+  """Fixed batch from the held-out eval images (or `split`'s; same keys as training).
 
   Example i uses eval image i % N, a crop position and degradation drawn from
   a Generator seeded by (seed, i), no flip, `data.eval_degradation`, and USM
@@ -150,7 +150,10 @@ def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int
   """
   _check(data_config, task)
   sources.check_disjoint(data_config)
-  src = sources.make_source(data_config, 'eval')
+  src = sources.make_source(data_config, split)
+  if len(src) < max(min_images, 1):
+    raise ValueError(f'data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked '
+                     '(eval min_images)')
   usm = data_config.usm if data_config.get('eval_usm_sharpen_gt') else None
   examples = []
   for i in range(num_examples):

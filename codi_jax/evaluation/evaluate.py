@@ -26,6 +26,19 @@ def column_label(method: str, sampler: str, num_steps: int) -> str:
     return f"{name} {num_steps}" if sampler == "deterministic" else f"{name} {sampling.SAMPLER_LABELS[sampler]} {num_steps}"
 
 
+def sample_batches(fn, params, cond, *, rng, n, batch_size, one_shape, context=None, to_pixels=None, limit=None):
+    """Samples for examples [0, limit) in batches; batch i's noise from fold_in(rng, i), so a result
+    does not depend on which job (or shard) computes it."""
+    outs = []
+    for i in range(0, n if limit is None else limit, batch_size):
+        sl = slice(i, min(i + batch_size, n))
+        m = sl.stop - sl.start
+        ctx = None if context is None else np.broadcast_to(context, (m,) + context.shape[1:])
+        x = fn(params, jax.random.fold_in(rng, i), (m,) + one_shape, cond[sl] if cond is not None else None, ctx)
+        outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
+    return np.concatenate(outs)
+
+
 def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teacher=None, teacher_params=None,
                 extra: dict | None = None, sample_shape=None, context=None, to_pixels=None,
                 method: str = "codi") -> dict:
@@ -48,14 +61,8 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     one_shape = tuple(sample_shape) if sample_shape is not None else hr.shape[1:]
 
     def run(fn, p, c, limit=n):
-        outs = []
-        for i in range(0, limit, bs):
-            sl = slice(i, min(i + bs, n))
-            m = sl.stop - sl.start
-            ctx = None if context is None else np.broadcast_to(context, (m,) + context.shape[1:])
-            x = fn(p, jax.random.fold_in(rng, i), (m,) + one_shape, c[sl] if c is not None else None, ctx)
-            outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
-        return np.concatenate(outs)
+        return sample_batches(fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=context,
+                              to_pixels=to_pixels, limit=limit)
 
     for sampler in ecfg.samplers:
         for num_steps in ecfg.steps:

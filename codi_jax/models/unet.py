@@ -12,7 +12,7 @@ features between the two.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

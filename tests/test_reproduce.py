@@ -1,0 +1,58 @@
+"""The reproduction command on the smoke recipe: shared teacher, a finetune run, the GD-II run
+that starts from it, the report; then a second invocation that finds everything done."""
+
+import os
+
+import pytest
+
+from codi_jax import reproduce
+from configs import repro, sr
+
+
+def test_reproduce_two_stage_baseline_and_report(tmp_path):
+    rcfg = repro.get_config("smoke")
+    workdir = str(tmp_path / "repro")
+    reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])     # 'gd' brings its finetune run first
+    for name in ("finetune", "gd"):
+        assert os.path.isfile(os.path.join(workdir, "seed0", name, "metrics.json")), name
+        assert os.path.isfile(os.path.join(workdir, "seed0", name, "wall.json")), name
+    assert os.path.isdir(os.path.join(workdir, "pretrained", "teacher", "checkpoints"))
+    # GD-II started from the finetune run: it trained no finetune stage of its own.
+    assert not os.path.exists(os.path.join(workdir, "seed0", "gd", "finetune"))
+    assert os.path.isdir(os.path.join(workdir, "seed0", "gd", "gd_2steps", "checkpoints"))
+
+    results = str(tmp_path / "docs" / "results.md")
+    reproduce.write_report(rcfg, workdir, [0], results, "python -m codi_jax.reproduce --test")
+    text = open(results).read()
+    for row in ("| Finetuned (DDIM) | 2 |", "| Finetuned + DPM++2M | 2 |", "| GD-II | 2 |", "| bicubic upsampling |"):
+        assert row in text, row
+    assert "2 of 12 runs" in text and "| finetune |" in text and "| gd |" in text
+    assert os.path.isfile(tmp_path / "docs" / "images" / "results_steps.png")
+    assert os.path.isfile(tmp_path / "docs" / "images" / "results_grid_finetune.png")
+
+    # Again: both runs are finished, so nothing is retrained or re-evaluated.
+    stamp = os.path.getmtime(os.path.join(workdir, "seed0", "gd", "metrics.json"))
+    reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])
+    assert os.path.getmtime(os.path.join(workdir, "seed0", "gd", "metrics.json")) == stamp
+
+
+def test_run_configs_follow_the_run_list():
+    rcfg = repro.get_config("tiny")
+    by_name = {r.name: r for r in rcfg.runs}
+    cfg = reproduce.run_config(rcfg, by_name["cm_frozen"], 2, "/w", "/t")
+    assert (cfg.seed, cfg.teacher.checkpoint, cfg.finetune.checkpoint) == (2, "/t", "/w/seed2/finetune")
+    assert (cfg.codi.init, cfg.codi.zs_predictor, cfg.codi.consistency_space, cfg.codi.guidance_weight) == (
+        "finetuned", "teacher", "x", 0.0)
+    assert tuple(cfg.eval.steps) == (1, 2, 4)
+    cfg = reproduce.run_config(rcfg, by_name["finetune"], 0, "/w", "/t")
+    assert cfg.method == "finetune" and tuple(cfg.eval.steps) == (4, 8, 20, 50)
+    assert tuple(cfg.eval.samplers) == ("deterministic", "dpmpp_2m")
+    assert reproduce.parse_key("finetune_dpmpp_2m_4step") == ("dpmpp_2m", 4)
+    assert reproduce.parse_key("codi_1step") == ("deterministic", 1)
+
+
+def test_bad_run_list():
+    with pytest.raises(KeyError, match="override 'codi.no_such_field' names no config field"):
+        reproduce.apply_overrides(sr.get_config("smoke"), {"codi.no_such_field": 1})
+    with pytest.raises(ValueError, match=r"--runs has unknown names \['nope'\]"):
+        reproduce.run_all(repro.get_config("smoke"), "/nonexistent", [0], names=["nope"])
