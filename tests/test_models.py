@@ -150,6 +150,8 @@ def test_attention_backend_choice(monkeypatch):
     monkeypatch.setattr(unet_lib.jax, "default_backend", lambda: "gpu")
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "cudnn"   # SD 1.5's 320-wide blocks
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 160) == "xla"    # 1280-wide: beyond cuDNN's 128
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 4096) == "cudnn"   # self-attention at 64x64
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 77) == "xla"       # CLIP's 77 tokens (H200 refusal)
     assert unet_lib.attention_backend("auto", jnp.float32, 40) == "xla"      # flash attention needs half precision
     assert unet_lib.attention_backend("xla", jnp.bfloat16, 40) == "xla"
     with pytest.raises(ValueError, match="model.unet.attention='flash'"):

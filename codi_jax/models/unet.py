@@ -77,16 +77,20 @@ class ResnetBlock2D(nn.Module):
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def attention_backend(setting: str, dtype, head_dim: int) -> str:
+def attention_backend(setting: str, dtype, head_dim: int, q_len: int = 2, kv_len: int = 2) -> str:
     """`unet.attention`: 'xla' (materialises the score matrix), 'cudnn' (fused flash attention,
     GPUs with fp16/bf16), or 'auto': cudnn where it applies (GPU backend, half-precision
-    compute, head_dim a multiple of 8 and at most 128), else xla."""
+    compute, head_dim a multiple of 8 and at most 128, even query and key lengths), else xla.
+
+    The lengths: on an H200 (jax 0.11.2) cuDNN's flash attention rejected SD's cross-attention in
+    the train step ("Unsupported sequence length Q 4096, KV 77"); CLIP's 77 tokens therefore take
+    XLA, whose score matrix is small there (4096 x 77)."""
     if setting not in ATTENTION_IMPLS:
         raise ValueError(f"config model.unet.attention={setting!r} is not one of {ATTENTION_IMPLS}")
     if setting != "auto":
         return setting
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    fits = head_dim % 8 == 0 and head_dim <= 128
+    fits = head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0
     return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
 
 
@@ -108,7 +112,8 @@ class Attention(nn.Module):
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
         # Fused attention where the backend has it; never a user-visible fp32 score matrix.
         o = jax.nn.dot_product_attention(split(q), split(k), split(v),
-                                         implementation=attention_backend(self.impl, self.dtype, head_dim))
+                                         implementation=attention_backend(self.impl, self.dtype, head_dim,
+                                                                          q.shape[1], k.shape[1]))
         o = o.reshape(o.shape[:2] + (self.dim,))
         return layers.dense(self.dim, "to_out_0", self.dtype, names=layers.ATTN_OUT)(o)
 
