@@ -239,6 +239,7 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
                          "or run the offline default --config=configs/sr.py:tiny")
     validate_config(config)
     check_workdir(workdir)
+    evaluate.check_metric_weights(config.eval)
     t_start = time.perf_counter()
     m = build_model(config, workdir)
     config, pre, codec, space, module = m.config, m.pre, m.codec, m.space, m.module

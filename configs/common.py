@@ -149,6 +149,9 @@ def evaluation():
                                  # per step, consistency multistep) | 'dpmpp_2m' (DPM-Solver++ 2M); all x all steps
         teacher_ddim_steps=0,    # >0 also samples the unconditional teacher with N-step DDIM (sanity grid)
         grid_examples=8,         # rows in each PNG grid
+        fid_weights="",          # local FID InceptionV3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
+                                 # or .safetensors): adds 'fid' (docs/metrics.md says where to get them)
+        lpips_weights="",        # 'alexnet.pth,alex.pth': torchvision AlexNet + the lpips package's lin weights: adds 'lpips'
         batch_size=16,
         seed=1234,
     ))

@@ -25,6 +25,9 @@ def get_config():
         batch_size=16,
         seed=-1,                  # crops and sampler noise (-1: the run's eval.seed, same crops as its metrics.json)
         grid_examples=8,
+        fid_weights="",           # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors): adds 'fid'
+        lpips_weights="",         # 'alexnet-owt-7be5be79.pth,<lpips package>/weights/v0.1/alex.pth': adds 'lpips'
+
         shard=0,                  # this job's index in [0, num_shards)
         num_shards=1,
     ))

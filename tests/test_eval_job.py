@@ -1,7 +1,5 @@
 """The batch evaluation job's answers to bad input (each before any model is built)."""
 
-import json
-import os
 
 import pytest
 

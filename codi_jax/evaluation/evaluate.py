@@ -26,6 +26,36 @@ def column_label(method: str, sampler: str, num_steps: int) -> str:
     return f"{name} {num_steps}" if sampler == "deterministic" else f"{name} {sampling.SAMPLER_LABELS[sampler]} {num_steps}"
 
 
+def check_metric_weights(ecfg) -> None:
+    """Load the FID / LPIPS weights named in the eval config now, so a wrong path fails at the start
+    of a run, not after its training."""
+    if ecfg.get("fid_weights"):
+        from codi_jax.evaluation import inception
+        inception.feature_fn(ecfg.fid_weights)
+    if ecfg.get("lpips_weights"):
+        from codi_jax.evaluation import lpips
+        lpips.distance_fn(ecfg.lpips_weights)
+
+
+def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
+    """`metrics.evaluate_batch` (PSNR, SSIM, SWD, HF ratio) plus FID and LPIPS where the eval config
+    names their weights (`eval.fid_weights`, `eval.lpips_weights`). FID over a few dozen images is
+    biased high (covariances of rank < 2048): compare it between methods on the same crops only."""
+    out = metrics.evaluate_batch(samples, ref)
+    chunks = lambda x: [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    if ecfg.get("fid_weights"):
+        from codi_jax.evaluation import frechet, inception
+        feats = inception.feature_fn(ecfg.fid_weights)
+        f = lambda x: np.concatenate([np.asarray(feats(c)) for c in chunks(np.asarray(x))])
+        out["fid"] = frechet.frechet_distance_of_features(f(samples), f(ref))
+    if ecfg.get("lpips_weights"):
+        from codi_jax.evaluation import lpips
+        dist = lpips.distance_fn(ecfg.lpips_weights)
+        pairs = zip(chunks(np.asarray(samples)), chunks(np.asarray(ref)))
+        out["lpips"] = float(np.mean(np.concatenate([np.asarray(dist(a, b)) for a, b in pairs])))
+    return out
+
+
 def sample_batches(fn, params, cond, *, rng, n, batch_size, one_shape, context=None, to_pixels=None, limit=None):
     """Samples for examples [0, limit) in batches; batch i's noise from fold_in(rng, i), so a result
     does not depend on which job (or shard) computes it."""
@@ -53,7 +83,7 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
     hr, cond, lr = eval_batch["image"], eval_batch["cond"], eval_batch["lr"]
     n = hr.shape[0]
     bs = min(ecfg.batch_size, n)
-    results = {"bicubic": metrics.evaluate_batch(cond, hr)}
+    results = {"bicubic": all_metrics(cond, hr, ecfg)}
     columns = [("LR", lr), ("bicubic", cond)]
     timings = {}
     rng = jax.random.PRNGKey(ecfg.seed)
@@ -75,7 +105,7 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
             samples = run(fn, params, cond)
             timings[key] = {"compile_and_first_batch_s": round(compile_s, 3),
                             "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
-            results[key] = metrics.evaluate_batch(samples, hr)
+            results[key] = all_metrics(samples, hr, ecfg)
             columns.append((column_label(method, sampler, num_steps), samples))
             logging.info("eval: %s: %s", key, results[key])
 

@@ -29,7 +29,7 @@ from absl import logging
 
 from codi_jax import experiment, sampling
 from codi_jax.data import pipeline
-from codi_jax.evaluation import evaluate, grids, metrics, plots
+from codi_jax.evaluation import evaluate, grids, plots
 from codi_jax.methods import base
 
 
@@ -84,6 +84,7 @@ def _key_path(out_dir, key, ext):
 def run(ecfg, workdir: str) -> dict | None:
     """Evaluate this shard's entries; write the summary when all entries are there. Returns it (or None)."""
     validate(ecfg)
+    evaluate.check_metric_weights(ecfg)
     run_cfg = read_run_config(ecfg.checkpoint)
     experiment.check_workdir(workdir)
     out_dir = os.path.join(workdir, "eval")
@@ -94,7 +95,7 @@ def run(ecfg, workdir: str) -> dict | None:
     n = ecfg.num_examples or run_cfg.eval.num_examples
     batch = pipeline.make_eval_batch(run_cfg.data, task=run_cfg.task, num_examples=n, seed=seed,
                                      split=ecfg.split, min_images=ecfg.min_images)
-    hr, cond, lr = batch["image"], batch["cond"], batch["lr"]
+    hr, cond = batch["image"], batch["cond"]
     kw = model.space.eval_kwargs(frozen)
     one_shape = tuple(kw.get("sample_shape") or hr.shape[1:])
     denoiser = model.method_denoiser
@@ -117,7 +118,7 @@ def run(ecfg, workdir: str) -> dict | None:
         samples = evaluate.sample_batches(fn, params, cond, rng=jax.random.PRNGKey(seed), n=n,
                                           batch_size=min(ecfg.batch_size, n), one_shape=one_shape,
                                           context=kw.get("context"), to_pixels=kw.get("to_pixels"))
-        result = dict(metrics.evaluate_batch(samples, hr), sampler=sampler, steps=num_steps,
+        result = dict(evaluate.all_metrics(samples, hr, ecfg), sampler=sampler, steps=num_steps,
                       wall_s=round(time.perf_counter() - t0, 2))
         np.savez_compressed(_key_path(out_dir, key, "npz"), samples=grids.to_uint8(samples[:k]))
         tmp = _key_path(out_dir, key, "json.tmp")
@@ -128,16 +129,17 @@ def run(ecfg, workdir: str) -> dict | None:
         eta = (time.perf_counter() - t_job) / done * (len(mine) - done)
         logging.info("eval job: [%d/%d] %s psnr %.2f swd %.4f (%.1f s; ETA %.0f s)", done, len(mine), key,
                      result["psnr"], result["swd_mean"], result["wall_s"], eta)
-    return summarize(out_dir, method, entries, batch, k, ecfg.checkpoint, step)
+    return summarize(out_dir, method, entries, batch, k, ecfg, step)
 
 
-def summarize(out_dir, method, entries, batch, k, run_dir, step):
+def summarize(out_dir, method, entries, batch, k, ecfg, step):
+    run_dir = ecfg.checkpoint
     keys = [(evaluate.result_key(method, s, n), s, n) for s, n in entries]
     missing = [key for key, _, _ in keys if not os.path.exists(_key_path(out_dir, key, "json"))]
     if missing:
         logging.info("eval job: %d entries still missing (other shards?): %s", len(missing), missing)
         return None
-    results = {"bicubic": metrics.evaluate_batch(batch["cond"], batch["image"])}
+    results = {"bicubic": evaluate.all_metrics(batch["cond"], batch["image"], ecfg)}
     columns = [("LR", batch["lr"][:k]), ("bicubic", batch["cond"][:k])]
     series = {}
     for key, sampler, n in keys:
