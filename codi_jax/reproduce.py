@@ -28,16 +28,6 @@ import numpy as np
 from codi_jax import experiment
 from codi_jax.evaluation import plots
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/repro.py:tiny", "The reproduction's run list.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where every run lives (resumable).")
-_SEEDS = flags.DEFINE_list("seeds", [], "Training seeds (default: the config's).")
-_RUNS = flags.DEFINE_list("runs", [], "Only these runs (names in configs/repro.py; default all).")
-_RESULTS = flags.DEFINE_string("results", "", "Write the report here (default WORKDIR/results.md).")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs into the report.")
-_TEACHER = flags.DEFINE_string("teacher_checkpoint", "",
-                               "A workdir with a complete teacher/ stage to share (default: pretrain one in "
-                               "WORKDIR/pretrained).")
-
 METRICS = (("psnr", "PSNR", "higher"), ("ssim", "SSIM", "higher"), ("swd_mean", "SWD", "lower"),
            ("hf_ratio", "HF ratio", "1 = HR"))
 
@@ -100,6 +90,9 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         first = run_config(rcfg, runs[0], seeds[0], workdir, "")
         experiment.run(first, teacher_dir, stop_after="teacher")
         _add_wall(teacher_dir, time.perf_counter() - t0)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "teacher.json"), "w") as f:   # for the report
+        json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint}, f)
     todo = [(s, r) for s in seeds for r in runs]
     done_times = []
     for k, (seed, run) in enumerate(todo):
@@ -240,7 +233,7 @@ def plot_steps(rcfg, rows, path):
     return plots.metrics_vs_steps({k: v for k, v in series.items() if len(v) > 1}, path)
 
 
-def write_report(rcfg, workdir: str, seeds, results_path: str, command: str, teacher_dir: str = "") -> str:
+def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> str:
     rows, walls, bicubic = collect(rcfg, workdir, seeds)
     out_dir = os.path.dirname(os.path.abspath(results_path))
     img_dir = os.path.join(out_dir, "images")
@@ -253,14 +246,17 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str, tea
             shutil.copyfile(src, dst)
             grids.append((name, dst))
     rel = lambda p: os.path.relpath(p, out_dir)
+    teacher = {"dir": os.path.join(workdir, "pretrained"), "trained_here": True}
+    if os.path.exists(os.path.join(workdir, "teacher.json")):
+        with open(os.path.join(workdir, "teacher.json")) as f:
+            teacher = json.load(f)
     teacher_wall = None
-    tw = os.path.join(teacher_dir or os.path.join(workdir, "pretrained"), "wall.json")
-    if os.path.exists(tw):
-        with open(tw) as f:
+    if teacher["trained_here"] and os.path.exists(_wall_file(teacher["dir"])):
+        with open(_wall_file(teacher["dir"])) as f:
             teacher_wall = json.load(f)["wall_s"]
-    teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher_wall is not None else
-                    f"Shared teacher: loaded from `{teacher_dir}` (a complete teacher stage of the same recipe, "
-                    "not trained by this invocation; its time is not in the total).")
+    teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher["trained_here"] else
+                    f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
+                    "stage of the same recipe made earlier; its time is not in the total).")
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
     md = [
@@ -273,7 +269,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str, tea
         "± sample standard deviation over training seeds (one value where one seed finished). "
         "SWD: sliced Wasserstein distance between Laplacian-pyramid patches of samples and HR (a weight-free "
         "distribution distance that punishes blur); HF ratio: high-frequency energy of samples over HR's "
-        "(1 is right, < 1 blurry). FID/LPIPS need weights that are not on this machine.",
+        "(1 is right, < 1 blurry). FID and LPIPS (docs/metrics.md) need weight files that cannot be downloaded "
+        "on this machine, and on 32 px crops they would not mean much.",
         "",
         "## Table 2: super-resolution",
         "",
@@ -290,6 +287,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str, tea
         "## Fig. 7: pretraining and the sampling of t; d_x alternatives",
         "",
         table(rcfg, rows, "fig7"),
+        "",
+        "d_x alternatives (eq 15):",
         "",
         table(rcfg, rows, "dx"),
         "",
@@ -324,24 +323,44 @@ def table_with_reference(rcfg, rows):
     return "\n".join(ablation[:2] + codi_rows + ablation[2:])
 
 
+def _define_flags():
+    """The command's flags (defined only when run as a command: tests import this module beside
+    others that define --config and --workdir)."""
+    return dict(
+        config=config_flags.DEFINE_config_file("config", "configs/repro.py:tiny", "The reproduction's run list."),
+        workdir=flags.DEFINE_string("workdir", None, "Where every run lives (resumable)."),
+        seeds=flags.DEFINE_list("seeds", [], "Training seeds (default: the config's)."),
+        runs=flags.DEFINE_list("runs", [], "Only these runs (names in configs/repro.py; default all)."),
+        results=flags.DEFINE_string("results", "", "Write the report here (default WORKDIR/results.md)."),
+        report_only=flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs into the report."),
+        teacher=flags.DEFINE_string("teacher_checkpoint", "",
+                                    "A workdir with a complete teacher/ stage to share (default: pretrain one in "
+                                    "WORKDIR/pretrained)."),
+    )
+
+
+_F = {}
+
+
 def main(argv):
     del argv
-    if not _WORKDIR.value:
+    if not _F['workdir'].value:
         raise app.UsageError("--workdir is required")
-    rcfg = _CONFIG.value
+    rcfg = _F['config'].value
     # Every seed compiles the same programs again: a persistent cache makes that a lookup.
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_F['workdir'].value, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    seeds = [int(s) for s in _SEEDS.value] if _SEEDS.value else list(rcfg.seeds)
-    results = _RESULTS.value or os.path.join(_WORKDIR.value, "results.md")
-    if not _REPORT_ONLY.value:
-        run_all(rcfg, _WORKDIR.value, seeds, _RUNS.value, _TEACHER.value)
+    seeds = [int(s) for s in _F['seeds'].value] if _F['seeds'].value else list(rcfg.seeds)
+    results = _F['results'].value or os.path.join(_F['workdir'].value, "results.md")
+    if not _F['report_only'].value:
+        run_all(rcfg, _F['workdir'].value, seeds, _F['runs'].value, _F['teacher'].value)
     command = "python -m codi_jax.reproduce " + " ".join(
         a for a in __import__("sys").argv[1:] if not a.startswith("--report_only"))
-    path = write_report(rcfg, _WORKDIR.value, seeds, results, command, _TEACHER.value)
+    path = write_report(rcfg, _F['workdir'].value, seeds, results, command)
     print(f"reproduce: report {path}")
 
 
 if __name__ == "__main__":
+    _F.update(_define_flags())
     app.run(main)
