@@ -14,12 +14,13 @@ padding, and the last block (Mixed_7c) max-pools its pool branch.
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from codi_jax.evaluation import weights
 
 FEATURE_DIM = 2048
 WEIGHTS_HELP = ("the standard FID weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
@@ -179,36 +180,10 @@ def variables_from_torch_state(state: dict) -> dict:
 
 def load_weights(path: str) -> dict:
     """Flax variables from the FID Inception weights file (.pth with torch installed, or .safetensors)."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights {path!r} not found; {WEIGHTS_HELP}")
-    if path.endswith(".safetensors"):
-        from codi_jax.pretrained import safetensors_io
-        state = safetensors_io.load(path)
-    elif path.endswith((".pth", ".pt", ".bin")):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f"reading {path} needs torch; or convert it once to .safetensors") from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
-            raise ValueError(f"FID Inception weights {path}: not a readable torch state dict ({e})") from None
-        state = {k: v.numpy() for k, v in state.items()}
-    else:
-        raise ValueError(f"FID Inception weights {path}: expected a .pth or .safetensors file")
-    variables = variables_from_torch_state(state)
-    _check_shapes(variables, path)
-    return variables
-
-
-def _check_shapes(variables, path):
+    variables = variables_from_torch_state(weights.read_state_dict(path, "FID Inception", WEIGHTS_HELP))
     want = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3)))
-    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    got = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
-    for key in sorted(set(want) | set(got)):
-        if want.get(key) != got.get(key):
-            raise ValueError(f"FID Inception weights {path}: {key} is {got.get(key)}, the network needs "
-                             f"{want.get(key)} (not the FID InceptionV3 weights?)")
+    weights.check_shapes(variables, want, f"FID Inception weights {path}", "not the FID InceptionV3 weights?")
+    return variables
 
 
 @functools.lru_cache(maxsize=2)

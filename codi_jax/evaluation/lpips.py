@@ -13,12 +13,13 @@ AlexNet (`features.i.*`, e.g. alexnet-owt-7be5be79.pth) plus the lpips package's
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from codi_jax.evaluation import weights
 
 # torchvision alexnet.features: (index, out channels, kernel, stride, padding); ReLU after each conv,
 # max pools (3, stride 2) before convs 3 and 6. LPIPS' five layers end after each ReLU.
@@ -72,37 +73,13 @@ def variables_from_torch_state(state: dict) -> dict:
     return {"params": params}
 
 
-def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS weights {path!r} not found; {WEIGHTS_HELP}")
-    if path.endswith(".safetensors"):
-        from codi_jax.pretrained import safetensors_io
-        return safetensors_io.load(path)
-    if not path.endswith((".pth", ".pt", ".bin")):
-        raise ValueError(f"LPIPS weights {path}: expected .pth or .safetensors files")
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {path} needs torch; or convert it once to .safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
-        raise ValueError(f"LPIPS weights {path}: not a readable torch state dict ({e})") from None
-    return {k: v.numpy() for k, v in state.items()}
-
-
 def load_weights(paths: str) -> dict:
     state = {}
     for path in [p for p in paths.split(",") if p]:
-        state.update(_read(path))
+        state.update(weights.read_state_dict(path, "LPIPS", WEIGHTS_HELP))
     variables = variables_from_torch_state(state)
     want = jax.eval_shape(LPIPS().init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3)))
-    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    got = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
-    for key in sorted(set(want) | set(got)):
-        if want.get(key) != got.get(key):
-            raise ValueError(f"LPIPS weights {paths}: {key} is {got.get(key)}, the network needs {want.get(key)}; "
-                             + WEIGHTS_HELP)
+    weights.check_shapes(variables, want, f"LPIPS weights {paths}", WEIGHTS_HELP)
     return variables
 
 
