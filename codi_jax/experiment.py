@@ -313,7 +313,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         f = config.finetune
 
         def finetune_init(rng):
-            return codi.split_params(adapted_init(rng), f.mode, key="finetune")
+            trainable, frozen = codi.split_params(adapted_init(rng), f.mode, key="finetune")
+            return trainable, with_space(frozen)
 
         state = stage("finetune", f.train, functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
                       finetune_init, 1, workdir_=f.checkpoint or workdir, load=bool(f.checkpoint),
@@ -347,7 +348,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
 
             def gd_init(rng, start=start):
                 del rng
-                return codi.split_params(start, "full", teacher_cond=True)
+                trainable, frozen = codi.split_params(start, "full", teacher_cond=True)
+                return trainable, with_space(frozen)
 
             loss_fn = functools.partial(progressive.progressive_loss, denoiser=plain, student_steps=n)
             state = stage(f"gd_{n}steps", g.train, loss_fn, gd_init, 2 + i)
