@@ -128,7 +128,7 @@ def _add_wall(run_dir, seconds):
 
 def collect(rcfg, workdir: str, seeds):
     """{(run name, result key): {metric: [value per finished seed]}}, plus per-run wall times."""
-    rows, walls, bicubic = {}, {}, {}
+    rows, walls, bicubic, bicubic_seeds = {}, {}, {}, set()
     for run in rcfg.runs:
         for seed in seeds:
             run_dir = os.path.join(workdir, f"seed{seed}", run.name)
@@ -138,6 +138,10 @@ def collect(rcfg, workdir: str, seeds):
             with open(path) as f:
                 report = json.load(f)
             for key, vals in report["metrics"].items():
+                if key == "bicubic" and seed in bicubic_seeds:
+                    continue   # the same crops in every run: one bicubic row per seed
+                if key == "bicubic":
+                    bicubic_seeds.add(seed)
                 target = bicubic if key == "bicubic" else rows.setdefault((run.name, key), {})
                 for m, _, _ in METRICS:
                     target.setdefault(m, []).append(vals[m])
@@ -173,6 +177,9 @@ def _row_label(run, key):
 
 
 def table(rcfg, rows, section, bicubic=None, steps_filter=None):
+    if not any(r.section == section and any(name == r.name for name, _ in rows) for r in rcfg.runs) and not bicubic:
+        pending = [r.name for r in rcfg.runs if r.section == section]
+        return f"(no run of this section has finished yet: {', '.join(pending)})"
     head = "| Method | steps | " + " | ".join(f"{name} ({better})" for _, name, better in METRICS) + " | seeds |"
     lines = [head, "|" + "---|" * (len(METRICS) + 3)]
     if bicubic:
@@ -259,6 +266,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
                     "stage of the same recipe made earlier; its time is not in the total).")
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
+    missing = [f"{r.name} (seed {s})" for s in seeds for r in rcfg.runs
+               if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))]
     md = [
         "# Results: the paper's super-resolution comparisons at tiny scale",
         "",
@@ -272,6 +281,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "(1 is right, < 1 blurry). FID and LPIPS (docs/metrics.md) need weight files that cannot be downloaded "
         "on this machine, and on 32 px crops they would not mean much.",
         "",
+        *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
+           "command again resumes them.", ""] if missing else []),
         "## Table 2: super-resolution",
         "",
         table(rcfg, rows, "table2", bicubic),
