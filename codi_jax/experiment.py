@@ -294,7 +294,15 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         return {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], unet)}
 
     def stage(name, tcfg, loss_fn, init_fn, seed_offset, image_fn=method_images, workdir_=workdir, load=False):
+        """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
+        latent space (VAE, prompt context) that its latent loss and evaluation read."""
         t0 = time.perf_counter()
+        method_init = init_fn
+
+        def init_fn(rng):
+            trainable, frozen = method_init(rng)
+            return trainable, with_space(frozen)
+
         if load:
             state = train.load_final_state(name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn,
                                            seed=config.seed + seed_offset, **place)
@@ -313,8 +321,7 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         f = config.finetune
 
         def finetune_init(rng):
-            trainable, frozen = codi.split_params(adapted_init(rng), f.mode, key="finetune")
-            return trainable, with_space(frozen)
+            return codi.split_params(adapted_init(rng), f.mode, key="finetune")
 
         state = stage("finetune", f.train, functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
                       finetune_init, 1, workdir_=f.checkpoint or workdir, load=bool(f.checkpoint),
@@ -334,9 +341,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
                 params = adapted_init(rng, random_backbone=c.init == "random")
             # A frozen teacher (zs_predictor 'teacher') is the starting model: the pretrained backbone
             # without the condition, or the finetuned model with it (CM-II).
-            trainable, frozen = codi.split_params(params, c.mode, c.zs_predictor,
-                                                  teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher")
-            return trainable, with_space(frozen)
+            return codi.split_params(params, c.mode, c.zs_predictor,
+                                     teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher")
 
         loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c,
                                     decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z))
@@ -348,8 +354,7 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
 
             def gd_init(rng, start=start):
                 del rng
-                trainable, frozen = codi.split_params(start, "full", teacher_cond=True)
-                return trainable, with_space(frozen)
+                return codi.split_params(start, "full", teacher_cond=True)
 
             loss_fn = functools.partial(progressive.progressive_loss, denoiser=plain, student_steps=n)
             state = stage(f"gd_{n}steps", g.train, loss_fn, gd_init, 2 + i)

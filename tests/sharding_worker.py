@@ -60,7 +60,7 @@ def _spec_str(sh):
 
 
 def run_meshes(out_path):
-    """Two CoDi steps on a single device and on meshes (data, fsdp) = (8,1), (1,8), (2,4), (4,2)."""
+    """Two CoDi steps on a single device and on meshes (data, fsdp) = (1,8), (2,4); (8,1)'s placement."""
     from codi_jax import sharding, train
 
     config = _setup_smoke()
@@ -73,7 +73,18 @@ def run_meshes(out_path):
     qkv = ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")  # (16, 16)
     init_once = functools.lru_cache(maxsize=None)(lambda: init_fn(jax.random.split(jax.random.PRNGKey(0))[0]))
     shared_init = lambda rng: init_once()  # the same initial params for every mesh, built once
-    for shape in [(1, 1), (8, 1), (1, 8), (2, 4)]:  # (4, 2) adds a compile and nothing (2, 4) lacks
+    get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)
+
+    def specs(state, batch):
+        adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+        return {"conv_kernel": _spec_str(get(state["params"], conv).sharding),
+                "conv_kernel_ema": _spec_str(get(state["ema_params"], conv).sharding),
+                "conv_kernel_adam_mu": _spec_str(get(adam.mu, conv).sharding),
+                "qkv_kernel": _spec_str(get(state["params"], qkv).sharding),
+                "image_batch": _spec_str(batch["image"].sharding)}
+
+    # (8, 1), pure data parallel: placement only (its step is (2, 4)'s data axis and the two-process test's).
+    for shape in [(8, 1), (1, 1), (1, 8), (2, 4)]:
         n = shape[0] * shape[1]
         mesh_cfg = config.mesh.copy_and_resolve_references()
         mesh_cfg.ici = (shape[0], shape[1], 1)
@@ -81,6 +92,9 @@ def run_meshes(out_path):
         t0 = time.time()
         state, state_sh = train.initial_state(shared_init, tx, 0, mesh, rules, logical)
         print(f"{shape}: state {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+        if shape == (8, 1):
+            results["8x1"] = {"specs": specs(state, sharding.put_batch(batch_np, mesh, rules))}
+            continue
         step_jit = jax.jit(train.make_train_step(loss_fn, tx, sched, tcfg.ema_decay),
                            in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
                            out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -91,19 +105,7 @@ def run_meshes(out_path):
         for _ in range(2):
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
-        get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)
-        adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
-        results[f"{shape[0]}x{shape[1]}"] = {
-            "losses": losses,
-            "specs": {
-                "conv_kernel": _spec_str(get(state["params"], conv).sharding),
-                "conv_kernel_ema": _spec_str(get(state["ema_params"], conv).sharding),
-                "conv_kernel_adam_mu": _spec_str(get(adam.mu, conv).sharding),
-                "qkv_kernel": _spec_str(get(state["params"], qkv).sharding),
-                "image_batch": _spec_str(batch["image"].sharding),
-            },
-            "compile_s": stats["compile_s"],
-        }
+        results[f"{shape[0]}x{shape[1]}"] = {"losses": losses, "specs": specs(state, batch), "compile_s": stats["compile_s"]}
         print(f"{shape}: ran {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
         flat = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(state["params"])])
         if shape == (1, 1):  # the single-device reference, and how far its two steps moved the params

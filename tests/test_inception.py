@@ -53,6 +53,18 @@ def test_features_match_pytorch_fid(monkeypatch, tmp_path):
     assert got.shape == (3, inception.FEATURE_DIM)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())   # measured: 2.9e-6 of 7.5
 
+    # FID as the evaluation reports it (the same weights file: the compiled network is reused).
+    import ml_collections as mlc
+    from codi_jax.evaluation import evaluate, frechet
+    ecfg = mlc.ConfigDict(dict(fid_weights=path, lpips_weights=""))
+    rng = np.random.default_rng(2)
+    a = rng.uniform(-1, 1, (6, 48, 40, 3)).astype(np.float32)   # chunks of 3: the shape compiled above
+    b = np.clip(a + rng.normal(0, 0.5, a.shape), -1, 1).astype(np.float32)
+    out = evaluate.all_metrics(a, b, ecfg, batch_size=3)
+    feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i:i + 3])) for i in (0, 3)])
+    assert out["fid"] == pytest.approx(frechet.frechet_distance_of_features(feats(a), feats(b)), rel=1e-5)
+    assert out["fid"] > 0 and evaluate.all_metrics(a, a, ecfg, batch_size=3)["fid"] == pytest.approx(0.0, abs=1e-3)
+
 
 def test_bad_weights_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
@@ -64,22 +76,8 @@ def test_bad_weights_files(tmp_path):
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not the FID InceptionV3 weights"):
         inception.load_weights(str(tmp_path / "other.pth"))
-
-
-def test_fid_in_the_evaluation_metrics(tmp_path):
-    torch = pytest.importorskip("torch")
     import ml_collections as mlc
-    from codi_jax.evaluation import evaluate, frechet
-
-    path = str(tmp_path / "pt_inception.pth")
-    torch.save({n: torch.from_numpy(v) for n, v in _random_torch_state(np.random.default_rng(0)).items()}, path)
-    ecfg = mlc.ConfigDict(dict(fid_weights=path, lpips_weights=""))
-    rng = np.random.default_rng(2)
-    a = rng.uniform(-1, 1, (6, 48, 40, 3)).astype(np.float32)   # chunks of 3: one compiled shape
-    b = np.clip(a + rng.normal(0, 0.5, a.shape), -1, 1).astype(np.float32)
-    out = evaluate.all_metrics(a, b, ecfg, batch_size=3)     # features in two chunks
-    feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i:i + 3])) for i in (0, 3)])
-    assert out["fid"] == pytest.approx(frechet.frechet_distance_of_features(feats(a), feats(b)), rel=1e-5)
-    assert out["fid"] > 0 and evaluate.all_metrics(a, a, ecfg, batch_size=3)["fid"] == pytest.approx(0.0, abs=1e-3)
-    with pytest.raises(FileNotFoundError, match="FID Inception weights"):
+    from codi_jax.evaluation import evaluate
+    with pytest.raises(FileNotFoundError, match="FID Inception weights"):   # at the start of a run
         evaluate.check_metric_weights(mlc.ConfigDict(dict(fid_weights=str(tmp_path / "no.pth"), lpips_weights="")))
+

@@ -52,19 +52,3 @@ def test_missing_component_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no vae/ component"):
         experiment.run(_config(folder), str(tmp_path / "run"))
 
-
-def test_two_stage_baseline_in_latent_space(tmp_path):
-    """GD-II on the SD folder: a finetune stage, then a progressive-distillation round, both carrying the
-    VAE and the prompt context in their frozen state (the latent loss encodes images with them)."""
-    folder = sd_folder.make_tiny_sd(tmp_path / "sd", prediction_type="epsilon")
-    config = _config(folder)
-    config.method = "gd"
-    config.finetune.train.update(num_steps=1, batch_size=2, warmup_steps=1, log_every=1, checkpoint_every=1)
-    config.gd.update(start_steps=2, final_steps=1)
-    config.gd.train.update(num_steps=1, batch_size=2, warmup_steps=1, log_every=1, checkpoint_every=1)
-    config.eval.steps = (1,)
-    workdir = str(tmp_path / "run")
-    experiment.run(config, workdir)
-    helpers.read_metrics(workdir, {"bicubic", "gd_1step"})
-    for stage in ("finetune", "gd_1steps"):
-        assert os.listdir(os.path.join(workdir, stage, "checkpoints")), stage

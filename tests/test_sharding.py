@@ -45,7 +45,7 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
     r = json.loads(out.read_text())
     ref = r["1x1"]
     assert ref["max_param_update"] > 1e-3  # the steps really moved the params
-    for mesh in ("8x1", "1x8", "2x4"):
+    for mesh in ("1x8", "2x4"):
         # Same loss and updated params up to float32 reduction order (tolerance 1e-6 absolute on params
         # that moved by ~4e-3; the loss to 1e-6 relative).
         np.testing.assert_allclose(r[mesh]["losses"], ref["losses"], rtol=1e-6)
