@@ -19,12 +19,13 @@ import ml_collections as mlc
 import numpy as np
 
 from codi_jax import diffusion, sampling, sharding, train
-from codi_jax.data import pipeline
+from codi_jax.data import pipeline, tasks as task_data
 from codi_jax.evaluation import evaluate
 from codi_jax.methods import base, codi, latent, pretrain, progressive
 from codi_jax.models import adapter as adapter_lib
+from codi_jax.models import prompts as prompts_lib
 
-TASKS = ("sr",)
+TASKS = ("sr", "inpaint", "depth", "edit")
 METHODS = ("codi", "finetune", "gd")
 CODI_INITS = ("pretrained", "finetuned", "random")
 
@@ -75,6 +76,19 @@ def validate_config(config):
         raise ValueError(f"config codi.guidance_space={c.guidance_space!r} is not one of {codi.GUIDANCE_SPACES}")
     if not config.teacher.pretrained_path and config.model.unet.in_channels != 3:
         raise ValueError("config model.unet.in_channels must be 3 for pixel-space models (no teacher.pretrained_path)")
+    want = task_data.COND_CHANNELS[config.task]
+    if config.model.adapter.cond_channels != want:
+        raise ValueError(f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "
+                         f"{config.task!r} has {want}-channel conditions")
+    if config.task in task_data.PROMPT_TASKS:
+        t = config.text
+        if not config.teacher.pretrained_path and config.model.unet.cross_attention_dim is None:
+            raise ValueError(f"config model.unet.cross_attention_dim is None but task {config.task!r} has prompts: "
+                             "set it to the text encoder's width")
+        if not 0.0 <= t.dropout < 1.0:
+            raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
+        if t.guidance_scale < 0:
+            raise ValueError(f"config text.guidance_scale={t.guidance_scale} must be >= 0")
 
 
 def check_workdir(workdir: str):
@@ -126,45 +140,77 @@ def with_pretrained(config, workdir):
 class Space:
     """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
 
-    def __init__(self, config, pre=None, codec=None, factor=1):
+    def __init__(self, config, pre=None, codec=None, factor=1, prompt_table=None, negative=None):
         self.codec, self.pre = codec, pre
         side = config.data.crop_size // factor
         self.shape = (side, side, config.model.unet.in_channels)
         self.context = None if pre is None else pre.context
         self._decode = None if codec is None else jax.jit(codec.decode)
+        # Tasks with prompts: [1 + P, L, D] embeddings (row 0 ''), the negative prompt's [1, L, D].
+        self.prompt_table, self.negative = prompt_table, negative
+        self.guidance_scale = float(config.text.guidance_scale) if prompt_table is not None else 1.0
 
-    def batch_context(self, n):
+    def batch_context(self, n, prompt=None):
+        """The cross-attention context of n examples (their prompts' embeddings in tasks with prompts)."""
+        if self.prompt_table is not None:
+            return self.prompt_table[np.asarray(prompt) + 1]
         return None if self.context is None else np.broadcast_to(self.context, (n,) + self.context.shape[1:])
+
+    def sampling_context(self, n, prompt=None):
+        """What the method's sampler takes as context: under classifier-free guidance (`guided`) the
+        prompts' and the negative prompt's embeddings."""
+        if self.prompt_table is None:
+            return self.batch_context(n)
+        return {"prompt": self.batch_context(n, prompt), "negative": self.negative}
+
+    def guided(self, denoiser):
+        return denoiser if self.prompt_table is None else prompts_lib.Guided(denoiser, self.guidance_scale)
+
+    def with_frozen(self, frozen):
+        """A stage's frozen params plus what its loss and evaluation read: the VAE and prompt context
+        (latent space), the prompt table (tasks with prompts)."""
+        if self.pre is not None:
+            frozen = dict(frozen, vae=self.pre.vae_params, context=self.pre.context)
+        if self.prompt_table is not None:
+            frozen = dict(frozen, prompt_table=self.prompt_table)
+        return frozen
 
     def to_pixels(self, x, frozen):
         """Samples as images; `frozen` (the train state's) holds the VAE params of latent models."""
         return np.asarray(x) if self._decode is None else np.asarray(self._decode(frozen["vae"], x))
 
-    def eval_kwargs(self, frozen):
-        if self.codec is None:
-            return {}
-        return dict(sample_shape=self.shape, context=self.context, to_pixels=lambda x: self.to_pixels(x, frozen))
+    def eval_kwargs(self, frozen, batch):
+        n, prompt = batch["image"].shape[0], batch.get("prompt")
+        out = {}
+        if self.codec is not None:
+            out = dict(sample_shape=self.shape, to_pixels=lambda x: self.to_pixels(x, frozen))
+        if self.prompt_table is not None or self.codec is not None:
+            out.update(context=self.sampling_context(n, prompt), teacher_context=self.batch_context(n, prompt))
+        return out
 
 
 def _preview_fns(config, plain, method_denoiser, eval_batch, space: Space):
     """TensorBoard pictures: teacher DDIM samples, and bicubic | the method's N-step samples | HR on held-out crops."""
     k = min(4, eval_batch["image"].shape[0])
     cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
-    shape, ctx = (k,) + space.shape, space.batch_context(k)
+    prompt = None if "prompt" not in eval_batch else eval_batch["prompt"][:k]
+    shape, ctx = (k,) + space.shape, space.batch_context(k, prompt)
+    method_ctx = space.sampling_context(k, prompt)
     rng = jax.random.PRNGKey(config.eval.seed)
     ddim_steps = config.eval.teacher_ddim_steps or 16
     teacher_sampler = sampling.make_sampler(plain, ddim_steps, "deterministic")
     n_steps = max(config.eval.steps)
-    codi_sampler = sampling.make_sampler(method_denoiser, n_steps, config.eval.samplers[0])
+    codi_sampler = sampling.make_sampler(space.guided(method_denoiser), n_steps, config.eval.samplers[0])
 
     def teacher_images(state):
         x = teacher_sampler(state["ema_params"], rng, shape, None, ctx)
         return {f"samples/teacher_ddim{ddim_steps}_uncond": space.to_pixels(x, state["frozen"])}
 
     def codi_images(state):
-        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, ctx)
-        row = np.concatenate([cond, space.to_pixels(x, state["frozen"]), hr], axis=2)  # side by side, one row per example
-        return {f"samples/bicubic_{config.method}{n_steps}_hr": row}
+        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, method_ctx)
+        shown = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond, 3, axis=-1)
+        row = np.concatenate([shown, space.to_pixels(x, state["frozen"]), hr], axis=2)  # side by side, one row per example
+        return {f"samples/cond_{config.method}{n_steps}_target": row}
 
     return teacher_images, codi_images
 
@@ -187,6 +233,23 @@ class Model:
         return self.wrapped if self.config.method == "codi" else self.plain
 
 
+def prompt_embeddings(config, workdir: str):
+    """(prompt table [1 + P, L, D], negative prompt [1, L, D]) of a task with prompts, else (None, None);
+    computed by the frozen text encoder once and cached in WORKDIR/cache."""
+    if config.task not in task_data.PROMPT_TASKS:
+        return None, None
+    cache = os.path.join(workdir, "cache")
+    task_prompts = task_data.prompts(config.data, config.task)
+    encoder = prompts_lib.make_encoder(config, task_prompts, cache)
+    table = prompts_lib.prompt_table(encoder, task_prompts, cache, config.text.max_cached_prompts)
+    negative = prompts_lib.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
+    width = config.model.unet.cross_attention_dim
+    if table.shape[-1] != width:
+        raise ValueError(f"config text.encoder gives {table.shape[-1]}-wide embeddings but "
+                         f"model.unet.cross_attention_dim={width}")
+    return table, negative
+
+
 def build_model(config, workdir: str) -> Model:
     pre, codec, factor = None, None, 1
     if config.teacher.pretrained_path:
@@ -199,7 +262,9 @@ def build_model(config, workdir: str) -> Model:
     plain = base.Denoiser(module, schedule, config.model.prediction)
     wrapped = base.Denoiser(module, schedule, config.model.prediction,
                             (b.sigma_data, b.time_scale) if b.enabled else None)
-    return Model(config, pre, codec, Space(config, pre, codec, factor), module, plain, wrapped)
+    table, negative = prompt_embeddings(config, workdir)
+    space = Space(config, pre, codec, factor, table, negative)
+    return Model(config, pre, codec, space, module, plain, wrapped)
 
 
 def final_stage(config) -> tuple[str, str]:
@@ -214,6 +279,13 @@ def final_stage(config) -> tuple[str, str]:
 def final_stage_steps(config) -> int:
     """Train steps of the final stage (its last checkpoint's step once complete)."""
     return {"finetune": config.finetune.train, "gd": config.gd.train}.get(config.method, config.codi.train).num_steps
+
+
+def _with_frozen(init_fn, space: Space):
+    def init(rng):
+        trainable, frozen = init_fn(rng)
+        return trainable, space.with_frozen(frozen)
+    return init
 
 
 def _copy(tree):
@@ -263,6 +335,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
     teacher_init = _teacher_params_init(module, config)
+    if space.prompt_table is not None:   # a text-to-image teacher of the task's images and prompts
+        teacher_init = _with_frozen(teacher_init, space)
     t0 = time.perf_counter()
     if pre is not None:
         tstate = {"ema_params": {"unet": pre.unet_params}}
@@ -270,22 +344,19 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         tstate = train.load_final_state(name="teacher", workdir=config.teacher.checkpoint, tcfg=config.pretrain,
                                         init_fn=teacher_init, seed=config.seed, **place)
     else:
+        loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False)
+        if space.prompt_table is not None:
+            loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout)
         tstate = train.run_stage(
-            name="teacher", workdir=workdir, tcfg=config.pretrain,
-            loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False),
-            init_fn=teacher_init, data_cfg=config.data, task="uncond", seed=config.seed, image_fn=teacher_images,
-            **place)
+            name="teacher", workdir=workdir, tcfg=config.pretrain, loss_fn=loss_fn, init_fn=teacher_init,
+            data_cfg=config.data, task=config.task if space.prompt_table is not None else "uncond",
+            seed=config.seed, image_fn=teacher_images, **place)
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     del tstate
     if stop_after == "teacher":
         return None
     keep_teacher = bool(config.eval.teacher_ddim_steps)
-
-    def with_space(frozen):
-        if pre is not None:  # the latent space's VAE and the prompt embedding travel with the state
-            frozen = dict(frozen, vae=pre.vae_params, context=pre.context)
-        return frozen
 
     def adapted_init(rng, random_backbone=False):
         """{unet: the teacher (or random), adapter: a duplicate of its encoder, mu = 0} (eq 12)."""
@@ -297,18 +368,15 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
         latent space (VAE, prompt context) that its latent loss and evaluation read."""
         t0 = time.perf_counter()
-        method_init = init_fn
-
-        def init_fn(rng):
-            trainable, frozen = method_init(rng)
-            return trainable, with_space(frozen)
-
+        init_fn = _with_frozen(init_fn, space)
         if load:
             state = train.load_final_state(name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn,
                                            seed=config.seed + seed_offset, **place)
         else:
             if codec is not None:
                 loss_fn = latent.latent_loss(loss_fn, codec)
+            if space.prompt_table is not None:
+                loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout)
             state = train.run_stage(name=name, workdir=workdir_, tcfg=tcfg, loss_fn=loss_fn, init_fn=init_fn,
                                     data_cfg=config.data, task=config.task, seed=config.seed + seed_offset,
                                     image_fn=image_fn, **place)
@@ -368,12 +436,13 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
     report = None
     if jax.process_index() == 0:
-        report = evaluate.evaluate_sr(denoiser=method_denoiser, params=params, eval_batch=eval_batch,
-                                      ecfg=config.eval, out_dir=workdir, method=method,
-                                      teacher=plain if keep_teacher else None,
-                                      teacher_params={"unet": teacher_unet} if keep_teacher else None,
-                                      extra={"variant": config.variant, "timings_s": timings},
-                                      **space.eval_kwargs(frozen))
+        report = evaluate.evaluate_task(denoiser=space.guided(method_denoiser), params=params,
+                                        eval_batch=eval_batch, ecfg=config.eval, out_dir=workdir, method=method,
+                                        task=config.task, data_cfg=config.data,
+                                        teacher=plain if keep_teacher else None,
+                                        teacher_params={"unet": teacher_unet} if keep_teacher else None,
+                                        extra={"variant": config.variant, "timings_s": timings},
+                                        **space.eval_kwargs(frozen, eval_batch))
         timings["eval_s"] = round(time.perf_counter() - t0, 1)
         timings["total_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:

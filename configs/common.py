@@ -157,6 +157,21 @@ def evaluation():
     ))
 
 
+def text():
+    """Text conditioning of the tasks with prompts (depth captions, editing instructions): codi_jax/models/prompts.py."""
+    return mlc.ConfigDict(dict(
+        encoder="tiny",          # 'tiny' (seeded random CLIP text model + a tokenizer of the prompts' words: offline
+                                 # recipes) | 'pretrained' (teacher.pretrained_path's text_encoder/ + tokenizer/) |
+                                 # a folder holding text_encoder/ and tokenizer/
+        dropout=0.1,             # training: probability that an example's prompt is replaced by the empty one
+                                 # (needed by classifier-free guidance)
+        guidance_scale=1.0,      # sampling: classifier-free guidance weight w (1: off, one model pass per step)
+        negative_prompt="",      # sampling: the prompt guidance steers away from
+        max_cached_prompts=4096, # distinct prompts whose embeddings are cached (in device memory)
+        tiny=dict(width=32, intermediate=64, layers=2, heads=2, max_length=16, seed=0),  # the 'tiny' encoder
+    ))
+
+
 def mesh():
     """Device mesh and the logical axis rules (codi_jax/sharding.py).
 

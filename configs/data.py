@@ -107,6 +107,46 @@ def stablesr_test_degradation() -> ml_collections.ConfigDict:
 stablesr_test = stablesr_test_degradation
 
 
+def inpaint_masks() -> ml_collections.ConfigDict:
+  """Palette-style inpainting masks: boxes and free-form brush strokes."""
+  m = ml_collections.ConfigDict()
+  m.kinds = ('box', 'free_form')  # mask families
+  m.kind_probs = (0.5, 0.5)  # their probabilities
+  m.hole_ratio = (0.1, 0.5)  # accepted fraction of the image to fill in (redrawn otherwise)
+  m.max_tries = 10  # draws before falling back to a box of the mid ratio
+  m.box_side = (0.25, 0.7)  # box side as a fraction of the image side
+  m.strokes = (1, 4)  # brush strokes per free-form mask
+  m.vertices = (3, 8)  # polyline vertices per stroke
+  m.stroke_length = (0.1, 0.35)  # segment length, fraction of the image side
+  m.brush_width = (0.08, 0.2)  # brush width, fraction of the image side
+  m.max_turn = 2.0  # largest turn between segments (radians)
+  return m
+
+
+def edits() -> ml_collections.ConfigDict:
+  """Computable instructed edits of the tiny editing data (codi_jax/data/tasks.py EDITS)."""
+  e = ml_collections.ConfigDict()
+  e.names = ('grayscale', 'invert', 'blur', 'flip', 'darken')  # edits (and so instructions) in use
+  e.blur_sigma = 1.0  # 'blur it': Gaussian sigma in pixels
+  e.darken_factor = 0.5  # 'make it darker': multiplier
+  return e
+
+
+def depth_scenes() -> ml_collections.ConfigDict:
+  """Rendered scenes with exact depth for the tiny depth-to-image data."""
+  d = ml_collections.ConfigDict()
+  d.colours = ('red', 'green', 'blue', 'yellow')  # caption colours (object and wall)
+  d.shapes = ('sphere', 'box')  # foreground object kinds
+  d.palette = dict(red=(0.9, 0.15, 0.1), green=(0.15, 0.75, 0.2),
+                   blue=(0.15, 0.3, 0.9), yellow=(0.95, 0.85, 0.15))  # RGB in [0, 1]
+  d.wall_depth = (3.0, 4.0)  # depth of the wall's centre
+  d.wall_tilt = 0.5  # |slope| of the wall's depth over the image plane
+  d.object_radius = (0.25, 0.5)  # object half-size, image-plane units ([-1, 1] across)
+  d.light = (-0.5, -0.6, -0.6)  # direction towards the light (x right, y down, z away)
+  d.texture_strength = (0.55, 1.0)  # photo luminance mapped to this brightness range
+  return d
+
+
 def get_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.source = 'embedded'  # 'embedded' (package images) or 'folder'
@@ -140,6 +180,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.usm.max_radius_frac = 0.2
   c.degradation = realesrgan_degradation()  # training degradation
   c.eval_degradation = stablesr_test_degradation()  # eval degradation
+  c.mask = inpaint_masks()  # task 'inpaint'
+  c.edit = edits()  # task 'edit'
+  c.depth = depth_scenes()  # task 'depth'
   return c
 
 

@@ -44,6 +44,7 @@ def get_config(variant=""):
     config.gd = common.progressive_distillation(num_steps=300, batch_size=16, lr=1e-4)
     config.gd.train.update(ema_decay=0.99, warmup_steps=20)
     config.eval = common.evaluation()
+    config.text = common.text()     # used by tasks with prompts (depth, edit)
     config.mesh = common.mesh()     # devices, axes and logical axis rules (default: all devices data parallel)
 
     if variant == "tiny":

@@ -11,6 +11,7 @@ Batches are dicts of numpy arrays:
   'image': float32 [B, S, S, 3] in [-1, 1] (HR crop)
   'cond':  float32 [B, S, S, 3] in [-1, 1] (bicubic-upsampled LR; sr only)
   'lr':    float32 [B, S/scale, S/scale, 3] in [-1, 1] (degraded LR; sr only)
+Tasks 'inpaint', 'depth' and 'edit' make their records in `codi_jax.data.tasks` (keys there).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from codi_jax.data import degradation, sources
+from codi_jax.data import degradation, sources, tasks
 
-TASKS = ('uncond', 'sr')
+TASKS = ('uncond', 'sr', 'inpaint', 'depth', 'edit')
 _MIN_SHUFFLE_LEN = 1 << 16  # performance constant, see make_train_dataset
 
 
@@ -56,13 +57,17 @@ def _check(data_config, task: str) -> None:
 
 def make_example(img: np.ndarray, rng: np.random.Generator, *, task: str,
                  crop_size: int, flip: bool, sr_scale: int = 4,
-                 deg_config=None, usm_config=None) -> dict[str, np.ndarray]:
-  """One record: crop (+flip) and, for 'sr', USM + degradation + condition."""
+                 deg_config=None, usm_config=None, data_config=None
+                 ) -> dict[str, np.ndarray]:
+  """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
+  the other tasks' records from `tasks.MAKERS` (they read `data_config`)."""
   crop = random_crop(img, crop_size, rng)
   if flip and rng.random() < 0.5:
     crop = crop[:, ::-1]
   if task == 'uncond':
     return {'image': to_signed(crop)}
+  if task in tasks.MAKERS:
+    return tasks.MAKERS[task](np.ascontiguousarray(crop), rng, data_config)
   hr = crop.astype(np.float32) / 255.0
   if usm_config is not None:
     # Real-ESRGAN degrades and supervises with the sharpened GT.
@@ -83,11 +88,13 @@ class _TrainTransform:
     self.sr_scale = int(data_config.sr_scale)
     self.deg = data_config.degradation
     self.usm = data_config.usm if data_config.usm_sharpen_gt else None
+    self.data_config = data_config
 
   def __call__(self, img: np.ndarray, rng: np.random.Generator):
     return make_example(img, rng, task=self.task, crop_size=self.crop_size,
                         flip=self.flip, sr_scale=self.sr_scale,
-                        deg_config=self.deg, usm_config=self.usm)
+                        deg_config=self.deg, usm_config=self.usm,
+                        data_config=self.data_config)
 
   def __repr__(self) -> str:
     return f'_TrainTransform(task={self.task!r})'
@@ -161,5 +168,6 @@ def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int, spl
     examples.append(make_example(
         src[i % len(src)], rng, task=task, crop_size=data_config.crop_size,
         flip=False, sr_scale=data_config.sr_scale,
-        deg_config=data_config.eval_degradation, usm_config=usm))
+        deg_config=data_config.eval_degradation, usm_config=usm,
+        data_config=data_config))
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

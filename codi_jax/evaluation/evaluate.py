@@ -1,4 +1,4 @@
-"""Evaluation of a distilled model on held-out data: few-step samples vs bicubic, metrics, grids."""
+"""Evaluation of a distilled model on held-out data: few-step samples vs the task's baseline, metrics, grids."""
 
 from __future__ import annotations
 
@@ -56,42 +56,120 @@ def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
     return out
 
 
+def _rows(x, sl, m):
+    """Examples `sl` of a per-example array ([n, ...]), or a shared one ([1, ...]) broadcast to m."""
+    x = np.asarray(x)
+    return x[sl] if x.shape[0] != 1 else np.broadcast_to(x, (m,) + x.shape[1:])
+
+
 def sample_batches(fn, params, cond, *, rng, n, batch_size, one_shape, context=None, to_pixels=None, limit=None):
     """Samples for examples [0, limit) in batches; batch i's noise from fold_in(rng, i), so a result
-    does not depend on which job (or shard) computes it."""
+    does not depend on which job (or shard) computes it. `context`: an array (or a dict of arrays,
+    classifier-free guidance) per example [n, L, D] or shared [1, L, D]."""
     outs = []
     for i in range(0, n if limit is None else limit, batch_size):
         sl = slice(i, min(i + batch_size, n))
         m = sl.stop - sl.start
-        ctx = None if context is None else np.broadcast_to(context, (m,) + context.shape[1:])
+        ctx = None if context is None else jax.tree_util.tree_map(lambda c: _rows(c, sl, m), context)
         x = fn(params, jax.random.fold_in(rng, i), (m,) + one_shape, cond[sl] if cond is not None else None, ctx)
         outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
     return np.concatenate(outs)
 
 
-def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teacher=None, teacher_params=None,
-                extra: dict | None = None, sample_shape=None, context=None, to_pixels=None,
-                method: str = "codi") -> dict:
-    """Sample the held-out batch with every sampler in `ecfg.samplers` at every step count in
-    `ecfg.steps`; compare with bicubic. Rows are named by `result_key(method, sampler, steps)`.
+def as_rgb(x):
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 
-    Latent models: `sample_shape` is one latent's (H, W, C), `context` the [1, L, D] prompt
-    embedding, `to_pixels` the VAE decoder (latents -> images). Pixel models: all None.
-    Writes OUT_DIR/grids/sr_grid.png (LR | bicubic | CoDi N... | HR) and returns the report;
-    the caller writes it (with its own timings) as metrics.json.
+
+def task_views(task: str, batch: dict) -> tuple[dict, list, str]:
+    """(baseline rows {name: images}, input columns [(label, images)], reference label) of a task.
+
+    sr: bicubic upsampling; inpaint: the input with its hole left at 0 (gray); edit: the unedited
+    input (the 'do nothing' edit); depth: no baseline (the condition is not an image)."""
+    cond = batch["cond"]
+    if task == "sr":
+        return {"bicubic": cond}, [("LR", batch["lr"]), ("bicubic", cond)], "HR"
+    if task == "inpaint":
+        return {"input": cond[..., :3]}, [("masked", cond[..., :3])], "target"
+    if task == "edit":
+        return {"input": cond}, [("input", cond)], "target"
+    if task == "depth":
+        return {}, [("depth", as_rgb(cond))], "target"
+    raise ValueError(f"no evaluation for task {task!r}")
+
+
+def hole_psnr(samples, ref, mask) -> dict:
+    """PSNR (on [0, 1] images) inside the hole and outside it, per image, then the mean."""
+    err = np.square((np.asarray(samples) - np.asarray(ref)) / 2.0)   # [-1, 1] -> [0, 1] units
+
+    def psnr(w):
+        mse = np.sum(err * w, axis=(1, 2, 3)) / np.maximum(np.sum(w, axis=(1, 2, 3)) * err.shape[-1], 1.0)
+        return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))))
+
+    m = np.asarray(mask, np.float32)
+    return {"psnr_hole": psnr(m), "psnr_known": psnr(1.0 - m)}
+
+
+def caption_colour_accuracy(samples, batch, dcfg) -> dict:
+    """Depth scenes: does the sample show the caption's colours? For each example, the mean colour of
+    the object's pixels (and of the wall's) is matched to the nearest palette colour; the score is
+    the fraction of examples where that is the caption's colour. Texture and shading change
+    brightness, so colours are compared as chromaticity (rgb / sum)."""
+    from codi_jax.data import tasks as task_data
+    captions = task_data.depth_captions(dcfg)
+    names = list(dcfg.palette.keys())
+    pal = np.asarray([dcfg.palette[k] for k in names], np.float32)
+    chroma = lambda c: c / np.maximum(np.sum(c, -1, keepdims=True), 1e-6)
+    x = (np.asarray(samples, np.float32) + 1.0) / 2.0
+    hits = {"object": [], "wall": []}
+    for i, k in enumerate(np.asarray(batch["prompt"])):
+        obj_colour, _, wall_colour = captions[int(k)]
+        for part, w, want in (("object", batch["object_mask"][i], obj_colour),
+                              ("wall", 1.0 - batch["object_mask"][i], wall_colour)):
+            mean = np.sum(x[i] * w, axis=(0, 1)) / max(float(np.sum(w)), 1.0)
+            nearest = names[int(np.argmin(np.sum(np.square(chroma(pal) - chroma(mean)), -1)))]
+            hits[part].append(nearest == want)
+    return {f"colour_acc_{part}": float(np.mean(v)) for part, v in hits.items()}
+
+
+def task_metrics(task: str, samples, batch: dict, data_cfg) -> dict:
+    if task == "inpaint":
+        return hole_psnr(samples, batch["image"], batch["mask"])
+    if task == "depth" and data_cfg is not None:
+        return caption_colour_accuracy(samples, batch, data_cfg.depth)
+    return {}
+
+
+def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, task: str = "sr", data_cfg=None,
+                  teacher=None, teacher_params=None, extra: dict | None = None, sample_shape=None, context=None,
+                  teacher_context=None, to_pixels=None, method: str = "codi") -> dict:
+    """Sample the held-out batch with every sampler in `ecfg.samplers` at every step count in
+    `ecfg.steps`; compare with the task's baseline (`task_views`). Rows are named by
+    `result_key(method, sampler, steps)`; each has `metrics.evaluate_batch`'s metrics (+ FID/LPIPS
+    where configured) and the task's own (`task_metrics`: inpainting inside/outside the hole, the
+    depth captions' colours).
+
+    Latent models: `sample_shape` is one latent's (H, W, C), `to_pixels` the VAE decoder. `context`:
+    the method's cross-attention context (see `sample_batches`; a {'prompt', 'negative'} dict under
+    classifier-free guidance), `teacher_context` the teacher's. Writes OUT_DIR/grids/<task>_grid.png
+    (inputs | baseline | method N... | reference) and returns the report; the caller writes it
+    (with its own timings) as metrics.json.
     """
-    hr, cond, lr = eval_batch["image"], eval_batch["cond"], eval_batch["lr"]
+    hr, cond = eval_batch["image"], eval_batch["cond"]
     n = hr.shape[0]
     bs = min(ecfg.batch_size, n)
-    results = {"bicubic": all_metrics(cond, hr, ecfg)}
-    columns = [("LR", lr), ("bicubic", cond)]
+    baselines, columns, ref_label = task_views(task, eval_batch)
+    results = {}
+    for name, images in baselines.items():
+        results[name] = all_metrics(images, hr, ecfg)
+        results[name].update(task_metrics(task, images, eval_batch, data_cfg))
+    columns = list(columns)
     timings = {}
     rng = jax.random.PRNGKey(ecfg.seed)
 
     one_shape = tuple(sample_shape) if sample_shape is not None else hr.shape[1:]
 
-    def run(fn, p, c, limit=n):
-        return sample_batches(fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=context,
+    def run(fn, p, c, limit=n, ctx=context):
+        return sample_batches(fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=ctx,
                               to_pixels=to_pixels, limit=limit)
 
     for sampler in ecfg.samplers:
@@ -106,19 +184,21 @@ def evaluate_sr(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, teach
             timings[key] = {"compile_and_first_batch_s": round(compile_s, 3),
                             "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
             results[key] = all_metrics(samples, hr, ecfg)
+            results[key].update(task_metrics(task, samples, eval_batch, data_cfg))
             columns.append((column_label(method, sampler, num_steps), samples))
             logging.info("eval: %s: %s", key, results[key])
 
     if teacher is not None and ecfg.teacher_ddim_steps:
         fn = sampling.make_sampler(teacher, ecfg.teacher_ddim_steps, "deterministic")
-        samples = run(fn, teacher_params, None)
+        samples = run(fn, teacher_params, None, ctx=teacher_context)
         columns.append((f"teacher {ecfg.teacher_ddim_steps} (uncond)", samples))
 
-    columns.append(("HR", hr))
+    columns.append((ref_label, hr))
     k = min(ecfg.grid_examples, n)
-    grid_path = grids.save_grid(os.path.join(out_dir, "grids", "sr_grid.png"), [(name, x[:k]) for name, x in columns])
-    report = {"num_examples": int(n), "method": method, "samplers": list(ecfg.samplers), "metrics": results, "timings": timings,
-              "grid": str(grid_path)}
+    grid_path = grids.save_grid(os.path.join(out_dir, "grids", f"{task}_grid.png"),
+                                [(name, as_rgb(x[:k])) for name, x in columns])
+    report = {"task": task, "num_examples": int(n), "method": method, "samplers": list(ecfg.samplers),
+              "metrics": results, "timings": timings, "grid": str(grid_path)}
     if extra:
         report.update(extra)
     return report

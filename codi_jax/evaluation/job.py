@@ -96,9 +96,9 @@ def run(ecfg, workdir: str) -> dict | None:
     batch = pipeline.make_eval_batch(run_cfg.data, task=run_cfg.task, num_examples=n, seed=seed,
                                      split=ecfg.split, min_images=ecfg.min_images)
     hr, cond = batch["image"], batch["cond"]
-    kw = model.space.eval_kwargs(frozen)
+    kw = model.space.eval_kwargs(frozen, batch)
     one_shape = tuple(kw.get("sample_shape") or hr.shape[1:])
-    denoiser = model.method_denoiser
+    denoiser = model.space.guided(model.method_denoiser)
     method = run_cfg.method
     entries = list(itertools.product(ecfg.samplers, ecfg.steps))
     mine = entries[ecfg.shard::ecfg.num_shards]
@@ -120,6 +120,7 @@ def run(ecfg, workdir: str) -> dict | None:
                                           context=kw.get("context"), to_pixels=kw.get("to_pixels"))
         result = dict(evaluate.all_metrics(samples, hr, ecfg), sampler=sampler, steps=num_steps,
                       wall_s=round(time.perf_counter() - t0, 2))
+        result.update(evaluate.task_metrics(run_cfg.task, samples, batch, run_cfg.data))
         np.savez_compressed(_key_path(out_dir, key, "npz"), samples=grids.to_uint8(samples[:k]))
         tmp = _key_path(out_dir, key, "json.tmp")
         with open(tmp, "w") as f:
@@ -129,18 +130,20 @@ def run(ecfg, workdir: str) -> dict | None:
         eta = (time.perf_counter() - t_job) / done * (len(mine) - done)
         logging.info("eval job: [%d/%d] %s psnr %.2f swd %.4f (%.1f s; ETA %.0f s)", done, len(mine), key,
                      result["psnr"], result["swd_mean"], result["wall_s"], eta)
-    return summarize(out_dir, method, entries, batch, k, ecfg, step)
+    return summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg)
 
 
-def summarize(out_dir, method, entries, batch, k, ecfg, step):
+def summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg):
     run_dir = ecfg.checkpoint
     keys = [(evaluate.result_key(method, s, n), s, n) for s, n in entries]
     missing = [key for key, _, _ in keys if not os.path.exists(_key_path(out_dir, key, "json"))]
     if missing:
         logging.info("eval job: %d entries still missing (other shards?): %s", len(missing), missing)
         return None
-    results = {"bicubic": evaluate.all_metrics(batch["cond"], batch["image"], ecfg)}
-    columns = [("LR", batch["lr"][:k]), ("bicubic", batch["cond"][:k])]
+    baselines, inputs, ref_label = evaluate.task_views(run_cfg.task, batch)
+    results = {name: dict(evaluate.all_metrics(x, batch["image"], ecfg),
+                          **evaluate.task_metrics(run_cfg.task, x, batch, run_cfg.data)) for name, x in baselines.items()}
+    columns = [(label, x[:k]) for label, x in inputs]
     series = {}
     for key, sampler, n in keys:
         with open(_key_path(out_dir, key, "json")) as f:
@@ -149,7 +152,8 @@ def summarize(out_dir, method, entries, batch, k, ecfg, step):
             columns.append((evaluate.column_label(method, sampler, n), z["samples"]))
         series.setdefault(f"{evaluate.METHOD_LABELS.get(method, method)} {sampling.SAMPLER_LABELS[sampler]}",
                           []).append((n, results[key]))
-    columns.append(("HR", batch["image"][:k]))
+    columns.append((ref_label, batch["image"][:k]))
+    columns = [(label, evaluate.as_rgb(x)) for label, x in columns]
     report = {"checkpoint": run_dir, "step": int(step), "method": method,
               "num_examples": int(batch["image"].shape[0]), "metrics": results,
               "grid": str(grids.save_grid(os.path.join(out_dir, "grid.png"), columns)),

@@ -49,13 +49,15 @@ def context_for(frozen, batch_size: int):
 
 def latent_loss(loss_fn, codec: LatentCodec):
     """Wrap a pixel-batch loss: the image becomes its latent (no gradient), the prompt
-    embedding becomes the batch's context; the pixel image is kept as batch['pixels']."""
+    embedding becomes the batch's context (unless the batch has one: tasks with prompts);
+    the pixel image is kept as batch['pixels']."""
 
     def wrapped(params, frozen, ema_params, batch, rng):
         images = batch["image"]
         k_enc, k_loss = base.split_each(base.example_keys(rng, images.shape[0]))
         latents = jax.lax.stop_gradient(codec.encode(frozen["vae"], images, k_enc))
-        batch = dict(batch, image=latents, pixels=images, context=context_for(frozen, images.shape[0]))
+        context = batch["context"] if batch.get("context") is not None else context_for(frozen, images.shape[0])
+        batch = dict(batch, image=latents, pixels=images, context=context)
         return loss_fn(params, frozen, ema_params, batch, k_loss)
 
     return wrapped

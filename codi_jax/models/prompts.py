@@ -1,0 +1,197 @@
+"""Text conditioning: tokenizer + CLIP text encoder, cached prompt embeddings, prompt dropout, and
+classifier-free guidance at sampling.
+
+A task with prompts (depth captions, editing instructions) gives every record an integer 'prompt',
+an index into the task's prompt list. The frozen text encoder embeds the list once per dataset:
+the table `[1 + P, L, D]`, row 0 the empty prompt, row i + 1 prompt i, cached as a .npy file in the
+job's workdir (keyed by the encoder and the prompts). The table rides in the train state's frozen
+params ('prompt_table'), so a train step looks contexts up instead of running the encoder.
+
+Prompt dropout (`text.dropout`): a training example's context is the empty prompt's with that
+probability, so the model also learns the unconditional prediction that classifier-free guidance
+needs: eps = eps(c, neg) + w (eps(c, prompt) - eps(c, neg)) (Ho & Salimans 2022), with `neg` the
+negative prompt's embedding ('' by default) and w = `text.guidance_scale` (1: off, one pass).
+
+Encoders (`text.encoder`):
+  'pretrained'  tokenizer/ and text_encoder/ of `teacher.pretrained_path` (Stable Diffusion's CLIP);
+  a folder      holding tokenizer/ and text_encoder/ in the same (transformers) format;
+  'tiny'        the offline default of the tiny recipes: no weights can be downloaded here, so a small
+                CLIP text model with seeded random weights, frozen like SD's, and a CLIP BPE tokenizer
+                whose whole-word merges are the words of the task's prompts. Random features still tell
+                prompts apart; the diffusion model learns what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from codi_jax.methods import base
+from codi_jax.models import clip_text
+
+ENCODERS = ("tiny", "pretrained")
+
+
+def tiny_tokenizer_folder(path: str, words: Sequence[str], max_length: int) -> str:
+    """Write a valid CLIP BPE tokenizer: letters and digits, each also as a word end, plus merges that
+    build every word of `words` whole (so each is one token)."""
+    os.makedirs(path, exist_ok=True)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    pieces = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in sorted(set(words)):
+        if not re.fullmatch(r"[a-z0-9]+", word) or len(word) < 2:
+            continue
+        left = word[0]
+        for i, c in enumerate(word[1:], start=1):
+            right = c + "</w>" if i == len(word) - 1 else c
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left = left + right
+    seen = set(pieces)
+    for a, b in merges:
+        if a + b not in seen:
+            pieces.append(a + b)
+            seen.add(a + b)
+    vocab = {p: i for i, p in enumerate(pieces)}
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": int(max_length)}, f)
+    return path
+
+
+def prompt_words(prompts: Sequence[str]) -> list[str]:
+    return sorted({w for p in prompts for w in re.findall(r"[a-z0-9]+", p.lower())})
+
+
+@dataclasses.dataclass
+class TextEncoder:
+    tokenizer: Any
+    module: Any
+    params: Any
+    max_length: int
+    name: str          # identifies the weights (cache key)
+
+    @property
+    def width(self) -> int:
+        return int(self.module.cfg.hidden_size)
+
+    def embed(self, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """last_hidden_state [n, max_length, width] (float32); longer prompts are cut with a warning."""
+        ids = clip_text.encode_prompts(self.tokenizer, list(prompts), max_length=self.max_length)
+        apply = jax.jit(lambda p, i: self.module.apply({"params": p}, i)[0])
+        return np.concatenate([np.asarray(apply(self.params, ids[i:i + batch_size]), np.float32)
+                               for i in range(0, len(ids), batch_size)])
+
+
+def tiny_encoder(tcfg, words: Sequence[str], folder: str) -> TextEncoder:
+    t = tcfg.tiny
+    tok = clip_text.load_tokenizer(tiny_tokenizer_folder(folder, words, t.max_length))
+    cfg = clip_text.clip_text_config_from_transformers(dict(
+        vocab_size=len(tok.get_vocab()), hidden_size=t.width, intermediate_size=t.intermediate,
+        num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.max_length,
+        hidden_act="quick_gelu", eos_token_id=1))
+    module = clip_text.CLIPTextModel(cfg)
+    params = module.init(jax.random.PRNGKey(t.seed), jnp.zeros((1, t.max_length), jnp.int32))["params"]
+    digest = hashlib.sha1(json.dumps([t.to_dict(), sorted(words)], sort_keys=True).encode()).hexdigest()[:12]
+    return TextEncoder(tok, module, params, int(t.max_length), f"tiny-{digest}")
+
+
+def folder_encoder(folder: str, allow_pickle: bool = False) -> TextEncoder:
+    for sub in ("tokenizer", "text_encoder"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise FileNotFoundError(f"config text.encoder: {folder} has no {sub}/ folder")
+    tok = clip_text.load_tokenizer(os.path.join(folder, "tokenizer"))
+    module, params, cfg = clip_text.load_text_encoder(os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle)
+    max_length = min(int(cfg.max_position_embeddings), int(tok.model_max_length))
+    return TextEncoder(tok, module, params, max_length, os.path.abspath(folder))
+
+
+def make_encoder(config, prompts: Sequence[str], cache_dir: str) -> TextEncoder:
+    """The text encoder that `config.text.encoder` names (see the module docstring)."""
+    tcfg = config.text
+    if tcfg.encoder == "tiny":
+        return tiny_encoder(tcfg, prompt_words(list(prompts) + [tcfg.negative_prompt]),
+                            os.path.join(cache_dir, "tiny_tokenizer"))
+    if tcfg.encoder == "pretrained":
+        if not config.teacher.pretrained_path:
+            raise ValueError("config text.encoder='pretrained' needs teacher.pretrained_path (a diffusers folder)")
+        return folder_encoder(config.teacher.pretrained_path, config.teacher.allow_pickle)
+    if os.path.isdir(tcfg.encoder):
+        return folder_encoder(tcfg.encoder, config.teacher.get("allow_pickle", False))
+    raise ValueError(f"config text.encoder={tcfg.encoder!r} is not one of {ENCODERS} nor a folder")
+
+
+def prompt_table(encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | None, max_prompts: int) -> np.ndarray:
+    """[1 + P, L, D]: the empty prompt, then `prompts`; computed once and cached by content."""
+    if len(prompts) > max_prompts:
+        raise ValueError(f"the dataset has {len(prompts)} distinct prompts, more than config "
+                         f"text.max_cached_prompts={max_prompts} (the cache lives in device memory)")
+    rows = [""] + list(prompts)
+    key = hashlib.sha1(json.dumps([encoder.name, encoder.max_length, rows]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"prompts_{key}.npy") if cache_dir else None
+    if path and os.path.isfile(path):
+        return np.load(path)
+    table = encoder.embed(rows)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.save(path + ".tmp.npy", table)
+        os.replace(path + ".tmp.npy", path)
+    logging.info("prompt embeddings: %d prompts -> %s", len(prompts), table.shape)
+    return table
+
+
+def lookup(table, prompt_index):
+    """Contexts [B, L, D] of prompt indices [B] (row 0 of the table is the empty prompt)."""
+    return jnp.take(table, prompt_index + 1, axis=0)
+
+
+def with_prompts(loss_fn, dropout: float):
+    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'], each
+    replaced by the empty prompt's with probability `dropout` (for classifier-free guidance)."""
+
+    def wrapped(params, frozen, ema_params, batch, rng):
+        idx = batch["prompt"]
+        keys = base.example_keys(rng, idx.shape[0])
+        k_drop, k_loss = base.split_each(keys)
+        drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
+        ctx = jnp.take(frozen["prompt_table"], jnp.where(drop, 0, idx + 1), axis=0)
+        return loss_fn(params, frozen, ema_params, dict(batch, context=ctx), k_loss)
+
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Guided:
+    """Classifier-free guidance around a denoiser: context is {'prompt': [B, L, D], 'negative': [B, L, D]}.
+    Both passes run as one batch of 2B; (x_hat, eps_hat) = neg + scale (prompt - neg)."""
+
+    denoiser: base.Denoiser
+    scale: float
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, params, z, t, cond=None, context=None):
+        pos, neg = context["prompt"], context["negative"]
+        if self.scale == 1.0:
+            return self.denoiser(params, z, t, cond, pos)
+        two = lambda a: None if a is None else jnp.concatenate([a, a])
+        t = jnp.broadcast_to(jnp.asarray(t), (z.shape[0],))
+        x2, e2 = self.denoiser(params, two(z), two(t), two(cond), jnp.concatenate([pos, neg]))
+        n = z.shape[0]
+        mix = lambda a: a[n:] + self.scale * (a[:n] - a[n:])
+        return mix(x2), mix(e2)

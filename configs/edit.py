@@ -1,0 +1,25 @@
+"""Instructed image editing (paper sec. 5, Fig. 6; InstructPix2Pix data): input image + instruction -> edit.
+
+The input image is the condition (through the duplicated encoder); the instruction goes through the
+text encoder into cross-attention (`text.*`, with prompt dropout for classifier-free guidance).
+Sampled in 1 step as in Fig. 6 (`eval.steps` also has 2 and 4). The 'tiny' variant edits embedded
+photographs with computable instructions (`data.edit.names`: grayscale, invert, blur, flip, darken),
+so the metrics compare with the true edit; its teacher is a tiny text-to-image model of edited crops
+captioned by their instructions.
+"""
+
+from configs import sr
+
+
+def get_config(variant=""):
+    config = sr.get_config(variant)
+    config.task = "edit"
+    config.eval.steps = (1, 2, 4)
+    if variant in ("tiny", "smoke"):
+        config.model.unet.cross_attention_dim = config.text.tiny.width
+        config.model.adapter.input = "cond_as_sample"   # the input image in z_t's place: editing starts from it
+    else:
+        config.text.encoder = "pretrained"
+    if variant == "smoke":
+        config.eval.steps = (1, 2)
+    return config
