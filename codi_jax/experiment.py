@@ -335,8 +335,6 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
     teacher_init = _teacher_params_init(module, config)
-    if space.prompt_table is not None:   # a text-to-image teacher of the task's images and prompts
-        teacher_init = _with_frozen(teacher_init, space)
     t0 = time.perf_counter()
     if pre is not None:
         tstate = {"ema_params": {"unet": pre.unet_params}}
@@ -346,7 +344,9 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     else:
         loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False)
         if space.prompt_table is not None:
-            loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout)
+            # A text-to-image teacher of the task's images and prompts; the prompt table is a constant
+            # of its step, so its checkpoint is the backbone alone (any task's runs can load it).
+            loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout, table=space.prompt_table)
         tstate = train.run_stage(
             name="teacher", workdir=workdir, tcfg=config.pretrain, loss_fn=loss_fn, init_fn=teacher_init,
             data_cfg=config.data, task=config.task if space.prompt_table is not None else "uncond",
@@ -447,6 +447,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         timings["total_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
+        from codi_jax import sample   # PE runs: the adapter on its own, for the sampling command
+        sample.export_adapter(workdir, config, params)
         _print_summary(report, workdir)
     return report
 

@@ -185,3 +185,14 @@ class Progress:
         line = " | ".join(parts)
         logging.info("%s", line)
         return line
+
+
+def one_line_error(e: BaseException) -> str:
+    """The useful last line of an error (flag errors embed the config file's traceback)."""
+    while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps KeyError in AttributeError
+        e = e.args[0]
+    if isinstance(e, KeyError) and e.args:
+        name, _, hint = str(e.args[0]).partition("\n")
+        return f"unknown config field {name} {hint}".strip()
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

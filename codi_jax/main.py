@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from codi_jax import logging_utils
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sr.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and pictures.")
 _MULTIHOST = flags.DEFINE_bool(
@@ -57,22 +59,11 @@ def main(argv):
     experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
-def _one_line(e: BaseException) -> str:
-    """The useful last line of an error (flag errors embed the config file's traceback)."""
-    while e.args and isinstance(e.args[0], BaseException):  # config_flags wraps KeyError in AttributeError
-        e = e.args[0]
-    if isinstance(e, KeyError) and e.args:
-        name, _, hint = str(e.args[0]).partition("\n")
-        return f"unknown config field {name} {hint}".strip()
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, KeyError, ValueError, AttributeError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {logging_utils.one_line_error(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -81,7 +72,7 @@ def run():
         app.run(main, flags_parser=_parse_flags)
     except (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError) as e:
         # Bad input: one clear line, no traceback.
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {logging_utils.one_line_error(e)}", file=sys.stderr)
         sys.exit(2)
 
 

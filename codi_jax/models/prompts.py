@@ -158,16 +158,19 @@ def lookup(table, prompt_index):
     return jnp.take(table, prompt_index + 1, axis=0)
 
 
-def with_prompts(loss_fn, dropout: float):
-    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'], each
-    replaced by the empty prompt's with probability `dropout` (for classifier-free guidance)."""
+def with_prompts(loss_fn, dropout: float, table=None):
+    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'] (or from
+    `table`, a constant of the step: the tiny teacher's, so its checkpoints hold no prompts and one
+    teacher can serve every task), each replaced by the empty prompt's with probability `dropout`
+    (for classifier-free guidance)."""
 
     def wrapped(params, frozen, ema_params, batch, rng):
         idx = batch["prompt"]
         keys = base.example_keys(rng, idx.shape[0])
         k_drop, k_loss = base.split_each(keys)
         drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
-        ctx = jnp.take(frozen["prompt_table"], jnp.where(drop, 0, idx + 1), axis=0)
+        rows = frozen["prompt_table"] if table is None else jnp.asarray(table)
+        ctx = jnp.take(rows, jnp.where(drop, 0, idx + 1), axis=0)
         return loss_fn(params, frozen, ema_params, dict(batch, context=ctx), k_loss)
 
     return wrapped
@@ -175,7 +178,7 @@ def with_prompts(loss_fn, dropout: float):
 
 @dataclasses.dataclass(frozen=True)
 class Guided:
-    """Classifier-free guidance around a denoiser: context is {'prompt': [B, L, D], 'negative': [B, L, D]}.
+    """Classifier-free guidance around a denoiser: context is {'prompt': [B, L, D], 'negative': [B or 1, L, D]}.
     Both passes run as one batch of 2B; (x_hat, eps_hat) = neg + scale (prompt - neg)."""
 
     denoiser: base.Denoiser
@@ -186,7 +189,8 @@ class Guided:
         return self.denoiser.schedule
 
     def __call__(self, params, z, t, cond=None, context=None):
-        pos, neg = context["prompt"], context["negative"]
+        pos = context["prompt"]
+        neg = jnp.broadcast_to(context["negative"], pos.shape)   # one negative prompt ([1, L, D]) for all
         if self.scale == 1.0:
             return self.denoiser(params, z, t, cond, pos)
         two = lambda a: None if a is None else jnp.concatenate([a, a])

@@ -1,0 +1,360 @@
+"""Sampling for users, and PE-CoDi's per-task adapters.
+
+    python -m codi_jax.sample --run=RUN_DIR --inputs=IMAGES --out=OUT [--steps=4] [--prompt=...|--prompts=FILE]
+        [--masks=DIR] [--adapter=NAME=ADAPTER_DIR ...] [--use=NAME] [--guidance_scale=W] [--batch_size=8]
+
+Inputs per task (every file of a folder, sorted by name, or a comma-separated list of files):
+  sr       low-resolution images; results are `sr_scale` times larger.
+  inpaint  images, and `--masks=DIR` holding a mask of the same name and size for each
+           (white or 1 = fill in, black or 0 = keep; a mask that is not binary is an error).
+  depth    depth maps (grayscale; near = bright, as MiDaS-style inverse depth) and a caption each.
+  edit     images and an instruction each.
+Prompts: `--prompt` for every input, or `--prompts=FILE` with one line per input (in input order);
+a prompt longer than the tokenizer's limit is cut, with a warning.
+
+Adapters (PE-CoDi, sec 4.4). A run whose backbone stayed frozen (`codi.mode=pe`, or the 'pe'
+finetuned baseline) writes RUN_DIR/adapter/: `adapter.safetensors` (the EMA adapter weights, mu
+included) and `adapter.json` (the run's config, the task, and a fingerprint of the backbone it was
+trained against). `AdapterSampler` loads a backbone once and switches adapters by name; an adapter
+trained against another backbone, or for a task other than the one asked for, is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+
+from codi_jax import experiment, sampling
+from codi_jax.data import degradation, sources, tasks as task_data
+from codi_jax.models import prompts as prompts_lib
+from codi_jax.pretrained import safetensors_io
+
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+_SEP = "/"
+
+
+def param_bytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+def backbone_fingerprint(unet_params) -> str:
+    """Identifies a backbone's weights: every parameter's path, shape and a strided sample of its values."""
+    h = hashlib.sha1()
+    flat = jax.tree_util.tree_flatten_with_path(unet_params)[0]
+    for path, x in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(x, np.float32).ravel()
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.shape).encode())
+        h.update(a[:: max(1, a.size // 64)].tobytes())
+    return h.hexdigest()[:20]
+
+
+def backbone_frozen(config) -> bool:
+    """Did the run's final stage leave the backbone as it was (PE-CoDi / the 'pe' finetuned baseline)?"""
+    if config.method == "codi":
+        return config.codi.mode == "pe" and config.codi.init == "pretrained"
+    if config.method == "finetune":
+        return config.finetune.mode == "pe"
+    return False
+
+
+def _flat(tree):
+    name = lambda path: _SEP.join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return {name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(flat):
+    out = {}
+    for name, x in flat.items():
+        node = out
+        *parents, leaf = name.split(_SEP)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = x
+    return out
+
+
+def export_adapter(run_dir: str, config, params) -> str | None:
+    """Write RUN_DIR/adapter/ for a run whose backbone stayed frozen; None (and a log line) otherwise."""
+    if not backbone_frozen(config):
+        logging.info("adapter: not written (method %s trained the backbone too: the whole model is the result)",
+                     config.method)
+        return None
+    out = os.path.join(run_dir, ADAPTER_DIR)
+    os.makedirs(out, exist_ok=True)
+    weights = _flat(params["adapter"])
+    safetensors_io.save(os.path.join(out, ADAPTER_WEIGHTS), weights, metadata={"format": "codi_jax"})
+    meta = {"task": config.task, "method": config.method, "backbone": backbone_fingerprint(params["unet"]),
+            "adapter_params": int(sum(x.size for x in weights.values())),
+            "backbone_params": int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params["unet"]))),
+            "config": json.loads(config.to_json_best_effort())}
+    tmp = os.path.join(out, ADAPTER_META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(out, ADAPTER_META))
+    logging.info("adapter: %s (%d params, backbone %s)", out, meta["adapter_params"], meta["backbone"])
+    return out
+
+
+@dataclasses.dataclass
+class Adapter:
+    name: str
+    task: str
+    model: experiment.Model
+    params: dict
+    backbone: str
+    encoder: prompts_lib.TextEncoder | None
+
+
+def load_adapter_files(folder: str):
+    """(meta, adapter params) of an adapter folder (RUN_DIR/adapter or RUN_DIR)."""
+    if os.path.isdir(os.path.join(folder, ADAPTER_DIR)):
+        folder = os.path.join(folder, ADAPTER_DIR)
+    meta_path = os.path.join(folder, ADAPTER_META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"adapter {folder}: no {ADAPTER_META} (written at the end of a PE-CoDi run)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return meta, _unflat(safetensors_io.load(os.path.join(folder, ADAPTER_WEIGHTS)))
+
+
+class AdapterSampler:
+    """One frozen backbone in memory; adapters (one per task) added and used by name."""
+
+    def __init__(self, run_dir: str, cache_dir: str):
+        from codi_jax.evaluation import job
+
+        self.cache_dir = cache_dir
+        config = job.read_run_config(run_dir)
+        model = experiment.build_model(config, cache_dir)
+        params, frozen, _ = job.restore_final(model.config, run_dir)
+        self.frozen = frozen
+        self.backbone = params["unet"]
+        self.fingerprint = backbone_fingerprint(self.backbone)
+        self.adapters: dict[str, Adapter] = {}
+        own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint,
+                      self._encoder(model.config))
+        self.adapters["own"] = own
+
+    def _encoder(self, config):
+        if config.task not in task_data.PROMPT_TASKS:
+            return None
+        return prompts_lib.make_encoder(config, task_data.prompts(config.data, config.task),
+                                        os.path.join(self.cache_dir, "cache"))
+
+    def add(self, name: str, folder: str, expect_task: str = "") -> Adapter:
+        meta, params = load_adapter_files(folder)
+        if expect_task and meta["task"] != expect_task:
+            raise ValueError(f"adapter {name!r} ({folder}) was trained for task {meta['task']!r}, not {expect_task!r}")
+        if meta["backbone"] != self.fingerprint:
+            raise ValueError(f"adapter {name!r} ({folder}) was trained against backbone {meta['backbone']}, "
+                             f"not this run's ({self.fingerprint})")
+        config = mlc.ConfigDict(meta["config"])
+        model = experiment.build_model(config, self.cache_dir)
+        self.adapters[name] = Adapter(name, meta["task"], model, params, meta["backbone"], self._encoder(model.config))
+        logging.info("adapter %r: task %s, %d params (%.1f MB)", name, meta["task"], meta["adapter_params"],
+                     param_bytes(params) / 1e6)
+        return self.adapters[name]
+
+    def memory(self) -> dict:
+        """Bytes held: the backbone once and every adapter, against one full model per adapter."""
+        adapters = {n: param_bytes(a.params) for n, a in self.adapters.items()}
+        backbone = param_bytes(self.backbone)
+        return {"backbone_bytes": backbone, "adapter_bytes": adapters,
+                "shared_total_bytes": backbone + sum(adapters.values()),
+                "separate_models_bytes": sum(backbone + b for b in adapters.values())}
+
+    def sample(self, name: str, cond: np.ndarray, prompts=None, *, steps: int = 4, sampler: str = "deterministic",
+               guidance_scale: float | None = None, negative_prompt: str | None = None, seed: int = 0,
+               batch_size: int = 8) -> np.ndarray:
+        """Images in [-1, 1] for conditions `cond` [N, H, W, C] (see `conditions`), with adapter `name`."""
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        a = self.adapters[name]
+        config, space = a.model.config, a.model.space
+        sampling.check_sampler(sampler, "--sampler")
+        want = task_data.COND_CHANNELS[a.task]
+        if cond.shape[-1] != want:
+            raise ValueError(f"adapter {name!r} (task {a.task}) takes {want}-channel conditions, got {cond.shape[-1]}")
+        context = None
+        denoiser = a.model.method_denoiser
+        n = cond.shape[0]
+        if a.encoder is not None:
+            if prompts is None or len(prompts) != n:
+                raise ValueError(f"task {a.task!r} needs a prompt for each of the {n} inputs (--prompt or --prompts)")
+            scale = config.text.guidance_scale if guidance_scale is None else guidance_scale
+            neg = config.text.negative_prompt if negative_prompt is None else negative_prompt
+            context = {"prompt": a.encoder.embed(prompts), "negative": a.encoder.embed([neg])}
+            denoiser = prompts_lib.Guided(denoiser, float(scale))
+        elif space.context is not None:
+            context = space.context
+        params = {"unet": self.backbone, "adapter": a.params}
+        fn = sampling.make_sampler(denoiser, steps, sampler)
+        factor = config.data.crop_size // space.shape[0]
+        shape = (cond.shape[1] // factor, cond.shape[2] // factor, space.shape[2])
+        from codi_jax.evaluation import evaluate
+        return evaluate.sample_batches(fn, params, cond, rng=jax.random.PRNGKey(seed), n=n, batch_size=batch_size,
+                                       one_shape=shape, context=context,
+                                       to_pixels=None if a.model.codec is None else
+                                       (lambda x: space.to_pixels(x, self.frozen)))
+
+
+# ----------------------------------------------------------------------------- files -> conditions
+
+
+def list_inputs(spec: str) -> list[str]:
+    files = []
+    for part in [p for p in spec.split(",") if p]:
+        if os.path.isdir(part):
+            files += sources.list_image_files(part, "--inputs")
+        elif os.path.isfile(part):
+            files.append(part)
+        else:
+            raise FileNotFoundError(f"--inputs: {part} does not exist")
+    if not files:
+        raise ValueError(f"--inputs={spec!r} names no image files")
+    return files
+
+
+def _read_rgb(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return sources.to_rgb_uint8(im)
+    except OSError as e:
+        raise ValueError(f"{path}: not an image this reader can decode ({e})") from None
+
+
+def _resize(img, side, resample="bicubic"):
+    from PIL import Image
+    mode = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}[resample]
+    return np.asarray(Image.fromarray(img).resize((side, side), mode))
+
+
+def conditions(task: str, files: list[str], config, size: int, masks_dir: str = "") -> np.ndarray:
+    """Model conditions [N, size, size, C] in [-1, 1] from the user's files (see the module docstring)."""
+    out = []
+    for path in files:
+        img = _read_rgb(path)
+        if task == "sr":
+            lr = _resize(img, size // config.data.sr_scale).astype(np.float32) / 255.0
+            out.append(degradation.bicubic_upsample(lr, size) * 2.0 - 1.0)
+        elif task == "inpaint":
+            if not masks_dir:
+                raise ValueError("task 'inpaint' needs --masks=DIR (a mask of the same name for each input)")
+            mpath = os.path.join(masks_dir, os.path.basename(path))
+            if not os.path.isfile(mpath):
+                raise FileNotFoundError(f"--masks: no mask {mpath} for input {path}")
+            from PIL import Image
+            with Image.open(mpath) as im:
+                mask = task_data.check_mask(np.asarray(im.convert("L")), img.shape, what=f"mask {mpath}")
+            mask = (_resize((mask[..., 0] * 255).astype(np.uint8), size, "nearest") > 127).astype(np.float32)[..., None]
+            image = _resize(img, size).astype(np.float32) / 127.5 - 1.0
+            out.append(task_data.inpaint_condition(image, mask))
+        elif task == "depth":
+            d = _resize(img, size).astype(np.float32).mean(-1)
+            lo, hi = d.min(), d.max()
+            out.append((((d - lo) / max(hi - lo, 1e-6)) * 2.0 - 1.0)[..., None])
+        elif task == "edit":
+            out.append(_resize(img, size).astype(np.float32) / 127.5 - 1.0)
+        else:
+            raise ValueError(f"no sampling inputs for task {task!r}")
+    return np.stack(out).astype(np.float32)
+
+
+def read_prompts(prompt: str, prompts_file: str, n: int) -> list[str] | None:
+    if prompts_file:
+        with open(prompts_file) as f:
+            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        if len(lines) != n:
+            raise ValueError(f"--prompts={prompts_file} has {len(lines)} prompts for {n} inputs (one per line)")
+        return lines
+    return None if prompt is None else [prompt] * n
+
+
+def _main(argv):
+    from absl import flags
+    from PIL import Image
+
+    from codi_jax.evaluation import grids
+
+    f = flags.FLAGS
+    run_dir, out = f.run, f.out
+    experiment.check_workdir(out)
+    t0 = time.perf_counter()
+    s = AdapterSampler(run_dir, out)
+    for spec in f.adapter:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise ValueError(f"--adapter={spec!r}: give NAME=FOLDER")
+        s.add(name, folder)
+    a = s.adapters[f.use] if f.use in s.adapters else None
+    if a is None:
+        raise ValueError(f"--use={f.use!r}: loaded adapters are {sorted(s.adapters)}")
+    files = list_inputs(f.inputs)
+    size = f.size or a.model.config.data.crop_size
+    cond = conditions(a.task, files, a.model.config, size, f.masks)
+    prompts = read_prompts(f.prompt, f.prompts, len(files))
+    t1 = time.perf_counter()
+    x = s.sample(f.use, cond, prompts, steps=f.steps, sampler=f.sampler, guidance_scale=f.guidance_scale,
+                 negative_prompt=f.negative_prompt, seed=f.seed, batch_size=f.batch_size)
+    t2 = time.perf_counter()
+    images = grids.to_uint8(x)
+    for path, img in zip(files, images):
+        Image.fromarray(img).save(os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png"))
+    print(f"sample: {len(files)} results of task {a.task} ({f.steps} steps) in {out}; load {t1 - t0:.1f} s, "
+          f"sampling {t2 - t1:.1f} s (compile included)")
+    print("sample: memory " + json.dumps(s.memory()))
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("run", None, "Workdir of a finished run: its backbone (and its own adapter, 'own').")
+    flags.DEFINE_string("inputs", None, "A folder of images, or comma-separated image files.")
+    flags.DEFINE_string("out", None, "Folder for the results (one PNG per input, same stem).")
+    flags.DEFINE_multi_string("adapter", [], "NAME=FOLDER: a PE-CoDi adapter (RUN_DIR/adapter) to load.")
+    flags.DEFINE_string("use", "own", "Which adapter samples: 'own' (the run's) or a --adapter NAME.")
+    flags.DEFINE_string("masks", "", "Inpainting: a folder with one mask per input, same file name.")
+    flags.DEFINE_string("prompt", None, "The prompt (caption or instruction) for every input.")
+    flags.DEFINE_string("prompts", "", "A text file with one prompt per input, in input order.")
+    flags.DEFINE_string("negative_prompt", None, "Classifier-free guidance's negative prompt (default: the run's).")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance weight (default: the run's text.guidance_scale).")
+    flags.DEFINE_integer("steps", 4, "Sampling steps.")
+    flags.DEFINE_string("sampler", "deterministic", f"One of {sampling.SAMPLERS}.")
+    flags.DEFINE_integer("size", 0, "Output side in pixels (default: the run's crop size).")
+    flags.DEFINE_integer("batch_size", 8, "Images per model call.")
+    flags.DEFINE_integer("seed", 0, "Noise seed.")
+    flags.mark_flags_as_required(["run", "inputs", "out"])
+
+
+def main():
+    from absl import app
+
+    from codi_jax.logging_utils import one_line_error
+
+    _define_flags()
+
+    def guarded(argv):
+        try:
+            _main(argv)
+        except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
+            print(f"error: {one_line_error(e)}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Task data (masks, rendered depth scenes, computable edits), text conditioning and the task metrics."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from codi_jax import experiment
+from codi_jax.data import pipeline, tasks
+from codi_jax.evaluation import evaluate
+from codi_jax.models import prompts
+from configs import data as data_configs
+from configs import depth as depth_configs
+from configs import edit as edit_configs
+from configs import inpaint as inpaint_configs
+
+
+@pytest.fixture(scope="module")
+def data_cfg():
+    return data_configs.get_data_config()
+
+
+def test_masks_cover_the_configured_ratio_and_are_binary(data_cfg):
+    rng = np.random.default_rng(0)
+    lo, hi = data_cfg.mask.hole_ratio
+    kinds = {"box": 0, "free_form": 0}
+    for i in range(40):
+        m = tasks.random_mask(rng, 32, data_cfg.mask)
+        assert m.shape == (32, 32) and set(np.unique(m)) <= {0.0, 1.0}
+        assert lo <= m.mean() <= hi
+    for kind in kinds:
+        one = mlc.ConfigDict(data_cfg.mask.to_dict())
+        one.kinds, one.kind_probs = (kind,), (1.0,)
+        m = tasks.random_mask(rng, 32, one)
+        assert 0 < m.mean() < 1
+    # A box is one filled rectangle: its rows and columns of ones are contiguous.
+    box = tasks.box_mask(rng, 32, (0.3, 0.5))
+    ys, xs = np.nonzero(box)
+    assert box[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+
+
+def test_inpaint_record_hides_exactly_the_hole(data_cfg):
+    b = pipeline.make_eval_batch(data_cfg, task="inpaint", num_examples=4, seed=0)
+    img, cond, mask = b["image"], b["cond"], b["mask"]
+    assert cond.shape == img.shape[:3] + (4,)
+    np.testing.assert_array_equal(cond[..., :3] * mask, 0.0)                     # the hole carries no pixels
+    np.testing.assert_allclose(cond[..., :3] * (1 - mask), img * (1 - mask))     # the rest is the image
+    np.testing.assert_array_equal(cond[..., 3:], mask * 2 - 1)
+
+
+def test_check_mask_errors():
+    good = np.zeros((8, 8), np.uint8)
+    good[2:4] = 255
+    m = tasks.check_mask(good, (8, 8, 3))
+    assert m.shape == (8, 8, 1) and m.sum() == 16
+    with pytest.raises(ValueError, match="mask is 8x6 but the image is 8x8"):
+        tasks.check_mask(np.zeros((8, 6)), (8, 8, 3))
+    with pytest.raises(ValueError, match="not binary"):
+        tasks.check_mask(np.full((8, 8), 0.5), (8, 8, 3))
+
+
+def test_edits_are_the_functions_their_instructions_name(data_cfg):
+    b = pipeline.make_eval_batch(data_cfg, task="edit", num_examples=12, seed=0)
+    names = data_cfg.edit.names
+    src = (b["cond"] + 1) / 2
+    tgt = (b["image"] + 1) / 2
+    seen = set()
+    for i, k in enumerate(b["prompt"]):
+        name = names[int(k)]
+        seen.add(name)
+        if name == "invert":
+            np.testing.assert_allclose(tgt[i], 1 - src[i], atol=1e-5)
+        elif name == "flip":
+            np.testing.assert_allclose(tgt[i], src[i][::-1], atol=1e-5)
+        elif name == "grayscale":
+            assert np.allclose(tgt[i][..., 0], tgt[i][..., 1]) and np.allclose(tgt[i][..., 1], tgt[i][..., 2])
+        elif name == "darken":
+            np.testing.assert_allclose(tgt[i], src[i] * data_cfg.edit.darken_factor, atol=1e-5)
+        elif name == "blur":
+            assert np.abs(np.diff(tgt[i], axis=0)).mean() < np.abs(np.diff(src[i], axis=0)).mean()
+    assert len(seen) >= 3
+    assert tasks.prompts(data_cfg, "edit") == [tasks.EDITS[n][0] for n in names]
+    with pytest.raises(ValueError, match="known edits"):
+        tasks.edit_instructions(mlc.ConfigDict(dict(names=("sharpen",))))
+
+
+def test_depth_scenes_are_exact(data_cfg):
+    d = data_cfg.depth
+    rng = np.random.default_rng(3)
+    tex = np.full((32, 32, 3), 255, np.uint8)
+    rgb, z, obj = tasks.render_scene(tex, rng, d, 32, ("red", "sphere", "blue"))
+    assert obj.any() and (~obj).any()
+    # The sphere is in front of the wall, and its centre is its nearest point.
+    assert z[obj].max() < z[~obj].min()
+    # Colours follow the caption: chromaticity of the object red, the wall blue.
+    assert rgb[obj].mean(0).argmax() == 0 and rgb[~obj].mean(0).argmax() == 2
+    cond = tasks.depth_condition(z)
+    assert cond.max() == pytest.approx(1.0) and cond.min() == pytest.approx(-1.0)
+    assert cond[obj].mean() > cond[~obj].mean()     # near = bright
+    b = pipeline.make_eval_batch(data_cfg, task="depth", num_examples=4, seed=0)
+    assert b["cond"].shape[-1] == 1 and b["prompt"].dtype == np.int32
+    assert len(tasks.prompts(data_cfg, "depth")) == len(d.colours) ** 2 * len(d.shapes)
+
+
+def test_caption_colour_accuracy_scores_the_true_images(data_cfg):
+    b = pipeline.make_eval_batch(data_cfg, task="depth", num_examples=8, seed=1)
+    right = evaluate.caption_colour_accuracy(b["image"], b, data_cfg.depth)
+    assert right == {"colour_acc_object": 1.0, "colour_acc_wall": 1.0}
+    gray = evaluate.caption_colour_accuracy(np.zeros_like(b["image"]), b, data_cfg.depth)
+    assert gray["colour_acc_object"] < 1.0
+
+
+def test_hole_psnr_separates_inside_and_outside():
+    ref = np.zeros((2, 8, 8, 3), np.float32)
+    mask = np.zeros((2, 8, 8, 1), np.float32)
+    mask[:, :4] = 1
+    out = ref.copy()
+    out[:, :4] = 0.2        # wrong only inside the hole: error 0.1 in [0, 1] units -> 20 dB
+    m = evaluate.hole_psnr(out, ref, mask)
+    assert m["psnr_hole"] == pytest.approx(20.0, abs=1e-4) and m["psnr_known"] == pytest.approx(100.0)
+
+
+def _text_cfg(**kw):
+    tcfg = depth_configs.get_config("smoke")
+    tcfg.text.update(kw)
+    return tcfg
+
+
+def test_tiny_text_encoder_tokens_and_cache(tmp_path, caplog):
+    config = _text_cfg()
+    ps = ["make it grayscale", "invert the colours"]
+    enc = prompts.make_encoder(config, ps, str(tmp_path))
+    assert enc.tokenizer.tokenize("make it grayscale") == ["make</w>", "it</w>", "grayscale</w>"]
+    table = prompts.prompt_table(enc, ps, str(tmp_path), 10)
+    assert table.shape == (3, config.text.tiny.max_length, config.text.tiny.width)
+    assert not np.allclose(table[1], table[2]) and not np.allclose(table[0], table[1])
+    again = prompts.prompt_table(enc, ps, str(tmp_path), 10)     # from the cache file
+    np.testing.assert_array_equal(table, again)
+    with pytest.raises(ValueError, match="text.max_cached_prompts=1"):
+        prompts.prompt_table(enc, ps, None, 1)
+    with caplog.at_level(logging.WARNING):
+        long = enc.embed(["make it grayscale " * 8])
+    assert long.shape[1] == config.text.tiny.max_length
+    assert "truncated" in caplog.text
+
+
+def test_prompt_dropout_and_lookup():
+    table = jnp.arange(4 * 2 * 3, dtype=jnp.float32).reshape(4, 2, 3)
+    seen = {}
+
+    def loss(params, frozen, ema, batch, rng):
+        seen["ctx"] = batch["context"]
+        return 0.0, {}
+
+    idx = jnp.asarray([0, 1, 2, 2, 1, 0, 2, 1] * 8, jnp.int32)
+    frozen = {"prompt_table": table}
+    prompts.with_prompts(loss, 0.0)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(seen["ctx"], table[idx + 1])
+    prompts.with_prompts(loss, 0.5)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
+    empty = np.all(np.asarray(seen["ctx"]) == np.asarray(table[0]), axis=(1, 2))
+    assert 0.25 < empty.mean() < 0.75
+    kept = ~empty
+    np.testing.assert_array_equal(np.asarray(seen["ctx"])[kept], np.asarray(table)[np.asarray(idx)[kept] + 1])
+
+
+def test_classifier_free_guidance_combines_two_passes():
+    from codi_jax import diffusion
+
+    class Fake:
+        """A 'network' whose output depends on the context: x_hat = z * mean(context)."""
+        schedule = diffusion.make_schedule(depth_configs.get_config("smoke").schedule)
+
+        def __call__(self, params, z, t, cond, context):
+            c = jnp.mean(context, axis=(1, 2))[:, None, None, None]
+            return z * c, z * 0 + c
+
+    z = jnp.ones((2, 4, 4, 3))
+    pos = jnp.full((2, 3, 5), 2.0)
+    neg = jnp.full((2, 3, 5), 0.5)
+    ctx = {"prompt": pos, "negative": neg}
+    x1, e1 = prompts.Guided(Fake(), 1.0)(None, z, 10, None, ctx)
+    np.testing.assert_allclose(x1, 2.0)
+    x3, e3 = prompts.Guided(Fake(), 3.0)(None, z, 10, None, ctx)
+    np.testing.assert_allclose(x3, 0.5 + 3.0 * (2.0 - 0.5))
+    np.testing.assert_allclose(e3, 0.5 + 3.0 * (2.0 - 0.5))
+
+
+@pytest.mark.parametrize("get_config,key,value,expected", [
+    (inpaint_configs.get_config, "model.adapter.cond_channels", 3, "task 'inpaint' has 4-channel conditions"),
+    (depth_configs.get_config, "model.unet.cross_attention_dim", None, "cross_attention_dim is None"),
+    (edit_configs.get_config, "text.dropout", 1.5, "text.dropout=1.5"),
+])
+def test_task_config_errors(get_config, key, value, expected):
+    config = get_config("smoke")
+    node, leaf = config, key.split(".")
+    for part in leaf[:-1]:
+        node = node[part]
+    node[leaf[-1]] = value
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        experiment.validate_config(config)
+
+
+def test_text_encoder_width_must_match_the_unet(tmp_path):
+    config = edit_configs.get_config("smoke")
+    config.text.tiny.width = 16
+    with pytest.raises(ValueError, match="16-wide embeddings but model.unet.cross_attention_dim=32"):
+        experiment.prompt_embeddings(config, str(tmp_path))
+
+
+def _write(path, arr):
+    from PIL import Image
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def test_sampling_inputs_from_files(tmp_path):
+    from codi_jax import sample
+
+    config = inpaint_configs.get_config("smoke")
+    img = np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    files = [_write(tmp_path / "a.png", img)]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((20, 20), np.uint8)
+    m[5:10, 5:10] = 255
+    _write(masks / "a.png", m)
+    cond = sample.conditions("inpaint", files, config, 16, str(masks))
+    assert cond.shape == (1, 16, 16, 4) and set(np.unique(cond[..., 3])) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="needs --masks"):
+        sample.conditions("inpaint", files, config, 16)
+    _write(masks / "a.png", np.zeros((10, 20), np.uint8))
+    with pytest.raises(ValueError, match="mask is 10x20 but the image is 20x20"):
+        sample.conditions("inpaint", files, config, 16, str(masks))
+    _write(masks / "a.png", np.full((20, 20), 128, np.uint8))
+    with pytest.raises(ValueError, match="not binary"):
+        sample.conditions("inpaint", files, config, 16, str(masks))
+    sr = sample.conditions("sr", files, config, 16)             # LR at 16 / sr_scale, bicubic-upsampled
+    assert sr.shape == (1, 16, 16, 3)
+    d = sample.conditions("depth", files, config, 16)
+    assert d.shape == (1, 16, 16, 1) and d.min() == -1.0 and d.max() == 1.0
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png: not an image"):
+        sample.conditions("edit", [str(bad)], config, 16)
+    assert sample.read_prompts("x", "", 2) == ["x", "x"]
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    with pytest.raises(ValueError, match="has 2 prompts for 3 inputs"):
+        sample.read_prompts(None, str(tmp_path / "p.txt"), 3)
+    with pytest.raises(FileNotFoundError, match="--inputs: /nonexistent does not exist"):
+        sample.list_inputs("/nonexistent")
