@@ -76,6 +76,9 @@ def validate_config(config):
         raise ValueError(f"config codi.guidance_space={c.guidance_space!r} is not one of {codi.GUIDANCE_SPACES}")
     if not config.teacher.pretrained_path and config.model.unet.in_channels != 3:
         raise ValueError("config model.unet.in_channels must be 3 for pixel-space models (no teacher.pretrained_path)")
+    source_task = {"edit_jsonl": "edit", "ip2p_folder": "edit", "depth_folder": "depth"}.get(config.data.source)
+    if source_task and source_task != config.task:
+        raise ValueError(f"config data.source={config.data.source!r} holds {source_task} data, not {config.task!r}")
     want = task_data.COND_CHANNELS[config.task]
     if config.model.adapter.cond_channels != want:
         raise ValueError(f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "

@@ -149,8 +149,11 @@ def depth_scenes() -> ml_collections.ConfigDict:
 
 def get_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.source = 'embedded'  # 'embedded' (package images) or 'folder'
-  c.folder = ''  # training image directory for source='folder'
+  # 'embedded' (package images) | 'folder' | paired datasets (codi_jax/data/paired.py):
+  # 'edit_jsonl' | 'ip2p_folder' (task edit), 'depth_folder' (task depth)
+  c.source = 'embedded'
+  c.folder = ''  # image directory for source='folder' (the dataset's root for paired sources)
+  c.pairs_file = ''  # source='edit_jsonl': the JSONL file of (input, edited, instruction)
   c.eval_folder = ''  # eval image directory; '' = hold out from `folder`
   c.eval_fraction = 0.1  # held-out fraction of `folder` when eval_folder=''
   # Embedded training images: colour photos plus textured grayscale ones.

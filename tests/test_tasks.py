@@ -1,6 +1,7 @@
 """Task data (masks, rendered depth scenes, computable edits), text conditioning and the task metrics."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -251,3 +252,83 @@ def test_sampling_inputs_from_files(tmp_path):
         sample.read_prompts(None, str(tmp_path / "p.txt"), 3)
     with pytest.raises(FileNotFoundError, match="--inputs: /nonexistent does not exist"):
         sample.list_inputs("/nonexistent")
+
+
+def _photos(n, size=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _paired_cfg(task, **kw):
+    cfg = (edit_configs if task == "edit" else depth_configs).get_config("smoke")
+    cfg.data.update(kw, image_downscale=1, eval_fraction=0.3)
+    return cfg
+
+
+def test_edit_jsonl_and_ip2p_layouts(tmp_path):
+    import json
+    photos = _photos(3)
+    lines = []
+    for i, p in enumerate(photos):
+        _write(tmp_path / f"in{i}.png", p)
+        _write(tmp_path / f"out{i}.png", 255 - p)
+        lines.append({"input": f"in{i}.png", "edited": f"out{i}.png",
+                      "instruction": "invert the colours" if i < 2 else "make it darker"})
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = _paired_cfg("edit", source="edit_jsonl", pairs_file=str(tmp_path / "edits.jsonl"))
+    experiment.validate_config(cfg)
+    assert tasks.prompts(cfg.data, "edit") == ["invert the colours", "make it darker"]
+    b = pipeline.make_eval_batch(cfg.data, task="edit", num_examples=2, seed=0)     # the held-out last edit
+    np.testing.assert_allclose(b["image"], -b["cond"], atol=1e-5)                     # the inverted crop, aligned
+    assert list(b["prompt"]) == [1, 1]
+    it = pipeline.make_train_iterator(cfg.data, task="edit", global_batch_size=4, seed=0)
+    t = next(it)
+    np.testing.assert_allclose(t["image"], -t["cond"], atol=1e-5)
+    assert set(t["prompt"].tolist()) == {0}
+
+    # InstructPix2Pix's folder layout
+    root = tmp_path / "ip2p"
+    for i, p in enumerate(photos):
+        d = root / f"{i:04d}"
+        d.mkdir(parents=True)
+        (d / "prompt.json").write_text(json.dumps({"edit": "turn it upside down", "input": "a", "output": "b"}))
+        _write(d / "77_0.jpg", p)
+        _write(d / "77_1.jpg", p[::-1].copy())
+    cfg2 = _paired_cfg("edit", source="ip2p_folder", folder=str(root))
+    b2 = pipeline.make_eval_batch(cfg2.data, task="edit", num_examples=1, seed=0)
+    assert b2["image"].shape == (1, 16, 16, 3) and tasks.prompts(cfg2.data, "edit") == ["turn it upside down"]
+
+    lines[1]["instruction"] = " "
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    bad = _paired_cfg("edit", source="edit_jsonl", pairs_file=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="bad.jsonl line 2: the edit has no instruction"):
+        tasks.prompts(bad.data, "edit")
+    wrong = _paired_cfg("depth", source="edit_jsonl", pairs_file=str(tmp_path / "edits.jsonl"))
+    with pytest.raises(ValueError, match="holds edit data, not 'depth'"):
+        experiment.validate_config(wrong)
+
+
+def test_depth_folder_layout(tmp_path):
+    import json
+    (tmp_path / "images").mkdir()
+    (tmp_path / "depth").mkdir()
+    caps = []
+    for i, p in enumerate(_photos(3)):
+        _write(tmp_path / "images" / f"im{i}.png", p)
+        z = np.linspace(1.0, 4.0, p.shape[1], dtype=np.float32)[None].repeat(p.shape[0], 0)
+        np.save(tmp_path / "depth" / f"im{i}.npy", z)
+        caps.append({"file": f"im{i}.png", "caption": f"scene {i}"})
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in caps))
+    cfg = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path))
+    b = pipeline.make_eval_batch(cfg.data, task="depth", num_examples=1, seed=0)
+    # Depth grows to the right: inverse depth, near = bright, falls left to right (-1..1 per crop).
+    assert b["cond"][0, 0, 0, 0] == pytest.approx(1.0) and b["cond"][0, 0, -1, 0] == pytest.approx(-1.0)
+    assert tasks.prompts(cfg.data, "depth") == ["scene 0", "scene 1", "scene 2"] and b["prompt"][0] == 2
+    os.remove(tmp_path / "depth" / "im1.npy")
+    cfg2 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="x")   # new cache key
+    with pytest.raises(FileNotFoundError, match="no depth map depth/im1.npy or .png for images/im1.png"):
+        tasks.prompts(cfg2.data, "depth")
+    np.save(tmp_path / "depth" / "im1.npy", np.ones((5, 5), np.float32))
+    cfg3 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="y")
+    with pytest.raises(ValueError, match="depth map .*im1.npy is 5x5 but its image is 24x28"):
+        pipeline.make_train_iterator(cfg3.data, task="depth", global_batch_size=2, seed=0)

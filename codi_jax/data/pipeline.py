@@ -60,7 +60,11 @@ def make_example(img: np.ndarray, rng: np.random.Generator, *, task: str,
                  deg_config=None, usm_config=None, data_config=None
                  ) -> dict[str, np.ndarray]:
   """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
-  the other tasks' records from `tasks.MAKERS` (they read `data_config`)."""
+  the other tasks' records from `tasks.MAKERS` (they read `data_config`), or
+  from a paired dataset's record (a dict: `codi_jax.data.paired`)."""
+  if isinstance(img, dict):
+    return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size,
+                                     flip=flip)
   crop = random_crop(img, crop_size, rng)
   if flip and rng.random() < 0.5:
     crop = crop[:, ::-1]

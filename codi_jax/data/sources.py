@@ -265,8 +265,11 @@ def make_source(data_config, split: str):
     key = 'data.eval_folder' if data_config.get('eval_folder') else (
         'data.folder')
     return FolderImageSource(path, files=evl, config_key=key, **kw)
-  raise ValueError(f"data.source must be 'embedded' or 'folder', got "
-                   f'{data_config.source!r}.')
+  from codi_jax.data import paired  # records of paired datasets (editing triplets, depth pairs)
+  if data_config.source in paired.PAIRED_SOURCES:
+    return paired.PairedSource(data_config, split)
+  raise ValueError(f"data.source must be 'embedded', 'folder' or one of "
+                   f"{paired.PAIRED_SOURCES}, got {data_config.source!r}.")
 
 
 def check_disjoint(data_config) -> None:
@@ -278,6 +281,8 @@ def check_disjoint(data_config) -> None:
       raise ValueError(f'data.train_images and data.eval_images overlap: '
                        f'{overlap}; eval images must be held out.')
     return
+  if data_config.source not in ('embedded', 'folder'):
+    return  # paired datasets: the split is by record, disjoint by construction
   if data_config.source == 'folder':
     train, evl = _folder_split(data_config)
     if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):

@@ -226,8 +226,32 @@ def make_depth_example(crop: np.ndarray, rng: np.random.Generator, data_config) 
             "object_mask": obj[..., None].astype(np.float32)}
 
 
+def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_size: int, flip: bool) -> dict:
+    """A record of a paired dataset (codi_jax/data/paired.py): the same random crop (and horizontal
+    flip) of both images; depth's inverse depth normalised per crop to [-1, 1]."""
+    a, b = rec["a"], rec["b"]
+    h, w = a.shape[:2]
+    if min(h, w) < crop_size:
+        raise ValueError(f"a record's image is {h}x{w}, smaller than data.crop_size={crop_size}")
+    y, x = int(rng.integers(h - crop_size + 1)), int(rng.integers(w - crop_size + 1))
+    a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
+    if flip and rng.random() < 0.5:
+        a, b = a[:, ::-1], b[:, ::-1]
+    prompt = np.int32(rec["prompt"])
+    if task == "edit":
+        return {"image": _signed(b / 255.0), "cond": _signed(a / 255.0), "prompt": prompt}
+    if task == "depth":
+        lo, hi = float(b.min()), float(b.max())
+        cond = ((b - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0)[..., None].astype(np.float32)
+        return {"image": _signed(a / 255.0), "cond": cond, "prompt": prompt}
+    raise ValueError(f"task {task!r} has no paired datasets (data.source is for 'edit' or 'depth')")
+
+
 def prompts(data_config, task: str) -> list[str]:
     """The task's prompt list; a record's 'prompt' is an index into it."""
+    from codi_jax.data import paired
+    if data_config.source in paired.PAIRED_SOURCES:
+        return paired.dataset_prompts(data_config)
     if task == "edit":
         return edit_instructions(data_config.edit)
     if task == "depth":

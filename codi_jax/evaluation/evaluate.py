@@ -134,7 +134,7 @@ def caption_colour_accuracy(samples, batch, dcfg) -> dict:
 def task_metrics(task: str, samples, batch: dict, data_cfg) -> dict:
     if task == "inpaint":
         return hole_psnr(samples, batch["image"], batch["mask"])
-    if task == "depth" and data_cfg is not None:
+    if task == "depth" and data_cfg is not None and "object_mask" in batch:
         return caption_colour_accuracy(samples, batch, data_cfg.depth)
     return {}
 

@@ -1,0 +1,185 @@
+"""Paired datasets on disk: instructed-editing triplets and images with depth maps and captions.
+
+`data.source` (configs/data.py):
+  'edit_jsonl'   `data.pairs_file`: a JSONL file, one edit a line: {"input": PATH, "edited": PATH,
+                 "instruction": TEXT}; InstructPix2Pix's column names (original_image, edited_image,
+                 edit_prompt) are accepted too. Paths are relative to the file's folder.
+  'ip2p_folder'  InstructPix2Pix's released layout: `data.folder`/<sample>/prompt.json ({"edit": TEXT, ...})
+                 beside <seed>_0.jpg (input) and <seed>_1.jpg (edited); the first seed of each sample.
+  'depth_folder' `data.folder`/images/<stem>.<ext>, `data.folder`/depth/<stem>.npy (depth, larger =
+                 farther) or <stem>.png (inverse depth, near = bright, as MiDaS/DPT write it), and
+                 `data.folder`/captions.jsonl: {"file": "<image file name>", "caption": TEXT} per image.
+Records are dicts: 'a' uint8 [H, W, 3] (the input / the image), 'b' uint8 [H, W, 3] (the edited image) or
+float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts).
+The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from codi_jax.data import sources
+
+PAIRED_SOURCES = ("edit_jsonl", "ip2p_folder", "depth_folder")
+
+
+def _image(path: str, factor: float, what: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = sources.to_rgb_uint8(ImageOps.exif_transpose(im))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: {path} is not a decodable image ({e})") from None
+    return sources.downscale(arr, factor)
+
+
+def _inverse_depth(path: str, shape, factor: float) -> np.ndarray:
+    if path.endswith(".npy"):
+        z = np.load(path).astype(np.float32)
+        if z.ndim == 3:
+            z = z[..., 0]
+        if np.any(z <= 0):
+            raise ValueError(f"depth map {path}: depth must be > 0 (larger = farther)")
+        inv = 1.0 / z
+    else:
+        with Image.open(path) as im:
+            inv = np.asarray(im).astype(np.float32)
+        if inv.ndim == 3:
+            inv = inv[..., 0]
+    full = (int(shape[0] * factor), int(shape[1] * factor)) if factor != 1 else tuple(shape[:2])
+    if inv.shape != full:
+        raise ValueError(f"depth map {path} is {inv.shape[0]}x{inv.shape[1]} but its image is {full[0]}x{full[1]}")
+    if factor != 1:
+        inv = np.asarray(Image.fromarray(inv).resize((shape[1], shape[0]), Image.Resampling.BOX))
+    return inv
+
+
+def _edit_rows(data_config) -> list[tuple[str, str, str, str]]:
+    """(key, input path, edited path, instruction) of every edit."""
+    rows = []
+    if data_config.source == "edit_jsonl":
+        path = data_config.pairs_file
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data.pairs_file={path!r} does not exist")
+        root = os.path.dirname(os.path.abspath(path))
+        with open(path) as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                src = d.get("input", d.get("original_image"))
+                dst = d.get("edited", d.get("edited_image"))
+                text = d.get("instruction", d.get("edit_prompt"))
+                if not src or not dst:
+                    raise ValueError(f"{path} line {i}: needs 'input' and 'edited' image paths")
+                if not text or not str(text).strip():
+                    raise ValueError(f"{path} line {i}: the edit has no instruction")
+                rows.append((f"{i:08d}", os.path.join(root, src), os.path.join(root, dst), str(text).strip()))
+    else:
+        folder = data_config.folder
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data.folder={folder!r} does not exist")
+        for sample in sorted(os.listdir(folder)):
+            d = os.path.join(folder, sample)
+            meta = os.path.join(d, "prompt.json")
+            if not os.path.isfile(meta):
+                continue
+            with open(meta) as f:
+                text = json.load(f).get("edit", "")
+            if not text.strip():
+                raise ValueError(f"{meta}: the edit has no instruction ('edit')")
+            firsts = sorted(glob.glob(os.path.join(d, "*_0.*")))
+            if not firsts:
+                raise FileNotFoundError(f"{d}: no <seed>_0 input image")
+            stem, ext = firsts[0][:-len("_0" + os.path.splitext(firsts[0])[1])], os.path.splitext(firsts[0])[1]
+            rows.append((sample, firsts[0], f"{stem}_1{ext}", text.strip()))
+    if not rows:
+        raise ValueError(f"data.source={data_config.source!r}: no edits found")
+    return rows
+
+
+def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
+    """(key, image path, depth path, caption) of every image."""
+    root = data_config.folder
+    images = sources.list_image_files(os.path.join(root, "images"), "data.folder/images")
+    cap_path = os.path.join(root, "captions.jsonl")
+    if not os.path.isfile(cap_path):
+        raise FileNotFoundError(f"data.folder: {cap_path} does not exist (one caption per image)")
+    captions = {}
+    with open(cap_path) as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                captions[d["file"]] = str(d.get("caption", "")).strip()
+    rows = []
+    for img in images:
+        name = os.path.basename(img)
+        stem = os.path.splitext(name)[0]
+        depth = [p for p in (os.path.join(root, "depth", stem + ext) for ext in (".npy", ".png")) if os.path.isfile(p)]
+        if not depth:
+            raise FileNotFoundError(f"data.folder: no depth map depth/{stem}.npy or .png for images/{name}")
+        if not captions.get(name):
+            raise ValueError(f"{cap_path}: no caption for {name}")
+        rows.append((name, img, depth[0], captions[name]))
+    return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(data_config_json: str):
+    from ml_collections import ConfigDict
+    dc = ConfigDict(json.loads(data_config_json))
+    rows = _depth_rows(dc) if dc.source == "depth_folder" else _edit_rows(dc)
+    return sorted(rows), sorted({r[3] for r in rows})
+
+
+def _rows_of(data_config):
+    keys = ("source", "folder", "pairs_file")
+    return _rows(json.dumps({k: data_config.get(k, "") for k in keys}))
+
+
+def dataset_prompts(data_config) -> list[str]:
+    return list(_rows_of(data_config)[1])
+
+
+class PairedSource:
+    """In-memory records of a paired dataset split (grain RandomAccessDataSource)."""
+
+    def __init__(self, data_config, split: str):
+        rows, prompts = _rows_of(data_config)
+        k = math.ceil(data_config.eval_fraction * len(rows))
+        if k < 1 or k >= len(rows):
+            raise ValueError(f"data.source={data_config.source!r} has {len(rows)} records; data.eval_fraction="
+                             f"{data_config.eval_fraction} must leave at least one for eval and one for training")
+        rows = rows[:-k] if split == "train" else rows[-k:]
+        index = {p: i for i, p in enumerate(prompts)}
+        factor = data_config.image_downscale
+        self.keys = tuple(r[0] for r in rows)
+        self._records = []
+        for key, a_path, b_path, text in rows:
+            a = _image(a_path, factor, f"record {key}")
+            if data_config.source == "depth_folder":
+                b = _inverse_depth(b_path, a.shape, factor)
+            else:
+                b = _image(b_path, factor, f"record {key}")
+                if b.shape != a.shape:
+                    raise ValueError(f"record {key}: edited image {b.shape[:2]} and input {a.shape[:2]} differ in size")
+            self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
+        self._repr = f"PairedSource({data_config.source!r}, {split!r}, {self.keys!r})"
+
+    def __len__(self):
+        return len(self._records)
+
+    def __getitem__(self, i):
+        return self._records[i]
+
+    def __repr__(self):
+        return self._repr
