@@ -152,6 +152,8 @@ def evaluation():
         fid_weights="",          # local FID InceptionV3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
                                  # or .safetensors): adds 'fid' (docs/metrics.md says where to get them)
         lpips_weights="",        # 'alexnet.pth,alex.pth': torchvision AlexNet + the lpips package's lin weights: adds 'lpips'
+        clip_model="",           # a local transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14 saved with
+                                 # save_pretrained): adds 'clip_score' for tasks with prompts (depth, edit)
         batch_size=16,
         seed=1234,
     ))

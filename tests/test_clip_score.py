@@ -54,3 +54,23 @@ def test_not_a_clip_folder(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match="not a CLIPModel's"):
         clip_score.CLIPScorer(str(tmp_path))
+
+
+def test_clip_score_row_scores_each_sample_against_its_own_prompt(tiny_clip):
+    from codi_jax.data import pipeline, tasks
+    from codi_jax.evaluation import evaluate
+    from configs import edit
+
+    path, _ = tiny_clip
+    config = edit.get_config("smoke")
+    config.eval.clip_model = str(path)
+    batch = pipeline.make_eval_batch(config.data, task="edit", num_examples=6, seed=0)
+    words = tasks.prompts(config.data, "edit")
+    got = evaluate.prompt_metrics(batch["image"], batch, config.eval, config.data, "edit", batch_size=4)
+    scorer = clip_score.CLIPScorer(str(path))
+    want = np.mean([scorer.score(batch["image"][i:i + 1], [words[int(k)]])[0] for i, k in enumerate(batch["prompt"])])
+    assert got["clip_score"] == pytest.approx(float(want), rel=1e-4)
+    # Shuffled prompts give another score: the row pairs each sample with its own prompt.
+    shuffled = dict(batch, prompt=(batch["prompt"] + 1) % len(words))
+    assert evaluate.prompt_metrics(batch["image"], shuffled, config.eval, config.data, "edit")["clip_score"] != got["clip_score"]
+    assert evaluate.prompt_metrics(batch["image"], batch, config.eval, config.data, "sr") == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -35,6 +36,28 @@ def check_metric_weights(ecfg) -> None:
     if ecfg.get("lpips_weights"):
         from codi_jax.evaluation import lpips
         lpips.distance_fn(ecfg.lpips_weights)
+    if ecfg.get("clip_model"):
+        clip_scorer(ecfg.clip_model)
+
+
+@functools.lru_cache(maxsize=2)
+def clip_scorer(folder: str):
+    from codi_jax.evaluation import clip_score
+    return clip_score.CLIPScorer(folder)
+
+
+def prompt_metrics(samples, batch, ecfg, data_cfg, task: str, batch_size: int = 16) -> dict:
+    """CLIP score (Table 2's text-image agreement) of samples against their prompts, where the eval
+    config names a CLIP model (`eval.clip_model`) and the task has prompts."""
+    from codi_jax.data import tasks as task_data
+    if not ecfg.get("clip_model") or task not in task_data.PROMPT_TASKS or data_cfg is None:
+        return {}
+    words = task_data.prompts(data_cfg, task)
+    texts = [words[int(k)] for k in np.asarray(batch["prompt"])]
+    scorer = clip_scorer(ecfg.clip_model)
+    x = np.asarray(samples)
+    scores = [scorer.score(x[i:i + batch_size], texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return {"clip_score": float(np.mean(np.concatenate(scores)))}
 
 
 def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
@@ -162,6 +185,7 @@ def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, tas
     for name, images in baselines.items():
         results[name] = all_metrics(images, hr, ecfg)
         results[name].update(task_metrics(task, images, eval_batch, data_cfg))
+        results[name].update(prompt_metrics(images, eval_batch, ecfg, data_cfg, task))
     columns = list(columns)
     timings = {}
     rng = jax.random.PRNGKey(ecfg.seed)
@@ -185,6 +209,7 @@ def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, tas
                             "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
             results[key] = all_metrics(samples, hr, ecfg)
             results[key].update(task_metrics(task, samples, eval_batch, data_cfg))
+            results[key].update(prompt_metrics(samples, eval_batch, ecfg, data_cfg, task))
             columns.append((column_label(method, sampler, num_steps), samples))
             logging.info("eval: %s: %s", key, results[key])
 

@@ -121,6 +121,7 @@ def run(ecfg, workdir: str) -> dict | None:
         result = dict(evaluate.all_metrics(samples, hr, ecfg), sampler=sampler, steps=num_steps,
                       wall_s=round(time.perf_counter() - t0, 2))
         result.update(evaluate.task_metrics(run_cfg.task, samples, batch, run_cfg.data))
+        result.update(evaluate.prompt_metrics(samples, batch, ecfg, run_cfg.data, run_cfg.task))
         np.savez_compressed(_key_path(out_dir, key, "npz"), samples=grids.to_uint8(samples[:k]))
         tmp = _key_path(out_dir, key, "json.tmp")
         with open(tmp, "w") as f:
