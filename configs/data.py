@@ -144,6 +144,9 @@ def depth_scenes() -> ml_collections.ConfigDict:
   d.object_radius = (0.25, 0.5)  # object half-size, image-plane units ([-1, 1] across)
   d.light = (-0.5, -0.6, -0.6)  # direction towards the light (x right, y down, z away)
   d.texture_strength = (0.55, 1.0)  # photo luminance mapped to this brightness range
+  # source='depth_folder': a local transformers depth-estimation folder (DPT/MiDaS) that makes the
+  # missing depth/ maps once ('' = every map must exist)
+  d.model_path = ''
   return d
 
 

@@ -332,3 +332,36 @@ def test_depth_folder_layout(tmp_path):
     cfg3 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="y")
     with pytest.raises(ValueError, match="depth map .*im1.npy is 5x5 but its image is 24x28"):
         pipeline.make_train_iterator(cfg3.data, task="depth", global_batch_size=2, seed=0)
+
+
+def test_missing_depth_maps_are_made_once_by_a_depth_model(tmp_path):
+    import json
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    dpt = tmp_path / "dpt"
+    cfg = transformers.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48,
+                                 image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                                 neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    transformers.DPTForDepthEstimation(cfg).save_pretrained(dpt)
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dpt)
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for i, p in enumerate(_photos(3)):
+        _write(root / "images" / f"im{i}.png", p)
+    (root / "captions.jsonl").write_text("\n".join(json.dumps({"file": f"im{i}.png", "caption": "c"}) for i in range(3)))
+    cfg = _paired_cfg("depth", source="depth_folder", folder=str(root))
+    cfg.data.depth.model_path = str(dpt)
+    b = pipeline.make_eval_batch(cfg.data, task="depth", num_examples=1, seed=0)
+    maps = sorted(os.listdir(root / "depth"))
+    assert maps == ["im0.png", "im1.png", "im2.png"]
+    from PIL import Image
+    with Image.open(root / "depth" / "im0.png") as im:
+        arr = np.asarray(im)
+    assert arr.shape == (24, 28) and arr.dtype == np.uint16 and arr.max() == 65535 and arr.min() == 0
+    assert b["cond"].shape == (1, 16, 16, 1)
+    mtimes = [os.path.getmtime(root / "depth" / m) for m in maps]
+    from codi_jax.data import depth_model
+    assert depth_model.estimate_missing(sorted(str(p) for p in (root / "images").iterdir()), str(root / "depth"),
+                                        str(dpt)) == []                       # cached: nothing to redo
+    assert mtimes == [os.path.getmtime(root / "depth" / m) for m in maps]

@@ -9,6 +9,8 @@
   'depth_folder' `data.folder`/images/<stem>.<ext>, `data.folder`/depth/<stem>.npy (depth, larger =
                  farther) or <stem>.png (inverse depth, near = bright, as MiDaS/DPT write it), and
                  `data.folder`/captions.jsonl: {"file": "<image file name>", "caption": TEXT} per image.
+                 With `data.depth.model_path`, missing maps are made once by a depth model and written
+                 to depth/ (codi_jax/data/depth_model.py).
 Records are dicts: 'a' uint8 [H, W, 3] (the input / the image), 'b' uint8 [H, W, 3] (the edited image) or
 float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts).
 The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out for evaluation.
@@ -114,6 +116,9 @@ def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
     cap_path = os.path.join(root, "captions.jsonl")
     if not os.path.isfile(cap_path):
         raise FileNotFoundError(f"data.folder: {cap_path} does not exist (one caption per image)")
+    if data_config.get("depth_model_path"):   # maps made once by a depth model (codi_jax/data/depth_model.py)
+        from codi_jax.data import depth_model
+        depth_model.estimate_missing(images, os.path.join(root, "depth"), data_config.depth_model_path)
     captions = {}
     with open(cap_path) as f:
         for line in f:
@@ -142,8 +147,9 @@ def _rows(data_config_json: str):
 
 
 def _rows_of(data_config):
-    keys = ("source", "folder", "pairs_file")
-    return _rows(json.dumps({k: data_config.get(k, "") for k in keys}))
+    keys = {"source": data_config.source, "folder": data_config.folder, "pairs_file": data_config.get("pairs_file", ""),
+            "depth_model_path": data_config.depth.get("model_path", "") if "depth" in data_config else ""}
+    return _rows(json.dumps(keys))
 
 
 def dataset_prompts(data_config) -> list[str]:
