@@ -11,8 +11,9 @@ from PIL import Image
 
 from codi_jax import experiment, sample
 from codi_jax.data import pipeline, tasks as task_data
-from codi_jax.evaluation import evaluate
+from codi_jax.evaluation import evaluate, job
 from configs import depth, edit, inpaint
+from configs import eval as eval_configs
 
 
 def _finite_rows(report, rows):
@@ -38,6 +39,15 @@ def test_inpaint_smoke(tmp_path):
     assert report["metrics"]["input"]["psnr_hole"] < 40
     assert report["task"] == "inpaint" and report["grid"].endswith("inpaint_grid.png")
     assert _grid_columns(report, config.data.crop_size) == 4     # masked | CoDi 1 | CoDi 2 | target
+
+    # The batch evaluation job on the inpainting run: the task's baseline and metrics, the same numbers.
+    ecfg = eval_configs.get_config()
+    ecfg.update(checkpoint=str(tmp_path), steps=(1,), samplers=("deterministic",))
+    summary = job.run(ecfg, str(tmp_path / "eval"))
+    for key in ("input", "codi_1step"):
+        for metric in ("psnr", "psnr_hole"):
+            assert summary["metrics"][key][metric] == pytest.approx(report["metrics"][key][metric], abs=1e-3), key
+    assert Image.open(summary["grid"]).size[0] == 2 + 3 * (config.data.crop_size + 2)   # masked | CoDi 1 | target
 
 
 def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
