@@ -365,3 +365,22 @@ def test_missing_depth_maps_are_made_once_by_a_depth_model(tmp_path):
     assert depth_model.estimate_missing(sorted(str(p) for p in (root / "images").iterdir()), str(root / "depth"),
                                         str(dpt)) == []                       # cached: nothing to redo
     assert mtimes == [os.path.getmtime(root / "depth" / m) for m in maps]
+
+
+def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
+    """text.encoder='pretrained': the Stable Diffusion folder's CLIP embeds the task's prompts, row for
+    row as the single-prompt path of the SD loader does (one encoder, two callers)."""
+    from codi_jax.pretrained import stable_diffusion
+    from tests import sd_folder
+
+    folder = str(sd_folder.make_tiny_sd(tmp_path / "sd"))
+    config = edit_configs.get_config("")
+    config.teacher.pretrained_path = folder
+    config.model.unet.cross_attention_dim = 32      # the tiny SD folder's width (the run takes it from the folder)
+    table, negative = experiment.prompt_embeddings(config, str(tmp_path / "run"))
+    words = tasks.prompts(config.data, "edit")
+    assert table.shape[0] == 1 + len(words) and negative.shape == (1,) + table.shape[1:]
+    for i in (0, 3):
+        want = stable_diffusion.prompt_embedding(folder, words[i], None)
+        np.testing.assert_allclose(table[i + 1], want[0], atol=1e-5)
+    np.testing.assert_allclose(table[0], stable_diffusion.prompt_embedding(folder, "", None)[0], atol=1e-5)
