@@ -328,8 +328,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
                                           seed=config.eval.seed)
     teacher_images, method_images = _preview_fns(config, plain, method_denoiser, eval_batch, space)
-    if jax.process_count() > 1:  # previews read whole arrays on one process; metrics come at the end
-        teacher_images = method_images = None
+    if jax.process_count() > 1 or not config.eval.get("previews", True):
+        teacher_images = method_images = None   # previews read whole arrays on one process; metrics come at the end
     # The logical axis names the modules put on their weights, for the sharding rules.
     names = base.model_logical_names(module, config.model, space.shape[0], config.data.crop_size)
     logical = {"unet": names["unet"], "adapter": names["adapter"],

@@ -273,6 +273,13 @@ def conditions(task: str, files: list[str], config, size: int, masks_dir: str = 
     return np.stack(out).astype(np.float32)
 
 
+def keep_known(samples: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    """Inpainting: the given pixels from the input, the hole from the samples (cond = image with the hole
+    at 0, mask in [-1, 1])."""
+    mask = (cond[..., 3:4] + 1.0) / 2.0
+    return mask * samples + (1.0 - mask) * cond[..., :3]
+
+
 def read_prompts(prompt: str, prompts_file: str, n: int) -> list[str] | None:
     if prompts_file:
         with open(prompts_file) as f:
@@ -310,6 +317,8 @@ def _main(argv):
     x = s.sample(f.use, cond, prompts, steps=f.steps, sampler=f.sampler, guidance_scale=f.guidance_scale,
                  negative_prompt=f.negative_prompt, seed=f.seed, batch_size=f.batch_size)
     t2 = time.perf_counter()
+    if a.task == "inpaint" and f.keep_known:
+        x = keep_known(x, cond)
     images = grids.to_uint8(x)
     for path, img in zip(files, images):
         Image.fromarray(img).save(os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png"))
@@ -327,6 +336,7 @@ def _define_flags():
     flags.DEFINE_multi_string("adapter", [], "NAME=FOLDER: a PE-CoDi adapter (RUN_DIR/adapter) to load.")
     flags.DEFINE_string("use", "own", "Which adapter samples: 'own' (the run's) or a --adapter NAME.")
     flags.DEFINE_string("masks", "", "Inpainting: a folder with one mask per input, same file name.")
+    flags.DEFINE_bool("keep_known", True, "Inpainting: keep the input's pixels outside the hole exactly.")
     flags.DEFINE_string("prompt", None, "The prompt (caption or instruction) for every input.")
     flags.DEFINE_string("prompts", "", "A text file with one prompt per input, in input order.")
     flags.DEFINE_string("negative_prompt", None, "Classifier-free guidance's negative prompt (default: the run's).")

@@ -149,6 +149,7 @@ def evaluation():
                                  # per step, consistency multistep) | 'dpmpp_2m' (DPM-Solver++ 2M); all x all steps
         teacher_ddim_steps=0,    # >0 also samples the unconditional teacher with N-step DDIM (sanity grid)
         grid_examples=8,         # rows in each PNG grid
+        previews=True,           # TensorBoard sample images at the end of each stage (and every train.image_every)
         fid_weights="",          # local FID InceptionV3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
                                  # or .safetensors): adds 'fid' (docs/metrics.md says where to get them)
         lpips_weights="",        # 'alexnet.pth,alex.pth': torchvision AlexNet + the lpips package's lin weights: adds 'lpips'

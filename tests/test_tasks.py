@@ -384,3 +384,13 @@ def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
         want = stable_diffusion.prompt_embedding(folder, words[i], None)
         np.testing.assert_allclose(table[i + 1], want[0], atol=1e-5)
     np.testing.assert_allclose(table[0], stable_diffusion.prompt_embedding(folder, "", None)[0], atol=1e-5)
+
+
+def test_keep_known_pastes_the_given_pixels_back(data_cfg):
+    from codi_jax import sample
+    b = pipeline.make_eval_batch(data_cfg, task="inpaint", num_examples=2, seed=0)
+    noise = np.random.default_rng(0).uniform(-1, 1, b["image"].shape).astype(np.float32)
+    out = sample.keep_known(noise, b["cond"])
+    m = b["mask"]
+    np.testing.assert_allclose(out * (1 - m), b["image"] * (1 - m), atol=1e-6)
+    np.testing.assert_allclose(out * m, noise * m, atol=1e-6)

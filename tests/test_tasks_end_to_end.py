@@ -28,8 +28,15 @@ def _grid_columns(report, crop):
     return (width - 2) // (crop + 2)
 
 
+def _smoke(module):
+    """The task's smoke config; the TensorBoard previews are left to the sr end-to-end test (time)."""
+    config = module.get_config("smoke")
+    config.eval.previews = False
+    return config
+
+
 def test_inpaint_smoke(tmp_path):
-    config = inpaint.get_config("smoke")
+    config = _smoke(inpaint)
     report = experiment.run(config, str(tmp_path))
     _finite_rows(report, ["input", "codi_1step", "codi_2step"])
     for row in ("input", "codi_1step"):
@@ -53,7 +60,7 @@ def test_inpaint_smoke(tmp_path):
 def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     """PE-CoDi across tasks: a depth run (which trains the text-to-image teacher) and an edit run on the
     same teacher, each writing its adapter; the sampler loads the backbone once and switches."""
-    config = depth.get_config("smoke")
+    config = _smoke(depth)
     config.codi.mode = "pe"
     config.eval.steps = (1,)
     depth_dir = str(tmp_path / "depth")
@@ -66,7 +73,7 @@ def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     caches = os.listdir(os.path.join(depth_dir, "cache"))
     assert any(f.startswith("prompts_") for f in caches) and "tiny_tokenizer" in caches
 
-    ecfg = edit.get_config("smoke")
+    ecfg = _smoke(edit)
     ecfg.codi.mode = "pe"
     ecfg.eval.steps = (1,)
     ecfg.text.guidance_scale = 2.0    # classifier-free guidance: two passes a step
