@@ -28,6 +28,7 @@ def get_config():
         fid_weights="",           # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors): adds 'fid'
         lpips_weights="",         # 'alexnet-owt-7be5be79.pth,<lpips package>/weights/v0.1/alex.pth': adds 'lpips'
         clip_model="",            # a local transformers CLIPModel folder: adds 'clip_score' for tasks with prompts
+        guidance_scale=-1.0,      # tasks with prompts: classifier-free guidance weight (-1: the run's text.guidance_scale)
 
         shard=0,                  # this job's index in [0, num_shards)
         num_shards=1,

@@ -86,6 +86,8 @@ def run(ecfg, workdir: str) -> dict | None:
     validate(ecfg)
     evaluate.check_metric_weights(ecfg)
     run_cfg = read_run_config(ecfg.checkpoint)
+    if ecfg.get("guidance_scale", -1.0) >= 0:   # classifier-free guidance weight of this evaluation
+        run_cfg.text.guidance_scale = float(ecfg.guidance_scale)
     experiment.check_workdir(workdir)
     out_dir = os.path.join(workdir, "eval")
     model = experiment.build_model(run_cfg, workdir)
