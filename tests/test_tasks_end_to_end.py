@@ -55,6 +55,9 @@ def test_inpaint_smoke(tmp_path):
         for metric in ("psnr", "psnr_hole"):
             assert summary["metrics"][key][metric] == pytest.approx(report["metrics"][key][metric], abs=1e-3), key
     assert Image.open(summary["grid"]).size[0] == 2 + 3 * (config.data.crop_size + 2)   # masked | CoDi 1 | target
+    ecfg.guidance_scale = 2.0
+    with pytest.raises(ValueError, match="task 'inpaint'\\) has no prompts to guide with"):
+        job.run(ecfg, str(tmp_path / "eval2"))
 
 
 def test_depth_and_edit_adapters_share_one_backbone(tmp_path):

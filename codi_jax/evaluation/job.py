@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from codi_jax import experiment, sampling
-from codi_jax.data import pipeline
+from codi_jax.data import pipeline, tasks as task_data
 from codi_jax.evaluation import evaluate, grids, plots
 from codi_jax.methods import base
 
@@ -87,6 +87,9 @@ def run(ecfg, workdir: str) -> dict | None:
     evaluate.check_metric_weights(ecfg)
     run_cfg = read_run_config(ecfg.checkpoint)
     if ecfg.get("guidance_scale", -1.0) >= 0:   # classifier-free guidance weight of this evaluation
+        if run_cfg.task not in task_data.PROMPT_TASKS:
+            raise ValueError(f"config guidance_scale={ecfg.guidance_scale}: run {ecfg.checkpoint} (task "
+                             f"{run_cfg.task!r}) has no prompts to guide with")
         run_cfg.text.guidance_scale = float(ecfg.guidance_scale)
     experiment.check_workdir(workdir)
     out_dir = os.path.join(workdir, "eval")
