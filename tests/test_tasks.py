@@ -394,3 +394,28 @@ def test_keep_known_pastes_the_given_pixels_back(data_cfg):
     m = b["mask"]
     np.testing.assert_allclose(out * (1 - m), b["image"] * (1 - m), atol=1e-6)
     np.testing.assert_allclose(out * m, noise * m, atol=1e-6)
+
+
+def test_latent_loss_keeps_the_prompts_context():
+    """Latent space + prompts: the prompt wrapper's per-example context reaches the loss (the latent
+    wrapper's single-prompt context only fills in when a batch has none)."""
+    from codi_jax.methods import latent
+
+    class Codec:
+        def encode(self, vae, images, rng):
+            return images * 0.5
+
+    seen = {}
+
+    def loss(params, frozen, ema, batch, rng):
+        seen.update(batch)
+        return 0.0, {}
+
+    table = jnp.arange(3 * 2 * 4, dtype=jnp.float32).reshape(3, 2, 4)
+    frozen = {"vae": None, "context": jnp.full((1, 2, 4), -7.0), "prompt_table": table}
+    batch = {"image": jnp.ones((2, 4, 4, 3)), "prompt": jnp.asarray([1, 0], jnp.int32)}
+    prompts.with_prompts(latent.latent_loss(loss, Codec()), 0.0)(None, frozen, None, batch, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(seen["context"], table[jnp.asarray([2, 1])])
+    np.testing.assert_array_equal(seen["image"], 0.5)
+    latent.latent_loss(loss, Codec())(None, frozen, None, {"image": batch["image"]}, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(seen["context"], -7.0)
