@@ -157,6 +157,14 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.source = 'embedded'
   c.folder = ''  # image directory for source='folder' (the dataset's root for paired sources)
   c.pairs_file = ''  # source='edit_jsonl': the JSONL file of (input, edited, instruction)
+  c.tfds = ml_collections.ConfigDict(dict(  # source='tfds' (tasks edit, depth): codi_jax/data/paired.py
+      name='',  # dataset name (as registered / built in data_dir)
+      data_dir='',  # its folder ('' = tfds' default)
+      train_split='train',
+      eval_split='',  # '' = hold out data.eval_fraction of the train split
+      features=dict(input='original_image', edited='edited_image', instruction='edit_prompt',  # edit
+                image='image', depth='depth', caption='caption'),  # depth
+  ))
   c.eval_folder = ''  # eval image directory; '' = hold out from `folder`
   c.eval_fraction = 0.1  # held-out fraction of `folder` when eval_folder=''
   # Embedded training images: colour photos plus textured grayscale ones.

@@ -419,3 +419,67 @@ def test_latent_loss_keeps_the_prompts_context():
     np.testing.assert_array_equal(seen["image"], 0.5)
     latent.latent_loss(loss, Codec())(None, frozen, None, {"image": batch["image"]}, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(seen["context"], -7.0)
+
+
+def _build_tfds(data_dir, name, features, examples):
+    """A tiny tfds dataset in ArrayRecord files, written without TensorFlow (images as PNG bytes)."""
+    import io
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    def png(x):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, ex in enumerate(examples):
+            yield i, {k: png(v) if isinstance(v, np.ndarray) and v.dtype == np.uint8 else v for k, v in ex.items()}
+
+    # tfds names a builder after its class (CamelCase -> snake_case) and registers it once per process.
+    camel = "".join(w.capitalize() for w in name.split("_"))
+    builder = type(camel, (tfds.core.GeneratorBasedBuilder,), dict(
+        VERSION=tfds.core.Version("1.0.0"), _info=_info, _split_generators=_split_generators,
+        _generate_examples=_generate_examples, __module__=__name__))
+    builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_tfds_edit_and_depth_datasets(tmp_path):
+    import tensorflow_datasets as tfds
+    photos = _photos(3)
+    _build_tfds(tmp_path, "tiny_edits", {
+        "original_image": tfds.features.Image(shape=(None, None, 3)),
+        "edited_image": tfds.features.Image(shape=(None, None, 3)),
+        "edit_prompt": tfds.features.Text()},
+        [{"original_image": p, "edited_image": 255 - p, "edit_prompt": "invert the colours"} for p in photos])
+    cfg = _paired_cfg("edit", source="tfds")
+    cfg.data.tfds.update(name="tiny_edits", data_dir=str(tmp_path))
+    assert tasks.prompts(cfg.data, "edit") == ["invert the colours"]
+    b = pipeline.make_eval_batch(cfg.data, task="edit", num_examples=2, seed=0)
+    np.testing.assert_allclose(b["image"], -b["cond"], atol=1e-5)
+    t = next(pipeline.make_train_iterator(cfg.data, task="edit", global_batch_size=2, seed=0))
+    np.testing.assert_allclose(t["image"], -t["cond"], atol=1e-5)
+
+    _build_tfds(tmp_path, "tiny_depth", {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "depth": tfds.features.Tensor(shape=(24, 28), dtype=np.float32),   # fixed: written without TensorFlow
+        "caption": tfds.features.Text()},
+        [{"image": p, "depth": np.linspace(1, 4, p.shape[1], dtype=np.float32)[None].repeat(p.shape[0], 0),
+          "caption": f"scene {i}"} for i, p in enumerate(photos)])
+    dcfg = _paired_cfg("depth", source="tfds")
+    dcfg.data.tfds.update(name="tiny_depth", data_dir=str(tmp_path))
+    d = pipeline.make_eval_batch(dcfg.data, task="depth", num_examples=1, seed=0)
+    assert d["cond"][0, 0, 0, 0] == pytest.approx(1.0) and d["cond"][0, 0, -1, 0] == pytest.approx(-1.0)
+    assert tasks.prompts(dcfg.data, "depth") == ["scene 0", "scene 1", "scene 2"]
+    dcfg.data.tfds.features.caption = "text"
+    with pytest.raises(ValueError, match="tiny_depth has no feature 'text'"):
+        tasks.prompts(dcfg.data, "depth")
+    dcfg.data.tfds.name = "nothing_here"
+    with pytest.raises(FileNotFoundError, match="cannot open 'nothing_here'"):
+        tasks.prompts(dcfg.data, "depth")

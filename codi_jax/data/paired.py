@@ -11,6 +11,11 @@
                  `data.folder`/captions.jsonl: {"file": "<image file name>", "caption": TEXT} per image.
                  With `data.depth.model_path`, missing maps are made once by a depth model and written
                  to depth/ (codi_jax/data/depth_model.py).
+  'tfds'         a TensorFlow Datasets dataset (`data.tfds.name` in `data.tfds.data_dir`, read with
+                 `tfds.data_source`: ArrayRecord files, no TensorFlow needed); features named by
+                 `data.tfds.features`: editing input / edited / instruction, depth image / depth / caption
+                 (a float depth feature is depth, larger = farther; an integer one inverse depth, near = bright).
+                 Splits `data.tfds.train_split` and `data.tfds.eval_split` ('' = hold out of the train split).
 Records are dicts: 'a' uint8 [H, W, 3] (the input / the image), 'b' uint8 [H, W, 3] (the edited image) or
 float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts).
 The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out for evaluation.
@@ -29,7 +34,7 @@ from PIL import Image, ImageOps
 
 from codi_jax.data import sources
 
-PAIRED_SOURCES = ("edit_jsonl", "ip2p_folder", "depth_folder")
+PAIRED_SOURCES = ("edit_jsonl", "ip2p_folder", "depth_folder", "tfds")
 
 
 def _image(path: str, factor: float, what: str) -> np.ndarray:
@@ -146,20 +151,87 @@ def _rows(data_config_json: str):
     return sorted(rows), sorted({r[3] for r in rows})
 
 
+def _text(x) -> str:
+    return (x.decode() if isinstance(x, bytes) else str(x)).strip()
+
+
+def _tfds_split(data_config, split: str):
+    """(records of `split` as dicts of numpy values, held-out count) of a tfds dataset."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"data.source='tfds' needs tensorflow-datasets: {e}") from None
+    t = data_config.tfds
+    name = t.eval_split if split == "eval" and t.eval_split else t.train_split
+    try:
+        ds = tfds.data_source(t.name, split=name, data_dir=t.data_dir or None)
+    except Exception as e:   # tfds raises many kinds for a missing dataset / split
+        raise FileNotFoundError(f"data.tfds: cannot open {t.name!r} split {name!r} in {t.data_dir!r}: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [ds[i] for i in range(len(ds))]
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds_records(data_config_json: str, task: str):
+    from ml_collections import ConfigDict
+    dc = ConfigDict(json.loads(data_config_json))
+    keys = dc.tfds.features
+    a_key, b_key, text_key = ((keys.input, keys.edited, keys.instruction) if task == "edit"
+                              else (keys.image, keys.depth, keys.caption))
+    splits = {"train": _tfds_split(dc, "train")}
+    if dc.tfds.eval_split:
+        splits["eval"] = _tfds_split(dc, "eval")
+    out = {}
+    for split, records in splits.items():
+        rows = []
+        for i, r in enumerate(records):
+            missing = [k for k in (a_key, b_key, text_key) if k not in r]
+            if missing:
+                raise ValueError(f"data.tfds: {dc.tfds.name} has no feature {missing[0]!r} (data.tfds.features)")
+            text = _text(r[text_key])
+            if not text:
+                raise ValueError(f"data.tfds: {dc.tfds.name} {split} example {i} has an empty {text_key!r}")
+            a = sources.to_rgb_uint8(np.asarray(r[a_key]))
+            b = np.asarray(r[b_key])
+            if task == "depth":
+                b = b[..., 0] if b.ndim == 3 else b
+                b = (1.0 / np.maximum(b.astype(np.float32), 1e-6) if np.issubdtype(b.dtype, np.floating)
+                     else b.astype(np.float32))
+            else:
+                b = sources.to_rgb_uint8(b)
+            if b.shape[:2] != a.shape[:2]:
+                raise ValueError(f"data.tfds: {dc.tfds.name} {split} example {i}: {b_key} is {b.shape[:2]}, "
+                                 f"{a_key} {a.shape[:2]}")
+            rows.append((f"{split}{i:08d}", a, b, text))
+        out[split] = rows
+    prompts = sorted({r[3] for rows in out.values() for r in rows})
+    return out, prompts
+
+
+def _tfds_of(data_config, task: str):
+    return _tfds_records(json.dumps({"tfds": data_config.tfds.to_dict(), "image_downscale": data_config.image_downscale}),
+                         task)
+
+
 def _rows_of(data_config):
     keys = {"source": data_config.source, "folder": data_config.folder, "pairs_file": data_config.get("pairs_file", ""),
             "depth_model_path": data_config.depth.get("model_path", "") if "depth" in data_config else ""}
     return _rows(json.dumps(keys))
 
 
-def dataset_prompts(data_config) -> list[str]:
+def dataset_prompts(data_config, task: str = "edit") -> list[str]:
+    if data_config.source == "tfds":
+        return list(_tfds_of(data_config, task)[1])
     return list(_rows_of(data_config)[1])
 
 
 class PairedSource:
     """In-memory records of a paired dataset split (grain RandomAccessDataSource)."""
 
-    def __init__(self, data_config, split: str):
+    def __init__(self, data_config, split: str, task: str = "edit"):
+        if data_config.source == "tfds":
+            self._init_tfds(data_config, split, task)
+            return
         rows, prompts = _rows_of(data_config)
         k = math.ceil(data_config.eval_fraction * len(rows))
         if k < 1 or k >= len(rows):
@@ -180,6 +252,29 @@ class PairedSource:
                     raise ValueError(f"record {key}: edited image {b.shape[:2]} and input {a.shape[:2]} differ in size")
             self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
         self._repr = f"PairedSource({data_config.source!r}, {split!r}, {self.keys!r})"
+
+    def _init_tfds(self, data_config, split, task):
+        splits, prompts = _tfds_of(data_config, task)
+        if data_config.tfds.eval_split:
+            rows = splits[split]
+        else:   # no eval split: hold out the last records of the train split
+            train = splits["train"]
+            k = math.ceil(data_config.eval_fraction * len(train))
+            if k < 1 or k >= len(train):
+                raise ValueError(f"data.tfds: {len(train)} records; data.eval_fraction={data_config.eval_fraction} "
+                                 "must leave at least one for eval and one for training (or set data.tfds.eval_split)")
+            rows = train[:-k] if split == "train" else train[-k:]
+        index = {p: i for i, p in enumerate(prompts)}
+        factor = data_config.image_downscale
+        self.keys = tuple(r[0] for r in rows)
+        self._records = []
+        for key, a, b, text in rows:
+            if factor != 1:
+                a = sources.downscale(a, factor)
+                b = (sources.downscale(b, factor) if b.dtype == np.uint8 else
+                     np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX)))
+            self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
+        self._repr = f"PairedSource('tfds', {data_config.tfds.name!r}, {split!r}, {self.keys!r})"
 
     def __len__(self):
         return len(self._records)

@@ -116,7 +116,7 @@ def make_train_dataset(data_config, *, task: str, global_batch_size: int,
     raise ValueError(f'process_index={process_index} not in '
                      f'[0, {process_count}).')
   sources.check_disjoint(data_config)
-  src = sources.make_source(data_config, 'train')
+  src = sources.make_source(data_config, 'train', task)
   # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
   # so shuffle blocks of >= 2**16 records (k copies of the images, each
   # image exactly k times per block) and repeat the block forever.
@@ -161,7 +161,7 @@ def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int, spl
   """
   _check(data_config, task)
   sources.check_disjoint(data_config)
-  src = sources.make_source(data_config, split)
+  src = sources.make_source(data_config, split, task)
   if len(src) < max(min_images, 1):
     raise ValueError(f'data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked '
                      '(eval min_images)')

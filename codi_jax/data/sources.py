@@ -244,7 +244,7 @@ def _folder_split(data_config) -> tuple[list[str], list[str]]:
   return train[:-k], train[-k:]
 
 
-def make_source(data_config, split: str):
+def make_source(data_config, split: str, task: str = ''):
   """Builds the train or eval source described by `data_config`."""
   if split not in ('train', 'eval'):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
@@ -267,7 +267,7 @@ def make_source(data_config, split: str):
     return FolderImageSource(path, files=evl, config_key=key, **kw)
   from codi_jax.data import paired  # records of paired datasets (editing triplets, depth pairs)
   if data_config.source in paired.PAIRED_SOURCES:
-    return paired.PairedSource(data_config, split)
+    return paired.PairedSource(data_config, split, task)
   raise ValueError(f"data.source must be 'embedded', 'folder' or one of "
                    f"{paired.PAIRED_SOURCES}, got {data_config.source!r}.")
 

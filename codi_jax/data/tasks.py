@@ -251,7 +251,7 @@ def prompts(data_config, task: str) -> list[str]:
     """The task's prompt list; a record's 'prompt' is an index into it."""
     from codi_jax.data import paired
     if data_config.source in paired.PAIRED_SOURCES:
-        return paired.dataset_prompts(data_config)
+        return paired.dataset_prompts(data_config, task)
     if task == "edit":
         return edit_instructions(data_config.edit)
     if task == "depth":
