@@ -136,6 +136,8 @@ class AdapterSampler:
         from codi_jax.evaluation import job
 
         self.cache_dir = cache_dir
+        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise FileNotFoundError(f"run {run_dir}: no config.json there (not a finished codi_jax run's workdir?)")
         config = job.read_run_config(run_dir)
         model = experiment.build_model(config, cache_dir)
         params, frozen, _ = job.restore_final(model.config, run_dir)

@@ -483,3 +483,15 @@ def test_tfds_edit_and_depth_datasets(tmp_path):
     dcfg.data.tfds.name = "nothing_here"
     with pytest.raises(FileNotFoundError, match="cannot open 'nothing_here'"):
         tasks.prompts(dcfg.data, "depth")
+
+
+def test_sampling_command_bad_run_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "codi_jax.sample", f"--run={tmp_path}/none", f"--inputs={tmp_path}",
+                          f"--out={tmp_path}/out"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "none: no config.json there" in lines[0], out.stderr[-2000:]
