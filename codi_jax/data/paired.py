@@ -225,6 +225,15 @@ def dataset_prompts(data_config, task: str = "edit") -> list[str]:
     return list(_rows_of(data_config)[1])
 
 
+def _hold_out(rows, fraction: float, split: str, what: str):
+    """The train rows, or the last ceil(fraction * N) rows held out for evaluation."""
+    k = math.ceil(fraction * len(rows))
+    if k < 1 or k >= len(rows):
+        raise ValueError(f"{what} has {len(rows)} records; data.eval_fraction={fraction} must leave at least one "
+                         "for eval and one for training")
+    return rows[:-k] if split == "train" else rows[-k:]
+
+
 class PairedSource:
     """In-memory records of a paired dataset split (grain RandomAccessDataSource)."""
 
@@ -233,11 +242,7 @@ class PairedSource:
             self._init_tfds(data_config, split, task)
             return
         rows, prompts = _rows_of(data_config)
-        k = math.ceil(data_config.eval_fraction * len(rows))
-        if k < 1 or k >= len(rows):
-            raise ValueError(f"data.source={data_config.source!r} has {len(rows)} records; data.eval_fraction="
-                             f"{data_config.eval_fraction} must leave at least one for eval and one for training")
-        rows = rows[:-k] if split == "train" else rows[-k:]
+        rows = _hold_out(rows, data_config.eval_fraction, split, f"data.source={data_config.source!r}")
         index = {p: i for i, p in enumerate(prompts)}
         factor = data_config.image_downscale
         self.keys = tuple(r[0] for r in rows)
@@ -258,12 +263,7 @@ class PairedSource:
         if data_config.tfds.eval_split:
             rows = splits[split]
         else:   # no eval split: hold out the last records of the train split
-            train = splits["train"]
-            k = math.ceil(data_config.eval_fraction * len(train))
-            if k < 1 or k >= len(train):
-                raise ValueError(f"data.tfds: {len(train)} records; data.eval_fraction={data_config.eval_fraction} "
-                                 "must leave at least one for eval and one for training (or set data.tfds.eval_split)")
-            rows = train[:-k] if split == "train" else train[-k:]
+            rows = _hold_out(splits["train"], data_config.eval_fraction, split, "data.tfds (or set data.tfds.eval_split)")
         index = {p: i for i, p in enumerate(prompts)}
         factor = data_config.image_downscale
         self.keys = tuple(r[0] for r in rows)
