@@ -24,6 +24,7 @@ Encoders (`text.encoder`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -91,9 +92,13 @@ class TextEncoder:
     def embed(self, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """last_hidden_state [n, max_length, width] (float32); longer prompts are cut with a warning."""
         ids = clip_text.encode_prompts(self.tokenizer, list(prompts), max_length=self.max_length)
-        apply = jax.jit(lambda p, i: self.module.apply({"params": p}, i)[0])
-        return np.concatenate([np.asarray(apply(self.params, ids[i:i + batch_size]), np.float32)
+        return np.concatenate([np.asarray(self._apply(self.params, ids[i:i + batch_size]), np.float32)
                                for i in range(0, len(ids), batch_size)])
+
+    @functools.cached_property
+    def _apply(self):
+        """The encoder's forward, jitted once per encoder (compiled once per batch shape)."""
+        return jax.jit(lambda p, i: self.module.apply({"params": p}, i)[0])
 
 
 def tiny_encoder(tcfg, words: Sequence[str], folder: str) -> TextEncoder:
