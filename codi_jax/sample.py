@@ -145,6 +145,7 @@ class AdapterSampler:
         self.backbone = params["unet"]
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.adapters: dict[str, Adapter] = {}
+        self._samplers = {}
         own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint,
                       self._encoder(model.config))
         self.adapters["own"] = own
@@ -202,7 +203,11 @@ class AdapterSampler:
         elif space.context is not None:
             context = space.context
         params = {"unet": self.backbone, "adapter": a.params}
-        fn = sampling.make_sampler(denoiser, steps, sampler)
+        scale = denoiser.scale if isinstance(denoiser, prompts_lib.Guided) else None
+        key = (name, steps, sampler, scale)   # one compiled sampler per adapter, step count and guidance
+        if key not in self._samplers:
+            self._samplers[key] = sampling.make_sampler(denoiser, steps, sampler)
+        fn = self._samplers[key]
         factor = config.data.crop_size // space.shape[0]
         shape = (cond.shape[1] // factor, cond.shape[2] // factor, space.shape[2])
         from codi_jax.evaluation import evaluate
@@ -265,9 +270,7 @@ def conditions(task: str, files: list[str], config, size: int, masks_dir: str = 
             image = _resize(img, size).astype(np.float32) / 127.5 - 1.0
             out.append(task_data.inpaint_condition(image, mask))
         elif task == "depth":
-            d = _resize(img, size).astype(np.float32).mean(-1)
-            lo, hi = d.min(), d.max()
-            out.append((((d - lo) / max(hi - lo, 1e-6)) * 2.0 - 1.0)[..., None])
+            out.append(task_data.inverse_depth_condition(_resize(img, size).astype(np.float32).mean(-1)))
         elif task == "edit":
             out.append(_resize(img, size).astype(np.float32) / 127.5 - 1.0)
         else:

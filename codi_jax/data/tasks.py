@@ -210,11 +210,15 @@ def render_scene(texture: np.ndarray, rng: np.random.Generator, dcfg, size: int,
     return rgb.astype(np.float32), z.astype(np.float32), obj
 
 
-def depth_condition(z: np.ndarray) -> np.ndarray:
-    """Inverse depth normalised per image to [-1, 1] (near = 1), [H, W, 1]."""
-    inv = 1.0 / z
-    lo, hi = inv.min(), inv.max()
+def inverse_depth_condition(inv: np.ndarray) -> np.ndarray:
+    """The depth condition: inverse depth [H, W] normalised per image to [-1, 1] (near = 1), [H, W, 1]."""
+    lo, hi = float(inv.min()), float(inv.max())
     return (((inv - lo) / max(hi - lo, 1e-6)) * 2.0 - 1.0)[..., None].astype(np.float32)
+
+
+def depth_condition(z: np.ndarray) -> np.ndarray:
+    """The depth condition of a depth map z (larger = farther)."""
+    return inverse_depth_condition(1.0 / z)
 
 
 def make_depth_example(crop: np.ndarray, rng: np.random.Generator, data_config) -> dict:
@@ -241,9 +245,7 @@ def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_
     if task == "edit":
         return {"image": _signed(b / 255.0), "cond": _signed(a / 255.0), "prompt": prompt}
     if task == "depth":
-        lo, hi = float(b.min()), float(b.max())
-        cond = ((b - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0)[..., None].astype(np.float32)
-        return {"image": _signed(a / 255.0), "cond": cond, "prompt": prompt}
+        return {"image": _signed(a / 255.0), "cond": inverse_depth_condition(b), "prompt": prompt}
     raise ValueError(f"task {task!r} has no paired datasets (data.source is for 'edit' or 'depth')")
 
 
