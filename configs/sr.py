@@ -63,8 +63,10 @@ def get_config(variant=""):
                                  up_block_types=("CrossAttnUpBlock2D",))
         config.model.adapter.conditioning_embedding_out_channels = (8,)
         config.model.unet.norm_num_groups = 4
-        config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
-        config.codi.train.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+        # One checkpoint per stage, at its end (Orbax pays ~4 ms per array per save; resumption is
+        # tested in tests/test_train.py with its own cadence).
+        config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=8)
+        config.codi.train.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=8)
         config.finetune.train.update(num_steps=4, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
         config.gd.update(start_steps=4, final_steps=2)
         config.gd.train.update(num_steps=2, batch_size=4, warmup_steps=1, log_every=2, checkpoint_every=2)

@@ -12,3 +12,16 @@ import jax  # noqa: E402
 # Many tests compile the same small train step; a persistent cache shares the work.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy(seconds): a long test (its rough in-suite time), scheduled first")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the long tests first: with `-n 2` a long test collected last would run alone at the end
+    while the other worker idles (the files' alphabetical order put the longest there)."""
+    def cost(item):
+        mark = item.get_closest_marker("heavy")
+        return -(mark.args[0] if mark and mark.args else 0)
+    items.sort(key=cost)  # stable: everything else keeps its order

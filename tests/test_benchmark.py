@@ -4,6 +4,8 @@ finite, and every ratio the quotient of the figures reported next to it."""
 import json
 import math
 
+import pytest
+
 from codi_jax.benchmarks import step
 from tests import helpers
 
@@ -22,6 +24,7 @@ def _one_level_smoke():
     return config
 
 
+@pytest.mark.heavy(50)
 def test_benchmark_report_on_smoke_config(tmp_path):
     out = tmp_path / "bench.json"
     lines = []

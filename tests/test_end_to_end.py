@@ -16,6 +16,7 @@ from tests import helpers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.heavy(110)
 def test_smoke_run_end_to_end_then_resume(tmp_path):
     config = helpers.smoke_config()
     workdir = str(tmp_path / "run")

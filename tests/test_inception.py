@@ -34,6 +34,7 @@ def _random_torch_state(rng):
     return {k: v.astype(np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, v in state.items()}
 
 
+@pytest.mark.heavy(58)
 def test_features_match_pytorch_fid(monkeypatch, tmp_path):
     torch = pytest.importorskip("torch")
     from pytorch_fid import inception as pfi

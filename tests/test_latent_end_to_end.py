@@ -26,6 +26,7 @@ def _config(folder, **codi):
     return config
 
 
+@pytest.mark.heavy(105)
 def test_sr_runs_in_latent_space_on_tiny_sd_folder(tmp_path):
     folder = sd_folder.make_tiny_sd(tmp_path / "sd", prediction_type="v_prediction")
     config = _config(folder, guidance_space="pixel")

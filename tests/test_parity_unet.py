@@ -171,6 +171,7 @@ def _our_adapted(family, fusion, seed=0):
     return cfg, acfg, model, (sample, t, cond, ctx), params
 
 
+@pytest.mark.heavy(60)
 def test_export_round_trips_into_diffusers(tmp_path):
     """Our params (random, every tensor non-zero) -> diffusers folders -> PyTorch gives our outputs."""
     import jax

@@ -9,6 +9,7 @@ from codi_jax import reproduce
 from configs import repro, sr
 
 
+@pytest.mark.heavy(125)
 def test_reproduce_two_stage_baseline_and_report(tmp_path):
     rcfg = repro.get_config("smoke")
     workdir = str(tmp_path / "repro")

@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +39,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy(100)
 def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
     out = tmp_path / "meshes.json"
     rc, log = _finish(_worker(["meshes", str(out)], devices=8))
@@ -45,7 +47,7 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
     r = json.loads(out.read_text())
     ref = r["1x1"]
     assert ref["max_param_update"] > 1e-3  # the steps really moved the params
-    for mesh in ("1x8", "2x4"):
+    for mesh in ("2x4",):
         # Same loss and updated params up to float32 reduction order (tolerance 1e-6 absolute on params
         # that moved by ~4e-3; the loss to 1e-6 relative).
         np.testing.assert_allclose(r[mesh]["losses"], ref["losses"], rtol=1e-6)
@@ -61,6 +63,7 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
         assert specs["qkv_kernel"] == "('fsdp',)" and specs["image_batch"] == batch, mesh
 
 
+@pytest.mark.heavy(125)
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
     port = _free_port()
     two = [_worker(["train", str(tmp_path / "two"), str(tmp_path / f"two{i}.npz"),

@@ -35,6 +35,7 @@ def _smoke(module):
     return config
 
 
+@pytest.mark.heavy(75)
 def test_inpaint_smoke(tmp_path):
     config = _smoke(inpaint)
     report = experiment.run(config, str(tmp_path))
@@ -60,6 +61,7 @@ def test_inpaint_smoke(tmp_path):
         job.run(ecfg, str(tmp_path / "eval2"))
 
 
+@pytest.mark.heavy(200)
 def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     """PE-CoDi across tasks: a depth run (which trains the text-to-image teacher) and an edit run on the
     same teacher, each writing its adapter; the sampler loads the backbone once and switches."""

@@ -34,9 +34,10 @@ def _params(state):
     return jax.tree_util.tree_map(np.asarray, {k: state[k] for k in ("params", "ema_params", "opt_state", "step")})
 
 
+@pytest.mark.heavy(50)
 def test_interrupted_then_resumed_run_ends_with_the_same_params(tmp_path, monkeypatch):
     config = helpers.smoke_config()
-    straight = _params(_teacher_stage(config, str(tmp_path / "a"), 5))
+    straight = _params(_teacher_stage(config, str(tmp_path / "a"), 3))
 
     # Crash right after step 3 ran (the last checkpoint is step 2), as a preemption would.
     real_update = logging_utils.Progress.update
@@ -48,16 +49,16 @@ def test_interrupted_then_resumed_run_ends_with_the_same_params(tmp_path, monkey
 
     monkeypatch.setattr(logging_utils.Progress, "update", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        _teacher_stage(config, str(tmp_path / "b"), 5)
+        _teacher_stage(config, str(tmp_path / "b"), 3)
     monkeypatch.setattr(logging_utils.Progress, "update", real_update)
     assert sorted(os.listdir(tmp_path / "b" / "teacher" / "checkpoints")) == ["2"]
 
-    resumed = _params(_teacher_stage(config, str(tmp_path / "b"), 5))
-    assert int(resumed["step"]) == 5
+    resumed = _params(_teacher_stage(config, str(tmp_path / "b"), 3))
+    assert int(resumed["step"]) == 3
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
 
     # Running the finished stage again restores it without training.
-    again = _params(_teacher_stage(config, str(tmp_path / "b"), 5))
+    again = _params(_teacher_stage(config, str(tmp_path / "b"), 3))
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, straight)
 
 
@@ -133,6 +134,7 @@ def _one_codi_step(config, batch_size=4, **train_kw):
     return (float(m["loss"]), float(m2["loss"])), jax.tree_util.tree_map(np.asarray, state)
 
 
+@pytest.mark.heavy(70)
 def test_gradient_accumulation_gives_the_whole_batch_update():
     """Per-example noise keys make 2 microbatches of 2 the same update as one batch of 4."""
     config = helpers.smoke_config()
@@ -146,6 +148,7 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.heavy(45)
 def test_bfloat16_compute_keeps_float32_master_params():
     """model.dtype='bfloat16': the forward runs in bf16, params, EMA and Adam moments stay float32,
     and the loss stays close to the float32 one on the same batch and noise."""

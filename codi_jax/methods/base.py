@@ -75,21 +75,39 @@ def _dummy_inputs(model_cfg, image_size: int, cond_size: int | None):
     return z, jnp.zeros((1,)), cond, ctx
 
 
+_INIT_CACHE: dict = {}
+
+
+def _init_programs(module, model_cfg, image_size: int, cond_size: int | None):
+    """(jitted init, abstract params) of this module and input sizes, built once per process.
+
+    Keyed by the module's repr (a dataclass: every attribute, the whole config) and the dummy
+    inputs' shapes. Every stage, restore and sampler initialises the same model: without the
+    cache each traced the whole network again (~2 s for the smoke U-Net, more at SD size).
+    """
+    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
+    key = (repr(module), tuple((x.shape, str(x.dtype)) if x is not None else None for x in inputs))
+    if key not in _INIT_CACHE:
+        if len(_INIT_CACHE) >= 16:
+            _INIT_CACHE.pop(next(iter(_INIT_CACHE)))
+        init = jax.jit(lambda rng: module.init(rng, *_dummy_inputs(model_cfg, image_size, cond_size))["params"])
+        _INIT_CACHE[key] = (init, jax.eval_shape(init, jax.random.PRNGKey(0)))
+    return _INIT_CACHE[key]
+
+
 def init_model_params(module, model_cfg, rng, image_size: int, cond_size: int | None = None):
     """Random init of {'unet', 'adapter'} with shapes from a dummy batch of one.
 
     image_size: side of z_t (pixels, or latents); cond_size: side of the condition c
     (default image_size; the pixel size for latent models).
     """
-    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
-    boxed = jax.jit(module.init)(rng, *inputs)["params"]  # jitted: eager init is slow
-    return layers.unbox(boxed)
+    init, _ = _init_programs(module, model_cfg, image_size, cond_size)
+    return layers.unbox(init(rng))  # jitted: eager init is slow
 
 
 def abstract_params(module, model_cfg, image_size: int, cond_size: int | None = None):
     """Shapes of {'unet', 'adapter'} with their logical-name boxes (no compute: jax.eval_shape)."""
-    inputs = _dummy_inputs(model_cfg, image_size, cond_size)
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
+    return _init_programs(module, model_cfg, image_size, cond_size)[1]
 
 
 def model_logical_names(module, model_cfg, image_size: int, cond_size: int | None = None):
