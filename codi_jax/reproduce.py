@@ -86,10 +86,10 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
     runs = _ordered(rcfg, names)
     teacher_dir = teacher_checkpoint or os.path.join(workdir, "pretrained")
     if not teacher_checkpoint:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         first = run_config(rcfg, runs[0], seeds[0], workdir, "")
         experiment.run(first, teacher_dir, stop_after="teacher")
-        _add_wall(teacher_dir, time.perf_counter() - t0)
+        _add_wall(teacher_dir, time.perf_counter() - t0, time.process_time() - c0)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "teacher.json"), "w") as f:   # for the report
         json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint}, f)
@@ -103,24 +103,35 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         if done_times:
             eta = f", ETA {datetime.timedelta(seconds=int(np.mean(done_times) * (len(todo) - k)))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
         dt = time.perf_counter() - t0
-        _add_wall(run_dir, dt)
+        _add_wall(run_dir, dt, time.process_time() - c0)
         done_times.append(dt)
     return teacher_dir
 
 
-def _add_wall(run_dir, seconds):
-    """Wall time summed over the invocations that worked on this run (a resumed run counts both)."""
+def _add_wall(run_dir, seconds, cpu_seconds):
+    """Wall and CPU time summed over the invocations that worked on this run (a resumed run counts
+    both). CPU time (the process's, all threads) leaves out time the run spent paused or the machine
+    gave to other jobs; wall time does not."""
     path = _wall_file(run_dir)
-    prev = 0.0
+    prev = {"wall_s": 0.0, "cpu_s": 0.0}
     if os.path.exists(path):
         with open(path) as f:
-            prev = json.load(f)["wall_s"]
+            prev = json.load(f)
+    cpu = prev.get("cpu_s")   # None: the run began before CPU time was recorded (no partial sums)
     os.makedirs(run_dir, exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"wall_s": round(prev + seconds, 1)}, f)
+        json.dump({"wall_s": round(prev["wall_s"] + seconds, 1),
+                   "cpu_s": None if cpu is None else round(cpu + cpu_seconds, 1)}, f)
+
+
+def _read_times(path):
+    """(wall s, CPU s or None) of a wall.json."""
+    with open(path) as f:
+        t = json.load(f)
+    return t["wall_s"], t.get("cpu_s")
 
 
 # --------------------------------------------------------------------------- the report
@@ -146,8 +157,7 @@ def collect(rcfg, workdir: str, seeds):
                 for m, _, _ in METRICS:
                     target.setdefault(m, []).append(vals[m])
             if os.path.exists(_wall_file(run_dir)):
-                with open(_wall_file(run_dir)) as f:
-                    walls.setdefault(run.name, []).append(json.load(f)["wall_s"])
+                walls.setdefault(run.name, []).append(_read_times(_wall_file(run_dir)))
     return rows, walls, bicubic
 
 
@@ -259,8 +269,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
             teacher = json.load(f)
     teacher_wall = None
     if teacher["trained_here"] and os.path.exists(_wall_file(teacher["dir"])):
-        with open(_wall_file(teacher["dir"])) as f:
-            teacher_wall = json.load(f)["wall_s"]
+        teacher_wall = _read_times(_wall_file(teacher["dir"]))[0]
     teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher["trained_here"] else
                     f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
                     "stage of the same recipe made earlier; its time is not in the total).")
@@ -312,12 +321,18 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         md += [f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):", "",
                f"![{name} grid]({rel(path)})", ""]
     md += ["## Wall times", "",
-           teacher_note + " Per run (training + evaluation, summed over resumptions), mean over seeds:", "",
-           "| run | wall s | seeds |", "|---|---|---|"]
+           teacher_note + " Per run (training + evaluation, summed over resumptions), mean over seeds. CPU s "
+           "is the process's CPU time (both cores: up to twice the wall time); unlike wall time it leaves out "
+           "time the run was paused or the machine spent on other jobs. '-': the run finished before CPU time "
+           "was recorded, and its wall time includes any pause.", "",
+           "| run | wall s | CPU s | seeds |", "|---|---|---|---|"]
     for run in rcfg.runs:
         if run.name in walls:
-            md.append(f"| {run.name} | {np.mean(walls[run.name]):.0f} | {len(walls[run.name])} |")
-    total = sum(sum(v) for v in walls.values()) + (teacher_wall or 0.0)
+            wall = np.mean([w for w, _ in walls[run.name]])
+            cpus = [c for _, c in walls[run.name] if c is not None]
+            cpu = f"{np.mean(cpus):.0f}" if len(cpus) == len(walls[run.name]) else "-"
+            md.append(f"| {run.name} | {wall:.0f} | {cpu} | {len(walls[run.name])} |")
+    total = sum(w for v in walls.values() for w, _ in v) + (teacher_wall or 0.0)
     md += ["", f"Total: {total / 3600:.2f} h of wall time for the finished runs.", ""]
     os.makedirs(out_dir, exist_ok=True)
     with open(results_path, "w") as f:

@@ -1,6 +1,7 @@
 """The reproduction command on the smoke recipe: shared teacher, a finetune run, the GD-II run
 that starts from it, the report; then a second invocation that finds everything done."""
 
+import json
 import os
 
 import pytest
@@ -16,7 +17,9 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])     # 'gd' brings its finetune run first
     for name in ("finetune", "gd"):
         assert os.path.isfile(os.path.join(workdir, "seed0", name, "metrics.json")), name
-        assert os.path.isfile(os.path.join(workdir, "seed0", name, "wall.json")), name
+        with open(os.path.join(workdir, "seed0", name, "wall.json")) as f:
+            times = json.load(f)
+        assert times["wall_s"] > 0 and times["cpu_s"] > 0, (name, times)
     assert os.path.isdir(os.path.join(workdir, "pretrained", "teacher", "checkpoints"))
     # GD-II started from the finetune run: it trained no finetune stage of its own.
     assert not os.path.exists(os.path.join(workdir, "seed0", "gd", "finetune"))
@@ -27,7 +30,7 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     text = open(results).read()
     for row in ("| Finetuned (DDIM) | 2 |", "| Finetuned + DPM++2M | 2 |", "| GD-II | 2 |", "| bicubic upsampling |"):
         assert row in text, row
-    assert "2 of 12 runs" in text and "| finetune |" in text and "| gd |" in text
+    assert "2 of 12 runs" in text and "| finetune |" in text and "| gd |" in text and "| run | wall s | CPU s |" in text
     assert os.path.isfile(tmp_path / "docs" / "images" / "results_steps.png")
     assert os.path.isfile(tmp_path / "docs" / "images" / "results_grid_finetune.png")
 
