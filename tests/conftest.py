@@ -22,7 +22,9 @@ def pytest_collection_modifyitems(session, config, items):
     """Run the long tests first: with `-n 2` a long test collected last would run alone at the end
     while the other worker idles (the files' alphabetical order put the longest there). setup.cfg's
     `--dist loadgroup` hands tests out one at a time in this order (xdist's default `load` gives each
-    worker a contiguous block first: all the long tests would land on one worker)."""
+    worker a contiguous block first: all the long tests would land on one worker). A module-scoped
+    fixture is built once per worker that runs one of its tests: keep the tests of a costly one in
+    one test function (xdist_group marks would not help: xdist 3.8's grouping is inert under pytest 9)."""
     def cost(item):
         mark = item.get_closest_marker("heavy")
         return -(mark.args[0] if mark and mark.args else 0)
