@@ -180,8 +180,9 @@ class AdapterSampler:
 
     def sample(self, name: str, cond: np.ndarray, prompts=None, *, steps: int = 4, sampler: str = "deterministic",
                guidance_scale: float | None = None, negative_prompt: str | None = None, seed: int = 0,
-               batch_size: int = 8) -> np.ndarray:
-        """Images in [-1, 1] for conditions `cond` [N, H, W, C] (see `conditions`), with adapter `name`."""
+               batch_size: int = 8, eps_scale: float = 1.0) -> np.ndarray:
+        """Images in [-1, 1] for conditions `cond` [N, H, W, C] (see `conditions`), with adapter `name`
+        (`eps_scale`: `sampling.sample`'s epsilon scaling, 1 = none)."""
         if name not in self.adapters:
             raise ValueError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         a = self.adapters[name]
@@ -204,9 +205,9 @@ class AdapterSampler:
             context = space.context
         params = {"unet": self.backbone, "adapter": a.params}
         scale = denoiser.scale if isinstance(denoiser, prompts_lib.Guided) else None
-        key = (name, steps, sampler, scale)   # one compiled sampler per adapter, step count and guidance
+        key = (name, steps, sampler, scale, eps_scale)   # one compiled sampler per adapter, steps, guidance
         if key not in self._samplers:
-            self._samplers[key] = sampling.make_sampler(denoiser, steps, sampler)
+            self._samplers[key] = sampling.make_sampler(denoiser, steps, sampler, eps_scale=eps_scale)
         fn = self._samplers[key]
         factor = config.data.crop_size // space.shape[0]
         shape = (cond.shape[1] // factor, cond.shape[2] // factor, space.shape[2])
@@ -320,7 +321,7 @@ def _main(argv):
     prompts = read_prompts(f.prompt, f.prompts, len(files))
     t1 = time.perf_counter()
     x = s.sample(f.use, cond, prompts, steps=f.steps, sampler=f.sampler, guidance_scale=f.guidance_scale,
-                 negative_prompt=f.negative_prompt, seed=f.seed, batch_size=f.batch_size)
+                 negative_prompt=f.negative_prompt, seed=f.seed, batch_size=f.batch_size, eps_scale=f.eps_scale)
     t2 = time.perf_counter()
     if a.task == "inpaint" and f.keep_known:
         x = keep_known(x, cond)
@@ -351,6 +352,8 @@ def _define_flags():
     flags.DEFINE_integer("size", 0, "Output side in pixels (default: the run's crop size).")
     flags.DEFINE_integer("batch_size", 8, "Images per model call.")
     flags.DEFINE_integer("seed", 0, "Noise seed.")
+    flags.DEFINE_float("eps_scale", 1.0, "Scale the noise estimate by this (epsilon scaling; 1 = none): for a model "
+                       "whose many-step samples come out grainy (see python -m codi_jax.evaluation.diagnose).")
     flags.mark_flags_as_required(["run", "inputs", "out"])
 
 

@@ -42,11 +42,16 @@ def _grid(timesteps):
 
 
 def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, context=None,
-           stochastic: bool = False):
+           stochastic: bool = False, eps_scale: float = 1.0, trajectory: bool = False):
     """Start from z_T ~ N(0, I), walk down `timesteps` (descending), return the last x_hat.
 
     deterministic: DDIM / PF-ODE, z_s = a_s x_hat + s_s eps_hat (eq 7).
     stochastic:    consistency-style multistep, z_s = a_s x_hat + s_s eps', fresh eps'.
+    eps_scale:     c != 1 samples with c * eps_hat and the x_hat that goes with it,
+                   (z - sigma_t c eps_hat) / alpha_t: "epsilon scaling" (Ning et al. 2023), the
+                   correction for a network whose noise estimate is biased low, whose DDIM
+                   trajectories keep a little noise at every step (docs/results-notes.md).
+    trajectory:    return every step's x_hat, [steps, *shape], instead of the last.
     """
     timesteps, next_t = _grid(timesteps)
     z, rng = _start(rng, shape)
@@ -55,13 +60,17 @@ def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, co
         z, key = carry
         t, s = ts
         x_hat, eps_hat = denoiser(params, z, t, cond, context)
+        if eps_scale != 1.0:   # a Python branch: c = 1 compiles to the same program as before
+            alpha_t, sigma_t = denoiser.schedule.alpha_sigma(t)
+            x_hat = x_hat - (eps_scale - 1.0) * (sigma_t / alpha_t) * eps_hat
+            eps_hat = eps_scale * eps_hat
         key, k = jax.random.split(key)
         noise = jax.random.normal(k, z.shape, z.dtype) if stochastic else eps_hat
         alpha_s, sigma_s = denoiser.schedule.alpha_sigma(s)
         return (diffusion.ddim_step(x_hat, noise, alpha_s, sigma_s), key), x_hat
 
     _, x_hats = jax.lax.scan(step, (z, rng), (timesteps, next_t))
-    return x_hats[-1]
+    return x_hats if trajectory else x_hats[-1]
 
 
 def dpmpp_2m_update(z, x_hat, x_prev, lam_t, lam_s, lam_prev, alpha_s, sigma_t, sigma_s, first):
@@ -105,15 +114,23 @@ def sample_dpmpp_2m(denoiser: base.Denoiser, params, rng, timesteps, shape, cond
     return x_hats[-1]
 
 
-def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "deterministic"):
-    """A jitted `fn(params, rng, shape, cond, context) -> x` for a fixed step count."""
+def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "deterministic",
+                 eps_scale: float = 1.0, trajectory: bool = False):
+    """A jitted `fn(params, rng, shape, cond, context) -> x` for a fixed step count (`sample`'s
+    eps_scale and trajectory: DDIM and the multistep sampler only)."""
     check_sampler(sampler)
+    if sampler == "dpmpp_2m" and (eps_scale != 1.0 or trajectory):
+        raise ValueError("eps_scale and trajectory are for the 'deterministic' and 'stochastic' samplers, "
+                         "not 'dpmpp_2m'")
+    if not eps_scale > 0:
+        raise ValueError(f"eps_scale={eps_scale} must be > 0")
     timesteps = diffusion.sampling_timesteps(denoiser.schedule, num_steps)
 
     @functools.partial(jax.jit, static_argnums=(2,))
     def fn(params, rng, shape, cond=None, context=None):
         if sampler == "dpmpp_2m":
             return sample_dpmpp_2m(denoiser, params, rng, timesteps, shape, cond, context)
-        return sample(denoiser, params, rng, timesteps, shape, cond, context, sampler == "stochastic")
+        return sample(denoiser, params, rng, timesteps, shape, cond, context, sampler == "stochastic",
+                      eps_scale, trajectory)
 
     return fn

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from codi_jax import experiment
-from codi_jax.evaluation import job
+from codi_jax.evaluation import diagnose, job
 from configs import eval as eval_configs
 from tests import helpers
 
@@ -54,6 +54,14 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     before = os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json"))
     job.run(ecfg, out)                                     # resumes: nothing to redo
     assert os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json")) == before
+
+    # The diagnosis walks the evaluation's own sampling path: its last x_hat is the evaluation's sample.
+    diag = diagnose.diagnose(workdir, steps=(2,), eps_scales=(1.0, 1.05), log=lambda *_: None)
+    plain, scaled = diag["paths"]["ddim2_eps1"], diag["paths"]["ddim2_eps1.05"]
+    assert [r["step"] for r in plain] == [1, 2]
+    assert plain[-1]["psnr"] == pytest.approx(report["metrics"]["codi_2step"]["psnr"], abs=1e-4)
+    assert scaled[-1]["psnr"] != pytest.approx(plain[-1]["psnr"], abs=1e-4)   # the scale reaches the sampler
+    assert all(r["identity_mse"] > 0 and -1 <= r["eps_corr"] <= 1 for r in diag["denoiser"])
 
 
 def _cli(*args, cwd=REPO):

@@ -57,3 +57,23 @@ def test_split_with_fewer_images_than_asked():
     n = len(data.eval_images)
     with pytest.raises(ValueError, match=f"data split 'eval' has {n} images; at least {n + 1} asked"):
         pipeline.make_eval_batch(data, task="sr", num_examples=2, seed=0, min_images=n + 1)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(task="depth"), "task 'depth' samples with text prompts"),
+    (dict(teacher_path="/some/sd"), "a latent-space run"),
+    (dict(steps=()), r"--steps=\[\] and --eps_scales"),
+    (dict(eps_scales=(0.0,)), "scales > 0"),
+])
+def test_diagnose_refuses_what_it_cannot_read(tmp_path, change, expected):
+    from codi_jax.evaluation import diagnose
+    config = helpers.smoke_config()
+    if "task" in change:
+        config.task = change["task"]
+    if "teacher_path" in change:
+        config.teacher.pretrained_path = change["teacher_path"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(ValueError, match=expected):
+        diagnose.diagnose(str(run), steps=change.get("steps", (4,)), eps_scales=change.get("eps_scales", (1.0,)))

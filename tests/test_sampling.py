@@ -95,3 +95,63 @@ def test_dpmpp_2m_first_step_is_ddim(schedule):
 def test_unknown_sampler_names_config_key():
     with pytest.raises(ValueError, match="eval.sampler='euler'"):
         sampling.check_sampler("euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrunkDenoiser:
+    """The exact denoiser with its noise estimate scaled by k < 1 (and the x_hat that goes with it):
+    the state of an undertrained network that takes part of the noise for detail."""
+    inner: GaussianDenoiser
+    k: float
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def __call__(self, params, z, t, cond=None, context=None):
+        _, eps_hat = self.inner(params, z, t)
+        alpha, sigma = self.schedule.alpha_sigma(jnp.broadcast_to(t, (z.shape[0],)))
+        eps_hat = self.k * eps_hat
+        return (z - sigma[:, None] * eps_hat) / alpha[:, None], eps_hat
+
+
+def test_shrunk_noise_estimate_leaves_noise_and_eps_scale_removes_it(schedule):
+    exact_den, shrunk = GaussianDenoiser(schedule), ShrunkDenoiser(GaussianDenoiser(schedule), 0.98)
+    rng, shape = jax.random.PRNGKey(0), (4096, 1)
+    for n in (50, 200):
+        want = sampling.make_sampler(exact_den, n, "deterministic")(None, rng, shape)
+        if n == 200:
+            assert abs(float(jnp.std(want)) - STD) < 0.01             # the exact sampler: the data's spread
+        grainy = sampling.make_sampler(shrunk, n, "deterministic")(None, rng, shape)
+        assert float(jnp.std(grainy)) > float(jnp.std(want)) + 0.025, n   # leftover noise: more spread
+        fixed = sampling.make_sampler(shrunk, n, "deterministic", eps_scale=1 / 0.98)(None, rng, shape)
+        np.testing.assert_allclose(fixed, want, atol=2e-4)
+
+
+def test_trajectory_ends_in_the_sample_and_bad_options_are_named(schedule):
+    den = GaussianDenoiser(schedule)
+    rng = jax.random.PRNGKey(1)
+    last = sampling.make_sampler(den, 6, "deterministic")(None, rng, (16, 1))
+    path = sampling.make_sampler(den, 6, "deterministic", trajectory=True)(None, rng, (16, 1))
+    assert path.shape == (6, 16, 1)
+    np.testing.assert_array_equal(path[-1], last)
+    with pytest.raises(ValueError, match="not 'dpmpp_2m'"):
+        sampling.make_sampler(den, 4, "dpmpp_2m", eps_scale=1.01)
+    with pytest.raises(ValueError, match="eps_scale=0"):
+        sampling.make_sampler(den, 4, "deterministic", eps_scale=0)
+
+
+def test_denoiser_stats_match_gaussian_closed_forms(schedule):
+    """diagnose.denoiser_stats on Gaussian data with the exact denoiser: the posterior's error
+    S^2 s^2 / (a^2 S^2 + s^2), the identity's s^2 / a^2, and E[eps | z]'s energy s^2 / (a^2 S^2 + s^2)."""
+    from codi_jax.evaluation import diagnose
+    x = MEAN + STD * np.asarray(jax.random.normal(jax.random.PRNGKey(5), (1 << 16, 1)))
+    rows = diagnose.denoiser_stats(GaussianDenoiser(schedule), None, x, timesteps=(40, 300, 700), batch_size=1 << 16)
+    for r in rows:
+        a, s = (float(v) for v in schedule.alpha_sigma(r["t"]))
+        var = a**2 * STD**2 + s**2
+        assert r["x_mse"] == pytest.approx(STD**2 * s**2 / var, rel=0.06), r
+        assert r["identity_mse"] == pytest.approx(s**2 / a**2, rel=0.06), r
+        assert r["eps_energy"] == pytest.approx(s**2 / var, rel=0.06), r
+        assert r["eps_corr"] == pytest.approx(s / np.sqrt(var), rel=0.05), r
+    assert diagnose.path_points(4) == [0, 1, 2, 3] and diagnose.path_points(50)[-1] == 49
