@@ -273,6 +273,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher["trained_here"] else
                     f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
                     "stage of the same recipe made earlier; its time is not in the total).")
+    notes = os.path.join(out_dir, "results-notes.md")   # hand-written next to the report (docs/)
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
     missing = [f"{r.name} (seed {s})" for s in seeds for r in rcfg.runs
@@ -292,6 +293,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
            "command again resumes them.", ""] if missing else []),
+        *([f"Why some of these differ from the paper (measured, not guessed): "
+           f"[results-notes.md]({rel(notes)}).", ""] if os.path.exists(notes) else []),
         "## Table 2: super-resolution",
         "",
         table(rcfg, rows, "table2", bicubic),
@@ -328,12 +331,16 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
            "| run | wall s | CPU s | seeds |", "|---|---|---|---|"]
     for run in rcfg.runs:
         if run.name in walls:
-            wall = np.mean([w for w, _ in walls[run.name]])
-            cpus = [c for _, c in walls[run.name] if c is not None]
-            cpu = f"{np.mean(cpus):.0f}" if len(cpus) == len(walls[run.name]) else "-"
-            md.append(f"| {run.name} | {wall:.0f} | {cpu} | {len(walls[run.name])} |")
-    total = sum(w for v in walls.values() for w, _ in v) + (teacher_wall or 0.0)
-    md += ["", f"Total: {total / 3600:.2f} h of wall time for the finished runs.", ""]
+            wall, cpu = wall_summary(walls[run.name])
+            md.append(f"| {run.name} | {wall:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | {len(walls[run.name])} |")
+    clean = sum(w for v in walls.values() for w, c in v if c is not None) + (teacher_wall or 0.0)
+    unclean = [w for v in walls.values() for w, c in v if c is None]
+    total = f"Total: {(clean + sum(unclean)) / 3600:.2f} h of wall time for the finished runs"
+    if unclean:
+        total += (f" ({sum(unclean) / 3600:.2f} h of it in {len(unclean)} runs timed before CPU time was recorded, "
+                  "pauses included; those runs' rows show the mean of their seeds that were timed cleanly, "
+                  "where there are any)")
+    md += ["", total + ".", ""]
     os.makedirs(out_dir, exist_ok=True)
     with open(results_path, "w") as f:
         f.write("\n".join(md))
@@ -345,8 +352,21 @@ def table_with_reference(rcfg, rows):
     ref = {k: v for k, v in rows.items() if k[0] == "codi"}
     text = table(rcfg, ref, "table2").splitlines()
     codi_rows = [ln for ln in text[2:] if ln.startswith("| CoDi |")]
-    ablation = table(rcfg, rows, "table3").splitlines()
-    return "\n".join(ablation[:2] + codi_rows + ablation[2:])
+    ablation = table(rcfg, rows, "table3")
+    if not ablation.startswith("|"):   # no ablation finished: CoDi's rows under the header, then the note
+        return "\n".join(text[:2] + codi_rows + ["", ablation]) if codi_rows else ablation
+    lines = ablation.splitlines()
+    return "\n".join(lines[:2] + codi_rows + lines[2:])
+
+
+def wall_summary(times):
+    """(wall s, CPU s or None) of one run over seeds: the mean wall time of the seeds whose CPU time was
+    recorded (those timings are known to be clean; runs timed before CPU time was recorded may include
+    pauses), else of all; CPU s only when every seed has it."""
+    clean = [w for w, c in times if c is not None]
+    wall = float(np.mean(clean if clean else [w for w, _ in times]))
+    cpus = [c for _, c in times if c is not None]
+    return wall, (float(np.mean(cpus)) if len(cpus) == len(times) else None)
 
 
 def _define_flags():

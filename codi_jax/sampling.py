@@ -48,28 +48,36 @@ def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, co
     deterministic: DDIM / PF-ODE, z_s = a_s x_hat + s_s eps_hat (eq 7).
     stochastic:    consistency-style multistep, z_s = a_s x_hat + s_s eps', fresh eps'.
     eps_scale:     c != 1 samples with c * eps_hat and the x_hat that goes with it,
-                   (z - sigma_t c eps_hat) / alpha_t: "epsilon scaling" (Ning et al. 2023), the
-                   correction for a network whose noise estimate is biased low, whose DDIM
-                   trajectories keep a little noise at every step (docs/results-notes.md).
+                   (z - sigma_t c eps_hat) / alpha_t, at every step but the first: a network that
+                   removes too little noise per step leaves some in z each time, and a long DDIM
+                   path accumulates it as grain; c slightly above 1 takes it out
+                   (docs/results-notes.md). The first step, from pure noise, is left alone: there
+                   sigma_t / alpha_t is large (150 for the cosine schedule, 15 for SD's) and would
+                   turn a 1% change of eps_hat into a wrong x_hat. (Ning et al. 2023's "epsilon
+                   scaling" is the same knob turned the other way, c < 1, against exposure bias.)
     trajectory:    return every step's x_hat, [steps, *shape], instead of the last.
     """
     timesteps, next_t = _grid(timesteps)
     z, rng = _start(rng, shape)
 
+    scaled = eps_scale != 1.0   # a Python branch: c = 1 compiles to the same program as before
+
     def step(carry, ts):
         z, key = carry
-        t, s = ts
+        (i, t, s) = ts if scaled else (None, *ts)
         x_hat, eps_hat = denoiser(params, z, t, cond, context)
-        if eps_scale != 1.0:   # a Python branch: c = 1 compiles to the same program as before
+        if scaled:
+            c = jnp.where(i == 0, 1.0, eps_scale)
             alpha_t, sigma_t = denoiser.schedule.alpha_sigma(t)
-            x_hat = x_hat - (eps_scale - 1.0) * (sigma_t / alpha_t) * eps_hat
-            eps_hat = eps_scale * eps_hat
+            x_hat = x_hat - (c - 1.0) * (sigma_t / alpha_t) * eps_hat
+            eps_hat = c * eps_hat
         key, k = jax.random.split(key)
         noise = jax.random.normal(k, z.shape, z.dtype) if stochastic else eps_hat
         alpha_s, sigma_s = denoiser.schedule.alpha_sigma(s)
         return (diffusion.ddim_step(x_hat, noise, alpha_s, sigma_s), key), x_hat
 
-    _, x_hats = jax.lax.scan(step, (z, rng), (timesteps, next_t))
+    xs = (jnp.arange(timesteps.shape[0]), timesteps, next_t) if scaled else (timesteps, next_t)
+    _, x_hats = jax.lax.scan(step, (z, rng), xs)
     return x_hats if trajectory else x_hats[-1]
 
 

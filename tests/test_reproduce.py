@@ -60,3 +60,10 @@ def test_bad_run_list():
         reproduce.apply_overrides(sr.get_config("smoke"), {"codi.no_such_field": 1})
     with pytest.raises(ValueError, match=r"--runs has unknown names \['nope'\]"):
         reproduce.run_all(repro.get_config("smoke"), "/nonexistent", [0], names=["nope"])
+
+
+def test_wall_times_prefer_cleanly_timed_seeds():
+    # Seed 0 was timed before CPU time was recorded (its wall time may include pauses).
+    assert reproduce.wall_summary([(9000.0, None), (800.0, 1200.0), (900.0, 1300.0)]) == (850.0, None)
+    assert reproduce.wall_summary([(800.0, 1200.0), (900.0, 1400.0)]) == (850.0, 1300.0)
+    assert reproduce.wall_summary([(9000.0, None)]) == (9000.0, None)

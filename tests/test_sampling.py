@@ -99,8 +99,8 @@ def test_unknown_sampler_names_config_key():
 
 @dataclasses.dataclass(frozen=True)
 class ShrunkDenoiser:
-    """The exact denoiser with its noise estimate scaled by k < 1 (and the x_hat that goes with it):
-    the state of an undertrained network that takes part of the noise for detail."""
+    """The exact denoiser with its noise estimate scaled by k < 1 below t_max (and the x_hat that
+    goes with it): a network that takes part of the noise for detail, except from pure noise."""
     inner: GaussianDenoiser
     k: float
 
@@ -111,7 +111,7 @@ class ShrunkDenoiser:
     def __call__(self, params, z, t, cond=None, context=None):
         _, eps_hat = self.inner(params, z, t)
         alpha, sigma = self.schedule.alpha_sigma(jnp.broadcast_to(t, (z.shape[0],)))
-        eps_hat = self.k * eps_hat
+        eps_hat = jnp.where(t >= self.schedule.t_max, 1.0, self.k) * eps_hat
         return (z - sigma[:, None] * eps_hat) / alpha[:, None], eps_hat
 
 
@@ -119,6 +119,7 @@ def test_shrunk_noise_estimate_leaves_noise_and_eps_scale_removes_it(schedule):
     exact_den, shrunk = GaussianDenoiser(schedule), ShrunkDenoiser(GaussianDenoiser(schedule), 0.98)
     rng, shape = jax.random.PRNGKey(0), (4096, 1)
     for n in (50, 200):
+        assert diffusion.sampling_timesteps(schedule, n)[0] == schedule.t_max   # the first step is from pure noise
         want = sampling.make_sampler(exact_den, n, "deterministic")(None, rng, shape)
         if n == 200:
             assert abs(float(jnp.std(want)) - STD) < 0.01             # the exact sampler: the data's spread
