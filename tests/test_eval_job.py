@@ -77,3 +77,18 @@ def test_diagnose_refuses_what_it_cannot_read(tmp_path, change, expected):
     (run / "config.json").write_text(config.to_json_best_effort())
     with pytest.raises(ValueError, match=expected):
         diagnose.diagnose(str(run), steps=change.get("steps", (4,)), eps_scales=change.get("eps_scales", (1.0,)))
+
+
+def test_partial_restore_reads_only_what_evaluation_needs(tmp_path):
+    import numpy as np
+    import orbax.checkpoint as ocp
+    state = {"params": {"w": np.ones((3,), np.float32)}, "ema_params": {"w": np.full((3,), 2.0, np.float32)},
+             "frozen": {}, "opt_state": {"mu": np.zeros((3,), np.float32)}}
+    mgr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    mgr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mgr.wait_until_finished()
+    mgr.close()
+    got = job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params",))
+    assert list(got) == ["ema_params"] and got["ema_params"]["w"].tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match=r"step 5's train state has no \['teacher'\]"):
+        job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params", "teacher"))

@@ -25,6 +25,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 from codi_jax import experiment, sampling
@@ -71,10 +72,27 @@ def restore_final(run_cfg, run_dir: str, expect_method: str = ""):
     if step is None or step < want:
         mgr.close()
         raise FileNotFoundError(f"{ckpt_dir}: latest step {step}, the run's {stage} stage has {want}: not finished")
-    # Restore with the stored structure (no model init needed); arrays land on the default device.
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     mgr.close()
+    state = restore_subtrees(ckpt_dir, step, ("ema_params", "frozen"))
     return base.merge(state["ema_params"], state["frozen"]), state["frozen"], step
+
+
+def restore_subtrees(ckpt_dir: str, step: int, keys) -> dict:
+    """Only `keys` of a train state checkpoint (a partial restore with the stored structure: no model
+    init needed), on the default device. Evaluation reads the EMA weights and the frozen ones; the
+    online weights and the optimizer's moments (three times the EMA weights under Adam) stay on disk."""
+    path = os.path.join(ckpt_dir, str(step), "state")
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))   # the tree's metadata (not the step's)
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ValueError(f"{ckpt_dir}: step {step}'s train state has no {missing} (not a codi_jax train state?)")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    item = {k: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[k],
+                                      is_leaf=is_leaf) for k in keys}
+    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
 
 
 def _key_path(out_dir, key, ext):
