@@ -240,21 +240,28 @@ def ordering_checks(rcfg, rows):
     return out
 
 
-def plot_steps(rcfg, rows, path):
-    """PSNR and SWD against the number of sampling steps, one line per (run, sampler); seed means."""
+def plot_steps(rcfg, rows, path, sections=("table2",), reference=()):
+    """PSNR and SWD against the number of sampling steps, one line per (run, sampler) of the runs in
+    `sections` (plus the runs named in `reference`); seed means. None when no run has two points."""
     series = {}
     for (name, key), vals in rows.items():
         run = next(r for r in rcfg.runs if r.name == name)
+        if run.section not in sections and name not in reference:
+            continue
         label, n = _row_label(run, key)
         series.setdefault(label, []).append((n, {m: float(np.mean(vals[m])) for m, _, _ in METRICS}))
-    return plots.metrics_vs_steps({k: v for k, v in series.items() if len(v) > 1}, path)
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    return plots.metrics_vs_steps(series, path) if series else None
 
 
 def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> str:
     rows, walls, bicubic = collect(rcfg, workdir, seeds)
     out_dir = os.path.dirname(os.path.abspath(results_path))
     img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
     plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
+    ablation_plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps_ablations.png"),
+                               sections=("table3", "fig7", "dx"), reference=("codi",))
     grids = []
     for name in ("finetune", "codi"):
         src = os.path.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
@@ -317,7 +324,9 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         "## Quality against sampling steps",
         "",
-        f"![metrics against steps]({rel(plot)})",
+        *([f"![metrics against steps]({rel(plot)})", ""] if plot else ["(no run with two step counts yet)", ""]),
+        *(["The ablations against CoDi:", "", f"![ablations against steps]({rel(ablation_plot)})", ""]
+          if ablation_plot else []),
         "",
     ]
     for name, path in grids:
