@@ -113,7 +113,9 @@ def codi_method():
                                  # 'finetuned' (the finetune stage's model: CM-II; a 'teacher' z_s predictor is
                                  # then the frozen finetuned model, given the condition), 'random' (Fig. 7)
         delta_t=20,              # s = t - delta_t, in timesteps (Algorithm 1 says 1; public code 20)
-        t_per_sample=True,       # one t per sample (True) or one per batch
+        t_per_sample=False,      # False: one t shared by the batch, the paper's choice (sec 5.3 "Sampling of z_t",
+                                 # Fig. 7); True: one t per sample, the "previous protocol" of [23, 36]. The
+                                 # tiny recipes use True: measured better there (docs/results-notes.md)
         boundary=dict(
             enabled=True,        # eq 17/18 skip scalings on the signal prediction
             sigma_data=0.5,

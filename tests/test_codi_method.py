@@ -85,3 +85,17 @@ def test_guidance_weight_zero_switches_conditional_guidance_off():
     l_off, m_off = loss_off(t_off, f_off, t_off, batch, key)
     np.testing.assert_allclose(float(l_on), float(m_on["d_eps"] + m_on["d_x"]), rtol=1e-5)
     np.testing.assert_allclose(float(l_off), float(m_off["d_eps"]), rtol=1e-5)
+
+
+def test_one_t_per_batch_or_per_sample():
+    """codi.t_per_sample=False (the paper's CoDi): one t for the whole batch, drawn from its first
+    example's key, so a microbatch (rows 1, 3, 5, ...) draws its own; True: one t per example."""
+    from codi_jax.methods import base as methods_base
+    keys = jax.random.split(jax.random.PRNGKey(0), 64)
+    shared = np.asarray(methods_base.per_batch_or_sample(keys, 64, False, 20, 1000))
+    each = np.asarray(methods_base.per_batch_or_sample(keys, 64, True, 20, 1000))
+    assert len(set(shared.tolist())) == 1 and len(set(each.tolist())) > 40
+    assert each.min() >= 20 and each.max() <= 1000
+    assert shared[0] == each[0]
+    micro = np.asarray(methods_base.per_batch_or_sample(keys[1::2], 32, False, 20, 1000))
+    assert set(micro.tolist()) == {int(each[1])}
