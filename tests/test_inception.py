@@ -64,7 +64,7 @@ def test_features_match_pytorch_fid(monkeypatch, tmp_path):
     out = evaluate.all_metrics(a, b, ecfg, batch_size=3)
     feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i:i + 3])) for i in (0, 3)])
     assert out["fid"] == pytest.approx(frechet.frechet_distance_of_features(feats(a), feats(b)), rel=1e-5)
-    assert out["fid"] > 0 and evaluate.all_metrics(a, a, ecfg, batch_size=3)["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert out["fid"] > 0   # (zero on identical sets: tests/test_frechet.py)
 
 
 def test_bad_weights_files(tmp_path):

@@ -129,6 +129,21 @@ def test_shrunk_noise_estimate_leaves_noise_and_eps_scale_removes_it(schedule):
         np.testing.assert_allclose(fixed, want, atol=2e-4)
 
 
+def test_diagnose_path_is_the_sampler_and_its_eps_scale_reaches_it(schedule):
+    """diagnose.sample_path (batched like the evaluation) ends in make_sampler's sample, with or
+    without the scale; the shrunk denoiser's path with eps_scale = 1/k is the exact one."""
+    from codi_jax.evaluation import diagnose
+    den, shrunk = GaussianDenoiser(schedule), ShrunkDenoiser(GaussianDenoiser(schedule), 0.98)
+    cond = np.zeros((12, 1), np.float32)   # only its length is read: 12 examples in batches of 8 and 4
+    exact_path = diagnose.sample_path(den, None, cond, num_steps=20, shape=(1,), seed=3, batch_size=8)
+    fixed_path = diagnose.sample_path(shrunk, None, cond, num_steps=20, shape=(1,), seed=3, batch_size=8,
+                                      eps_scale=1 / 0.98)
+    assert exact_path.shape == (12, 20, 1)
+    np.testing.assert_allclose(fixed_path, exact_path, atol=2e-4)
+    first = sampling.make_sampler(den, 20, "deterministic")(None, jax.random.fold_in(jax.random.PRNGKey(3), 0), (8, 1))
+    np.testing.assert_allclose(exact_path[:8, -1], first, atol=1e-6)
+
+
 def test_trajectory_ends_in_the_sample_and_bad_options_are_named(schedule):
     den = GaussianDenoiser(schedule)
     rng = jax.random.PRNGKey(1)
