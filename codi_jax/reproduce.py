@@ -300,7 +300,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
            "command again resumes them.", ""] if missing else []),
-        *([f"Why some of these differ from the paper (measured, not guessed): "
+        *([f"Why some of these differ from the paper, and what was measured to find out: "
            f"[results-notes.md]({rel(notes)}).", ""] if os.path.exists(notes) else []),
         "## Table 2: super-resolution",
         "",
