@@ -122,10 +122,26 @@ def sample_dpmpp_2m(denoiser: base.Denoiser, params, rng, timesteps, shape, cond
     return x_hats[-1]
 
 
+_SAMPLERS: dict = {}
+
+
 def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "deterministic",
                  eps_scale: float = 1.0, trajectory: bool = False):
     """A jitted `fn(params, rng, shape, cond, context) -> x` for a fixed step count (`sample`'s
-    eps_scale and trajectory: DDIM and the multistep sampler only)."""
+    eps_scale and trajectory: DDIM and the multistep sampler only).
+
+    Built once per process for equal arguments (the denoiser by its repr: the module with its whole
+    config, the schedule, the prediction type, the guidance scale), so the run's evaluation, a resumed
+    run's, the evaluation job's and the sampler's calls share one traced and compiled program."""
+    key = (repr(denoiser), num_steps, sampler, float(eps_scale), trajectory)
+    if key not in _SAMPLERS:
+        if len(_SAMPLERS) >= 32:
+            _SAMPLERS.pop(next(iter(_SAMPLERS)))
+        _SAMPLERS[key] = _build_sampler(denoiser, num_steps, sampler, eps_scale, trajectory)
+    return _SAMPLERS[key]
+
+
+def _build_sampler(denoiser, num_steps, sampler, eps_scale, trajectory):
     check_sampler(sampler)
     if sampler == "dpmpp_2m" and (eps_scale != 1.0 or trajectory):
         raise ValueError("eps_scale and trajectory are for the 'deterministic' and 'stochastic' samplers, "
