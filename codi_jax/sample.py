@@ -145,7 +145,6 @@ class AdapterSampler:
         self.backbone = params["unet"]
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.adapters: dict[str, Adapter] = {}
-        self._samplers = {}
         own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint,
                       self._encoder(model.config))
         self.adapters["own"] = own
@@ -204,11 +203,8 @@ class AdapterSampler:
         elif space.context is not None:
             context = space.context
         params = {"unet": self.backbone, "adapter": a.params}
-        scale = denoiser.scale if isinstance(denoiser, prompts_lib.Guided) else None
-        key = (name, steps, sampler, scale, eps_scale)   # one compiled sampler per adapter, steps, guidance
-        if key not in self._samplers:
-            self._samplers[key] = sampling.make_sampler(denoiser, steps, sampler, eps_scale=eps_scale)
-        fn = self._samplers[key]
+        # make_sampler keeps one compiled program per (denoiser, steps, sampler, guidance, scale)
+        fn = sampling.make_sampler(denoiser, steps, sampler, eps_scale=eps_scale)
         factor = config.data.crop_size // space.shape[0]
         shape = (cond.shape[1] // factor, cond.shape[2] // factor, space.shape[2])
         from codi_jax.evaluation import evaluate

@@ -10,10 +10,10 @@ Three views, on the run's held-out crops (the evaluation's own crops and noise):
             sigma^2 / (alpha^2 S^2 + sigma^2)), so read it across t and against other models.
   path      DDIM-N from the evaluation's noise: PSNR / SWD / high-frequency ratio of x_hat at points
             along the trajectory, so a sampler that peaks early and then adds grain shows where.
-  eps scale DDIM-N with eps_hat scaled by c ("epsilon scaling", Ning et al. 2023): a noise
-            estimate shrunk below the true posterior's leaves a little noise in z at every step, and
-            N steps accumulate it as grain (HF ratio > 1 late in the path); c slightly above 1
-            removes it (docs/results-notes.md has the reproduction's finetuned model).
+  eps scale DDIM-N with eps_hat scaled by c from the second step on (`sampling.sample`'s
+            eps_scale): a network that removes too little noise per step leaves some in z each
+            time, and N steps accumulate it as grain (HF ratio > 1 late in the path); c slightly
+            above 1 removes it (docs/results-notes.md has the reproduction's finetuned model).
 Writes RUN_DIR/diagnose.json (or --out) and prints a table. Pixel-space runs of image-conditioned
 tasks (sr, inpaint); latent and text-prompted runs are refused with a clear error.
 """
