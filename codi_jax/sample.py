@@ -140,7 +140,7 @@ class AdapterSampler:
             raise FileNotFoundError(f"run {run_dir}: no config.json there (not a finished codi_jax run's workdir?)")
         config = job.read_run_config(run_dir)
         model = experiment.build_model(config, cache_dir)
-        params, frozen, _ = job.restore_final(model.config, run_dir)
+        params, frozen, _ = job.restore_final(model.config, run_dir, model=model)
         self.frozen = frozen
         self.backbone = params["unet"]
         self.fingerprint = backbone_fingerprint(self.backbone)

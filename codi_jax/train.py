@@ -191,22 +191,21 @@ class CheckpointMismatchError(ValueError):
 MODEL_PARTS = ("params", "ema_params", "frozen")
 
 
-def _shapes_by_path(tree) -> dict:
-    """{"['params']['unet']...": shape} over the model parts (optimiser states are namedtuples, which
-    the checkpoint's metadata stores as plain containers, so their paths do not compare)."""
-    flat = jax.tree_util.tree_flatten_with_path({k: tree[k] for k in MODEL_PARTS if k in tree})[0]
+def shapes_by_path(tree) -> dict:
+    """{"['params']['unet']...": shape} of every leaf of `tree`."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(getattr(v, "shape", ())) for path, v in flat}
 
 
-def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) -> None:
-    """One-line error naming the first parameter whose presence or shape differs between the
-    checkpoint at `step` and the state this config builds (orbax's own message names neither)."""
-    # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
-    meta = getattr(meta, "item_metadata", None) or meta
-    stored = _shapes_by_path(getattr(meta, "tree", meta))
-    wanted = _shapes_by_path(init_state)
-    where = f"checkpoint {mgr.directory}/{step}"
+def _model_parts(tree) -> dict:
+    """The model parts of a train state (optimiser states are namedtuples, which the checkpoint's
+    metadata stores as plain containers, so their paths do not compare)."""
+    return {k: tree[k] for k in MODEL_PARTS if k in tree}
+
+
+def check_shapes(stored: dict, wanted: dict, where: str) -> None:
+    """One-line error naming the first parameter whose presence or shape differs between `stored`
+    (what a checkpoint holds) and `wanted` (what this config's model builds); {path: shape} each."""
     for key in sorted(set(wanted) | set(stored)):
         if key not in stored:
             raise CheckpointMismatchError(f"{where} lacks {key} that this config's model has: a checkpoint of "
@@ -217,6 +216,16 @@ def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) 
         if stored[key] != wanted[key]:
             raise CheckpointMismatchError(f"{where}: {key} has shape {stored[key]}, this config's model "
                                           f"{wanted[key]}: a checkpoint of another model size?")
+
+
+def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) -> None:
+    """check_shapes between the checkpoint at `step` and the state this config builds (orbax's own
+    message names neither the parameter nor the shapes)."""
+    # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
+    meta = getattr(meta, "item_metadata", None) or meta
+    check_shapes(shapes_by_path(_model_parts(getattr(meta, "tree", meta))), shapes_by_path(_model_parts(init_state)),
+                 f"checkpoint {mgr.directory}/{step}")
 
 
 def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_sharding, data_iter=None):

@@ -92,3 +92,39 @@ def test_partial_restore_reads_only_what_evaluation_needs(tmp_path):
     assert list(got) == ["ema_params"] and got["ema_params"]["w"].tolist() == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match=r"step 5's train state has no \['teacher'\]"):
         job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params", "teacher"))
+
+
+
+def test_checkpoint_of_another_model_size(tmp_path):
+    """A finished run whose weights do not fit the model its config.json builds (an edited config, a
+    finetune checkpoint of another size): the parameter and both shapes are named, before sampling."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from codi_jax import experiment, train
+    from codi_jax.methods import base
+    from codi_jax.models import layers
+
+    def model_and_zeros(cfg):
+        model = experiment.build_model(cfg, str(tmp_path / "out"))
+        c = model.config
+        abstract = layers.unbox(base.abstract_params(model.module, c.model, model.space.shape[0], c.data.crop_size))
+        return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+
+    run = _run_dir(tmp_path)
+    model, params = model_and_zeros(job.read_run_config(run))
+    cfg = model.config
+    steps = experiment.final_stage_steps(cfg)
+    mgr = ocp.CheckpointManager(str(tmp_path / "run" / "codi" / "checkpoints"))
+    mgr.save(steps, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": params, "frozen": {}})))
+    mgr.wait_until_finished()
+    mgr.close()
+    restored, _, step = job.restore_final(cfg, run, model=model)   # the right shapes pass
+    assert step == steps and set(restored) == {"unet", "adapter"}
+
+    cfg.model.unet.block_out_channels = tuple(2 * c for c in cfg.model.unet.block_out_channels)
+    wider, _ = model_and_zeros(cfg)
+    with pytest.raises(train.CheckpointMismatchError,
+                       match=r"codi/checkpoints/\d+: \['params'\]\['adapter'\].* has shape \(.*\), this config's "
+                             r"model \(.*\): a checkpoint of another model size"):
+        job.restore_final(cfg, run, model=wider)

@@ -107,7 +107,7 @@ def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_di
         raise ValueError(f"--steps={list(steps)} and --eps_scales={list(eps_scales)}: each needs values, "
                          "steps >= 1 and scales > 0")
     model = experiment.build_model(config, cache_dir or os.path.join(run_dir, "diagnose_cache"))
-    params, _, step = job.restore_final(model.config, run_dir)
+    params, _, step = job.restore_final(model.config, run_dir, model=model)
     den = model.method_denoiser
     ecfg = config.eval
     batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=ecfg.num_examples, seed=ecfg.seed)

@@ -28,10 +28,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from absl import logging
 
-from codi_jax import experiment, sampling
+from codi_jax import experiment, sampling, train
 from codi_jax.data import pipeline, tasks as task_data
 from codi_jax.evaluation import evaluate, grids, plots
 from codi_jax.methods import base
+from codi_jax.models import layers
 
 
 def read_run_config(run_dir: str) -> mlc.ConfigDict:
@@ -57,8 +58,9 @@ def validate(ecfg) -> None:
             raise ValueError(f"config steps has {n}; step counts must be in [1, 1000]")
 
 
-def restore_final(run_cfg, run_dir: str, expect_method: str = ""):
-    """EMA params merged with the frozen ones, from the final stage's latest checkpoint."""
+def restore_final(run_cfg, run_dir: str, expect_method: str = "", model=None):
+    """EMA params merged with the frozen ones, from the final stage's latest checkpoint; checked
+    parameter by parameter against `model` (experiment.build_model's) when given."""
     if expect_method and expect_method != run_cfg.method:
         raise ValueError(f"config method={expect_method!r}, but {run_dir} was trained with method "
                          f"{run_cfg.method!r}")
@@ -74,7 +76,18 @@ def restore_final(run_cfg, run_dir: str, expect_method: str = ""):
         raise FileNotFoundError(f"{ckpt_dir}: latest step {step}, the run's {stage} stage has {want}: not finished")
     mgr.close()
     state = restore_subtrees(ckpt_dir, step, ("ema_params", "frozen"))
-    return base.merge(state["ema_params"], state["frozen"]), state["frozen"], step
+    params = base.merge(state["ema_params"], state["frozen"])
+    if model is not None:
+        check_params_match(params, model, f"{ckpt_dir}/{step}")
+    return params, state["frozen"], step
+
+
+def check_params_match(params, model, where: str) -> None:
+    """One line naming the first parameter the checkpoint lacks, adds, or holds in another shape than
+    the run's config.json builds (a finetune checkpoint of another model size, an edited config)."""
+    cfg = model.config
+    wanted = layers.unbox(base.abstract_params(model.module, cfg.model, model.space.shape[0], cfg.data.crop_size))
+    train.check_shapes(train.shapes_by_path({"params": params}), train.shapes_by_path({"params": wanted}), where)
 
 
 def restore_subtrees(ckpt_dir: str, step: int, keys) -> dict:
@@ -113,7 +126,7 @@ def run(ecfg, workdir: str) -> dict | None:
     out_dir = os.path.join(workdir, "eval")
     model = experiment.build_model(run_cfg, workdir)
     run_cfg = model.config
-    params, frozen, step = restore_final(run_cfg, ecfg.checkpoint, ecfg.method)
+    params, frozen, step = restore_final(run_cfg, ecfg.checkpoint, ecfg.method, model=model)
     seed = run_cfg.eval.seed if ecfg.seed < 0 else ecfg.seed
     n = ecfg.num_examples or run_cfg.eval.num_examples
     batch = pipeline.make_eval_batch(run_cfg.data, task=run_cfg.task, num_examples=n, seed=seed,
