@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import time
 
 from absl import app, flags
@@ -104,17 +105,22 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
             eta = f", ETA {datetime.timedelta(seconds=int(np.mean(done_times) * (len(todo) - k)))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
-        dt = time.perf_counter() - t0
-        _add_wall(run_dir, dt, time.process_time() - c0)
+        finished = False
+        try:
+            experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
+            finished = True
+        finally:   # an interrupted run keeps the time it spent (the next invocation resumes and adds to it)
+            dt = time.perf_counter() - t0
+            _add_wall(run_dir, dt, time.process_time() - c0, interrupted=not finished)
         done_times.append(dt)
     return teacher_dir
 
 
-def _add_wall(run_dir, seconds, cpu_seconds):
+def _add_wall(run_dir, seconds, cpu_seconds, interrupted=False):
     """Wall and CPU time summed over the invocations that worked on this run (a resumed run counts
-    both). CPU time (the process's, all threads) leaves out time the run spent paused or the machine
-    gave to other jobs; wall time does not."""
+    both, and its count of interruptions says that it redid the steps since its last checkpoint and
+    compiled again). CPU time (the process's, all threads) leaves out time the run spent paused or the
+    machine gave to other jobs; wall time does not."""
     path = _wall_file(run_dir)
     prev = {"wall_s": 0.0, "cpu_s": 0.0}
     if os.path.exists(path):
@@ -122,16 +128,19 @@ def _add_wall(run_dir, seconds, cpu_seconds):
             prev = json.load(f)
     cpu = prev.get("cpu_s")   # None: the run began before CPU time was recorded (no partial sums)
     os.makedirs(run_dir, exist_ok=True)
+    out = {"wall_s": round(prev["wall_s"] + seconds, 1), "cpu_s": None if cpu is None else round(cpu + cpu_seconds, 1)}
+    n = prev.get("interrupted", 0) + int(interrupted)
+    if n:
+        out["interrupted"] = n
     with open(path, "w") as f:
-        json.dump({"wall_s": round(prev["wall_s"] + seconds, 1),
-                   "cpu_s": None if cpu is None else round(cpu + cpu_seconds, 1)}, f)
+        json.dump(out, f)
 
 
 def _read_times(path):
-    """(wall s, CPU s or None) of a wall.json."""
+    """(wall s, CPU s or None, clean) of a wall.json; clean: timed in one go with its CPU time."""
     with open(path) as f:
         t = json.load(f)
-    return t["wall_s"], t.get("cpu_s")
+    return t["wall_s"], t.get("cpu_s"), t.get("cpu_s") is not None and not t.get("interrupted")
 
 
 # --------------------------------------------------------------------------- the report
@@ -342,13 +351,14 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         if run.name in walls:
             wall, cpu = wall_summary(walls[run.name])
             md.append(f"| {run.name} | {wall:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | {len(walls[run.name])} |")
-    clean = sum(w for v in walls.values() for w, c in v if c is not None) + (teacher_wall or 0.0)
-    unclean = [w for v in walls.values() for w, c in v if c is None]
+    clean = sum(w for v in walls.values() for w, _, ok in v if ok) + (teacher_wall or 0.0)
+    unclean = [w for v in walls.values() for w, _, ok in v if not ok]
     total = f"Total: {(clean + sum(unclean)) / 3600:.2f} h of wall time for the finished runs"
     if unclean:
-        total += (f" ({sum(unclean) / 3600:.2f} h of it in {len(unclean)} runs timed before CPU time was recorded, "
-                  "pauses included; those runs' rows show the mean of their seeds that were timed cleanly, "
-                  "where there are any)")
+        total += (f" ({sum(unclean) / 3600:.2f} h of it in {len(unclean)} runs not timed in one go: timed before "
+                  "CPU time was recorded (pauses included) or interrupted and resumed (the steps since the last "
+                  "checkpoint and the compiles done twice); those runs' rows show the mean of their seeds that "
+                  "were timed cleanly, where there are any)")
     md += ["", total + ".", ""]
     os.makedirs(out_dir, exist_ok=True)
     with open(results_path, "w") as f:
@@ -369,12 +379,12 @@ def table_with_reference(rcfg, rows):
 
 
 def wall_summary(times):
-    """(wall s, CPU s or None) of one run over seeds: the mean wall time of the seeds whose CPU time was
-    recorded (those timings are known to be clean; runs timed before CPU time was recorded may include
-    pauses), else of all; CPU s only when every seed has it."""
-    clean = [w for w, c in times if c is not None]
-    wall = float(np.mean(clean if clean else [w for w, _ in times]))
-    cpus = [c for _, c in times if c is not None]
+    """(wall s, CPU s or None) of one run over seeds, from (wall, CPU or None, clean) per seed: the mean
+    wall time of the cleanly timed seeds (in one go, CPU time recorded), else of all; CPU s only when
+    every seed has it."""
+    clean = [w for w, _, ok in times if ok]
+    wall = float(np.mean(clean if clean else [w for w, _, _ in times]))
+    cpus = [c for _, c, _ in times if c is not None]
     return wall, (float(np.mean(cpus)) if len(cpus) == len(times) else None)
 
 
@@ -397,8 +407,14 @@ def _define_flags():
 _F = {}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv):
     del argv
+    # `kill` (SIGTERM) stops like Ctrl-C: the running run records the time it spent before exiting.
+    signal.signal(signal.SIGTERM, _interrupt)
     if not _F['workdir'].value:
         raise app.UsageError("--workdir is required")
     rcfg = _F['config'].value

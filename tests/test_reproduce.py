@@ -3,6 +3,7 @@ that starts from it, the report; then a second invocation that finds everything 
 
 import json
 import os
+import time
 
 import pytest
 
@@ -66,6 +67,37 @@ def test_bad_run_list():
 
 def test_wall_times_prefer_cleanly_timed_seeds():
     # Seed 0 was timed before CPU time was recorded (its wall time may include pauses).
-    assert reproduce.wall_summary([(9000.0, None), (800.0, 1200.0), (900.0, 1300.0)]) == (850.0, None)
-    assert reproduce.wall_summary([(800.0, 1200.0), (900.0, 1400.0)]) == (850.0, 1300.0)
-    assert reproduce.wall_summary([(9000.0, None)]) == (9000.0, None)
+    assert reproduce.wall_summary([(9000.0, None, False), (800.0, 1200.0, True), (900.0, 1300.0, True)]) == (850.0, None)
+    assert reproduce.wall_summary([(800.0, 1200.0, True), (900.0, 1400.0, True)]) == (850.0, 1300.0)
+    assert reproduce.wall_summary([(9000.0, None, False)]) == (9000.0, None)
+    # An interrupted, resumed run has its CPU time but is not a clean timing.
+    assert reproduce.wall_summary([(1500.0, 2000.0, False), (800.0, 1200.0, True)]) == (800.0, 1600.0)
+
+
+def test_an_interrupted_run_keeps_its_time_and_is_marked(tmp_path, monkeypatch):
+    """Ctrl-C or `kill` part-way: the run's time so far is kept and the run marked; the next invocation
+    resumes it and adds its own time. (experiment.run is replaced: this checks the bookkeeping only.)"""
+    calls = []
+
+    def run(config, run_dir, stop_after=None):
+        calls.append(run_dir)
+        time.sleep(0.2)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(reproduce.experiment, "run", run)
+    rcfg = repro.get_config("smoke")
+    wall = os.path.join(str(tmp_path), "seed0", "finetune", "wall.json")
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_all(rcfg, str(tmp_path), [0], names=["finetune"], teacher_checkpoint="/teacher")
+    with open(wall) as f:
+        first = json.load(f)
+    assert first["interrupted"] == 1 and first["wall_s"] >= 0.2 and first["cpu_s"] is not None
+    reproduce.run_all(rcfg, str(tmp_path), [0], names=["finetune"], teacher_checkpoint="/teacher")
+    with open(wall) as f:
+        second = json.load(f)
+    assert second["interrupted"] == 1 and second["wall_s"] >= first["wall_s"] + 0.2
+    assert reproduce._read_times(wall)[2] is False and len(calls) == 2
