@@ -101,3 +101,21 @@ def test_an_interrupted_run_keeps_its_time_and_is_marked(tmp_path, monkeypatch):
         second = json.load(f)
     assert second["interrupted"] == 1 and second["wall_s"] >= first["wall_s"] + 0.2
     assert reproduce._read_times(wall)[2] is False and len(calls) == 2
+
+
+def test_ordering_checks_compare_paired_seeds():
+    rcfg = repro.get_config("tiny")
+
+    def row(psnr, seeds):
+        return {"psnr": psnr, "ssim": [0.3] * len(seeds), "swd_mean": [0.2] * len(seeds), "seed": seeds}
+
+    rows = {("codi", "codi_4step"): row([21.0, 20.0, 21.5], [0, 1, 2]),
+            ("finetune", "finetune_4step"): row([20.5, 20.5], [0, 2]),     # seed 1 not finished
+            ("gd", "gd_4step"): row([19.0], [0])}
+    lines = {ln.split(":")[0]: ln for ln in reproduce.ordering_checks(rcfg, rows)}
+    ft = lines["- CoDi 4 steps vs finetuned, DDIM 4 steps"]
+    assert "PSNR 21.25 vs 20.5 (CoDi better; better on 2 of 2 seeds)" in ft    # means over seeds 0 and 2
+    assert "SSIM 0.3 vs 0.3 (CoDi worse; better on 0 of 2 seeds)" in ft     # a tie is not a win
+    gd = lines["- CoDi 4 steps vs GD-II 4 steps"]
+    assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd       # one paired seed: no tally
+    assert not any("CM-II" in k for k in lines)                          # not finished: no line
