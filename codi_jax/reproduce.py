@@ -219,11 +219,6 @@ def table(rcfg, rows, section, bicubic=None, steps_filter=None):
     return "\n".join(lines)
 
 
-def _mean(rows, name, key, metric):
-    vals = rows.get((name, key), {}).get(metric)
-    return None if not vals else float(np.mean(vals))
-
-
 def _paired(ours, theirs, metric, better):
     """Over the seeds both rows have: (our mean, their mean, seeds on which ours is better, seeds)."""
     a = dict(zip(ours["seed"], ours[metric]))
@@ -233,19 +228,40 @@ def _paired(ours, theirs, metric, better):
     return float(np.mean([a[s] for s in both])), float(np.mean([b[s] for s in both])), won, len(both)
 
 
+def _four(rcfg):
+    return 4 if 4 in rcfg.few_steps else max(rcfg.few_steps)
+
+
 def ordering_checks(rcfg, rows):
-    """The paper's expected ordering at 4 steps, checked on each metric (not forced)."""
-    four = 4 if 4 in rcfg.few_steps else max(rcfg.few_steps)
-    codi = _mean(rows, "codi", f"codi_{four}step", "psnr")
-    if codi is None:
+    """Table 2: the paper's expected ordering at 4 steps, checked on each metric (not forced)."""
+    four = _four(rcfg)
+    return _comparisons(rows, four, [
+        ("finetuned, DDIM 50 steps (paper: CoDi 4 steps about equal)", "finetune", "finetune_50step"),
+        (f"finetuned, DDIM {four} steps", "finetune", f"finetune_{four}step"),
+        (f"finetuned + DPM-Solver++ {four} steps", "finetune", f"finetune_dpmpp_2m_{four}step"),
+        (f"CM-II {four} steps", "cm", f"codi_{four}step"),
+        (f"CM-II (frozen) {four} steps", "cm_frozen", f"codi_{four}step"),
+        (f"GD-II {four} steps", "gd", f"gd_{four}step")])
+
+
+def ablation_checks(rcfg, rows):
+    """Table 3 / Fig. 7 / d_x: CoDi at 4 steps against each variant at 4 steps."""
+    four = _four(rcfg)
+    expected = {"no_pf_ode": "paper: behind CoDi", "no_noise_consistency": "paper: behind CoDi",
+                "no_guidance": "paper: behind CoDi", "random_init": "paper: far behind CoDi",
+                "t_per_batch": "paper: ahead of one t per sample"}
+    def text(r):   # Table 3's "- X" rows read "without X" here
+        label = "without " + r.label[2:] if r.label.startswith("- ") else r.label
+        return f"{label} ({expected[r.name]})" if r.name in expected else label
+    return _comparisons(rows, four, [(text(r), r.name, f"codi_{four}step")
+                                     for r in rcfg.runs if r.section in ("table3", "fig7", "dx")])
+
+
+def _comparisons(rows, four, comparisons):
+    """One line per (text, run, result key): CoDi at `four` steps against it on PSNR, SSIM and SWD."""
+    if ("codi", f"codi_{four}step") not in rows:
         return ["- (CoDi not finished: no checks yet)"]
     out = []
-    comparisons = [("finetuned, DDIM 50 steps (paper: CoDi 4 steps about equal)", "finetune", "finetune_50step"),
-                   (f"finetuned, DDIM {four} steps", "finetune", f"finetune_{four}step"),
-                   (f"finetuned + DPM-Solver++ {four} steps", "finetune", f"finetune_dpmpp_2m_{four}step"),
-                   (f"CM-II {four} steps", "cm", f"codi_{four}step"),
-                   (f"CM-II (frozen) {four} steps", "cm_frozen", f"codi_{four}step"),
-                   (f"GD-II {four} steps", "gd", f"gd_{four}step")]
     for text, name, key in comparisons:
         parts = []
         for m, label, better in METRICS[:3]:
@@ -338,6 +354,10 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "(seed by seed, the two runs sample the same crops with the same noise).",
         "",
         *ordering_checks(rcfg, rows),
+        "",
+        "The ablations and variants at the same step count, the same way:",
+        "",
+        *ablation_checks(rcfg, rows),
         "",
         "## Table 3: the distillation process (CoDi ablations)",
         "",

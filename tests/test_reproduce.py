@@ -119,3 +119,6 @@ def test_ordering_checks_compare_paired_seeds():
     gd = lines["- CoDi 4 steps vs GD-II 4 steps"]
     assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd       # one paired seed: no tally
     assert not any("CM-II" in k for k in lines)                          # not finished: no line
+    ablations = reproduce.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})
+    assert ablations == ["- CoDi 4 steps vs one t per batch (the paper's choice) (paper: ahead of one t per sample): "
+                         "PSNR 21 vs 21.2 (CoDi worse); SSIM 0.3 vs 0.3 (CoDi worse); SWD 0.2 vs 0.2 (CoDi worse)"]
