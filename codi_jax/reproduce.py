@@ -14,6 +14,7 @@ tables, the spread over seeds, the ordering checks, plots and wall times to `--r
 from __future__ import annotations
 
 import datetime
+import glob
 import importlib.util
 import json
 import os
@@ -95,14 +96,12 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
     with open(os.path.join(workdir, "teacher.json"), "w") as f:   # for the report
         json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint}, f)
     todo = [(s, r) for s in seeds for r in runs]
-    done_times = []
     for k, (seed, run) in enumerate(todo):
         run_dir = os.path.join(workdir, f"seed{seed}", run.name)
         if os.path.exists(os.path.join(run_dir, "metrics.json")):
             continue
-        eta = ""
-        if done_times:
-            eta = f", ETA {datetime.timedelta(seconds=int(np.mean(done_times) * (len(todo) - k)))}"
+        left = estimate_left(workdir, todo[k:])
+        eta = "" if left is None else f", ETA {datetime.timedelta(seconds=int(left))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         finished = False
@@ -112,8 +111,24 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         finally:   # an interrupted run keeps the time it spent (the next invocation resumes and adds to it)
             dt = time.perf_counter() - t0
             _add_wall(run_dir, dt, time.process_time() - c0, interrupted=not finished)
-        done_times.append(dt)
     return teacher_dir
+
+
+def estimate_left(workdir: str, todo) -> float | None:
+    """Seconds the unfinished (seed, run) pairs of `todo` will take: each run's mean wall time over the
+    seeds that finished it in one go, else the mean over every run so timed (None: nothing timed yet)."""
+    by_run = {}
+    for path in glob.glob(os.path.join(workdir, "seed*", "*", "wall.json")):
+        run_dir = os.path.dirname(path)
+        if os.path.exists(os.path.join(run_dir, "metrics.json")):
+            wall, _, clean = _read_times(path)
+            if clean:
+                by_run.setdefault(os.path.basename(run_dir), []).append(wall)
+    if not by_run:
+        return None
+    overall = float(np.mean([w for v in by_run.values() for w in v]))
+    pending = [r.name for s, r in todo if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))]
+    return sum(float(np.mean(by_run[n])) if n in by_run else overall for n in pending)
 
 
 def _add_wall(run_dir, seconds, cpu_seconds, interrupted=False):

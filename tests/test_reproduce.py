@@ -122,3 +122,22 @@ def test_ordering_checks_compare_paired_seeds():
     ablations = reproduce.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})
     assert ablations == ["- CoDi 4 steps vs one t per batch (the paper's choice) (paper: ahead of one t per sample): "
                          "PSNR 21 vs 21.2 (CoDi worse); SSIM 0.3 vs 0.3 (CoDi worse); SWD 0.2 vs 0.2 (CoDi worse)"]
+
+
+def test_eta_uses_each_runs_time_on_the_seeds_that_finished_it(tmp_path):
+    rcfg = repro.get_config("tiny")
+    by_name = {r.name: r for r in rcfg.runs}
+
+    def finished(seed, name, wall, **extra):
+        d = tmp_path / f"seed{seed}" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text("{}")
+        (d / "wall.json").write_text(json.dumps(dict(wall_s=wall, cpu_s=2 * wall, **extra)))
+
+    todo = [(s, by_name[n]) for s in (0, 1) for n in ("finetune", "codi", "gd")]
+    assert reproduce.estimate_left(str(tmp_path), todo) is None           # nothing timed yet
+    finished(0, "finetune", 900.0)
+    finished(0, "codi", 700.0)
+    finished(0, "gd", 5000.0, interrupted=1)                              # not a clean timing: ignored
+    # Left: seed 1's runs; gd has no clean time, so the mean of the cleanly timed runs (800).
+    assert reproduce.estimate_left(str(tmp_path), todo) == pytest.approx(900 + 700 + 800)
