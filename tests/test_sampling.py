@@ -171,3 +171,34 @@ def test_denoiser_stats_match_gaussian_closed_forms(schedule):
         assert r["eps_energy"] == pytest.approx(s**2 / var, rel=0.06), r
         assert r["eps_corr"] == pytest.approx(s / np.sqrt(var), rel=0.05), r
     assert diagnose.path_points(4) == [0, 1, 2, 3] and diagnose.path_points(50)[-1] == 49
+
+
+@pytest.mark.parametrize("sampler,steps", [("deterministic", 4), ("deterministic", 20), ("dpmpp_2m", 4),
+                                           ("dpmpp_2m", 20)])
+def test_samplers_match_diffusers_schedulers(sampler, steps):
+    """SD's schedule, the same model (the exact Gaussian denoiser) and the same z_T: our DDIM and
+    DPM-Solver++(2M) land where diffusers' DDIMScheduler and DPMSolverMultistepScheduler do, with
+    "trailing" timesteps (our grid), a last step to t = 0 (DDIM: alpha = 1; DPM: sigma = 0, first
+    order), both of which return the last timestep's x_hat."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    cfg = mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
+    schedule = diffusion.make_schedule(cfg)
+    den = GaussianDenoiser(schedule)
+    rng, shape = jax.random.PRNGKey(7), (64, 3)
+    ours = np.asarray(sampling.make_sampler(den, steps, sampler)(None, rng, shape))
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type="epsilon", timestep_spacing="trailing")
+    if sampler == "deterministic":
+        sched = diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    else:
+        sched = diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                                      final_sigmas_type="zero", lower_order_final=True)
+    sched.set_timesteps(steps)
+    np.testing.assert_array_equal(sched.timesteps.numpy(), diffusion.sampling_timesteps(schedule, steps))
+    z = torch.from_numpy(np.array(jax.random.normal(jax.random.split(rng)[0], shape)))   # our z_T
+    for t in sched.timesteps:
+        eps = torch.from_numpy(np.asarray(den(None, jnp.asarray(z.numpy()), int(t))[1]))
+        z = sched.step(eps, t, z).prev_sample
+    np.testing.assert_allclose(ours, z.numpy(), atol=2e-4, rtol=1e-4)
