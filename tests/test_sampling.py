@@ -202,3 +202,56 @@ def test_samplers_match_diffusers_schedulers(sampler, steps):
         eps = torch.from_numpy(np.asarray(den(None, jnp.asarray(z.numpy()), int(t))[1]))
         z = sched.step(eps, t, z).prev_sample
     np.testing.assert_allclose(ours, z.numpy(), atol=2e-4, rtol=1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryGaussianDenoiser:
+    """The exact Gaussian denoiser under the consistency boundary condition (eq 17), as a CoDi model
+    with `codi.boundary` on samples: diffusers' LCMScheduler applies the same c_skip / c_out itself."""
+    inner: GaussianDenoiser
+    sigma_data: float = 0.5
+    time_scale: float = 10.0
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def __call__(self, params, z, t, cond=None, context=None):
+        x_hat, _ = self.inner(params, z, t)
+        alpha, sigma = self.schedule.alpha_sigma(jnp.broadcast_to(t, (z.shape[0],)))
+        return diffusion.apply_boundary(x_hat, z, jnp.broadcast_to(t, (z.shape[0],)), alpha, sigma,
+                                        sigma_data=self.sigma_data, time_scale=self.time_scale)
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_consistency_multistep_sampler_matches_diffusers_lcm_scheduler(steps, monkeypatch):
+    """The few-step sampler (denoise with the boundary condition, re-noise to the next timestep with
+    fresh noise; the last x_hat is the sample) against diffusers' LCMScheduler on the same model,
+    timesteps, z_T and noise draws (ours, handed to diffusers in order)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_lcm
+    cfg = mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
+    schedule = diffusion.make_schedule(cfg)
+    den = BoundaryGaussianDenoiser(GaussianDenoiser(schedule))
+    rng, shape = jax.random.PRNGKey(11), (64, 3)
+    ours = np.asarray(sampling.make_sampler(den, steps, "stochastic")(None, rng, shape))
+
+    # Our draws: z_T from the first split of rng, then one key split off the rest per step.
+    k0, key = jax.random.split(rng)
+    noises = []
+    for _ in range(steps):
+        key, k = jax.random.split(key)
+        noises.append(torch.from_numpy(np.array(jax.random.normal(k, shape))))
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *a, **kw: noises.pop(0))
+
+    sched = diffusers.LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", prediction_type="epsilon", timestep_scaling=10.0,
+                                   set_alpha_to_one=True, clip_sample=False)
+    sched.set_timesteps(timesteps=[int(t) for t in diffusion.sampling_timesteps(schedule, steps)])
+    z = torch.from_numpy(np.array(jax.random.normal(k0, shape)))
+    for t in sched.timesteps:
+        eps = torch.from_numpy(np.asarray(den.inner(None, jnp.asarray(z.numpy()), int(t))[1]))   # before eq 17
+        z = sched.step(eps, t, z).prev_sample
+    assert len(noises) == 1          # one draw per step but the last (ours draws it and drops it)
+    np.testing.assert_allclose(ours, z.numpy(), atol=2e-4, rtol=1e-4)
