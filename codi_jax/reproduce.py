@@ -58,7 +58,8 @@ def base_config(rcfg):
 
 
 def run_config(rcfg, run, seed: int, workdir: str, teacher_dir: str):
-    config = apply_overrides(base_config(rcfg), dict(run.overrides))
+    config = apply_overrides(base_config(rcfg), dict(tuple(kv) for kv in rcfg.get("common", ())))
+    config = apply_overrides(config, dict(run.overrides))
     config.seed = seed
     config.teacher.checkpoint = teacher_dir
     if run.needs_finetune:
@@ -94,7 +95,8 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         _add_wall(teacher_dir, time.perf_counter() - t0, time.process_time() - c0)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "teacher.json"), "w") as f:   # for the report
-        json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint}, f)
+        json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint,
+                   "common": [list(kv) for kv in rcfg.get("common", ())]}, f)
     todo = [(s, r) for s in seeds for r in runs]
     for k, (seed, run) in enumerate(todo):
         run_dir = os.path.join(workdir, f"seed{seed}", run.name)
@@ -337,6 +339,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher["trained_here"] else
                     f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
                     "stage of the same recipe made earlier; its time is not in the total).")
+    common = "".join(f", `{k}={v!r}`" for k, v in teacher.get("common", ()))
+    common = f" (every run{common})" if common else ""
     notes = os.path.join(out_dir, "results-notes.md")   # hand-written next to the report (docs/)
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
@@ -347,7 +351,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         f"Written by `{command}` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPUs), "
         f"from {finished} of {expected} runs ({len(rcfg.runs)} runs x seeds {list(seeds)}). "
-        "Each run is `configs/sr.py:tiny` plus its overrides in `configs/repro.py`, trained from one shared tiny "
+        f"Each run is `{rcfg.base}` plus its overrides in `configs/repro.py`{common}, trained from one shared "
         "pretrained teacher; held-out crops and sampler noise are the same for every run. Values are the mean "
         "± sample standard deviation over training seeds (one value where one seed finished). "
         "SWD: sliced Wasserstein distance between Laplacian-pyramid patches of samples and HR (a weight-free "

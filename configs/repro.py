@@ -57,7 +57,10 @@ def get_config(variant="tiny"):
     config.seeds = (0, 1, 2)              # training seeds (the evaluation crops and sampler noise stay fixed)
     config.few_steps = FEW_STEPS           # step counts of the distilled models
     config.runs = runs()
-    config.primary_metric = "swd_mean"     # the ordering check's measure (sharpness-aware; lower is better)
+    # (dotted config key, value) pairs applied to every run and the shared teacher before each run's own
+    # overrides: the comparison on your own images, e.g.
+    #   --config.common="(('data.source', 'folder'), ('data.folder', '/my/images'))"
+    config.common = ()
     if variant == "smoke":
         config.seeds = (0,)
         config.few_steps = (1, 2)

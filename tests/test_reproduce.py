@@ -14,6 +14,7 @@ from configs import repro, sr
 @pytest.mark.heavy(125)
 def test_reproduce_two_stage_baseline_and_report(tmp_path):
     rcfg = repro.get_config("smoke")
+    rcfg.common = (("eval.previews", False),)   # every run's (the TensorBoard previews: the sr end-to-end test's)
     workdir = str(tmp_path / "repro")
     reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])     # 'gd' brings its finetune run first
     for name in ("finetune", "gd"):
@@ -31,6 +32,9 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     text = open(results).read()
     for row in ("| Finetuned (DDIM) | 2 |", "| Finetuned + DPM++2M | 2 |", "| GD-II | 2 |", "| bicubic upsampling |"):
         assert row in text, row
+    assert "(every run, `eval.previews=False`)" in text
+    with open(os.path.join(workdir, "seed0", "gd", "config.json")) as f:
+        assert json.load(f)["eval"]["previews"] is False
     assert "2 of 12 runs" in text and "| finetune |" in text and "| gd |" in text and "| run | wall s | CPU s |" in text
     # One step count per run in the smoke recipe: no line to draw, so no (empty) plot.
     assert "(no run with two step counts yet)" in text and "ablations against steps" not in text
@@ -56,6 +60,16 @@ def test_run_configs_follow_the_run_list():
     assert tuple(cfg.eval.samplers) == ("deterministic", "dpmpp_2m")
     assert reproduce.parse_key("finetune_dpmpp_2m_4step") == ("dpmpp_2m", 4)
     assert reproduce.parse_key("codi_1step") == ("deterministic", 1)
+    # `common` reaches every run (and so the teacher, made from the first run's config) under its own overrides.
+    rcfg.common = (("data.source", "folder"), ("data.folder", "/my/images"), ("codi.guidance_weight", 0.5))
+    for name in ("finetune", "codi", "no_guidance"):
+        cfg = reproduce.run_config(rcfg, by_name[name], 0, "/w", "/t")
+        assert (cfg.data.source, cfg.data.folder) == ("folder", "/my/images"), name
+    assert reproduce.run_config(rcfg, by_name["codi"], 0, "/w", "/t").codi.guidance_weight == 0.5
+    assert reproduce.run_config(rcfg, by_name["no_guidance"], 0, "/w", "/t").codi.guidance_weight == 0.0
+    rcfg.common = (("data.no_such_field", 1),)
+    with pytest.raises(KeyError, match="override 'data.no_such_field' names no config field"):
+        reproduce.run_config(rcfg, by_name["codi"], 0, "/w", "/t")
 
 
 def test_bad_run_list():
