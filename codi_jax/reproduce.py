@@ -21,7 +21,9 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -80,6 +82,9 @@ def _ordered(rcfg, names):
     return sorted(runs, key=lambda r: not r.name == "finetune")
 
 
+ERROR_FILE = "error.txt"   # a failed run's traceback, in its run dir (removed when it is tried again)
+
+
 def _wall_file(run_dir):
     return os.path.join(run_dir, "wall.json")
 
@@ -98,22 +103,45 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint,
                    "common": [list(kv) for kv in rcfg.get("common", ())]}, f)
     todo = [(s, r) for s in seeds for r in runs]
+    failed = {}   # (seed, run name) -> one line
     for k, (seed, run) in enumerate(todo):
         run_dir = os.path.join(workdir, f"seed{seed}", run.name)
         if os.path.exists(os.path.join(run_dir, "metrics.json")):
             continue
+        if run.needs_finetune and (seed, "finetune") in failed:
+            failed[(seed, run.name)] = f"not run: seed {seed}'s finetune run, which it starts from, failed"
+            print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name} skipped ({failed[(seed, run.name)]})",
+                  flush=True)
+            continue
         left = estimate_left(workdir, todo[k:])
         eta = "" if left is None else f", ETA {datetime.timedelta(seconds=int(left))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
+        error_file = os.path.join(run_dir, ERROR_FILE)
+        if os.path.exists(error_file):
+            os.remove(error_file)   # an earlier attempt's
         t0, c0 = time.perf_counter(), time.process_time()
         finished = False
         try:
             experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
             finished = True
+        except Exception as e:   # one run's failure does not stop the others (Ctrl-C and kill do)
+            os.makedirs(run_dir, exist_ok=True)
+            with open(error_file, "w") as f:
+                f.write(traceback.format_exc())
+            failed[(seed, run.name)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"reproduce: seed {seed} run {run.name} failed ({failed[(seed, run.name)]}); "
+                  f"traceback in {error_file}; going on with the other runs", flush=True)
         finally:   # an interrupted run keeps the time it spent (the next invocation resumes and adds to it)
             dt = time.perf_counter() - t0
             _add_wall(run_dir, dt, time.process_time() - c0, interrupted=not finished)
+    if failed:
+        raise RunsFailed(f"{len(failed)} of {len(todo)} runs failed: " +
+                         "; ".join(f"seed {s} {name}: {msg}" for (s, name), msg in failed.items()))
     return teacher_dir
+
+
+class RunsFailed(RuntimeError):
+    """Some runs raised; the others finished (each failed run's traceback is in its ERROR_FILE)."""
 
 
 def estimate_left(workdir: str, todo) -> float | None:
@@ -344,7 +372,9 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     notes = os.path.join(out_dir, "results-notes.md")   # hand-written next to the report (docs/)
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
-    missing = [f"{r.name} (seed {s})" for s in seeds for r in rcfg.runs
+    missing = [f"{r.name} (seed {s}" + (f", failed: `seed{s}/{r.name}/{ERROR_FILE}`)"
+                                      if os.path.exists(os.path.join(workdir, f"seed{s}", r.name, ERROR_FILE)) else ")")
+               for s in seeds for r in rcfg.runs
                if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))]
     md = [
         "# Results: the paper's super-resolution comparisons at tiny scale",
@@ -483,12 +513,19 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     seeds = [int(s) for s in _F['seeds'].value] if _F['seeds'].value else list(rcfg.seeds)
     results = _F['results'].value or os.path.join(_F['workdir'].value, "results.md")
+    failed = None
     if not _F['report_only'].value:
-        run_all(rcfg, _F['workdir'].value, seeds, _F['runs'].value, _F['teacher'].value)
+        try:
+            run_all(rcfg, _F['workdir'].value, seeds, _F['runs'].value, _F['teacher'].value)
+        except RunsFailed as e:   # the report of what did finish is still written
+            failed = e
     command = "python -m codi_jax.reproduce " + " ".join(
-        a for a in __import__("sys").argv[1:] if not a.startswith("--report_only"))
+        a for a in sys.argv[1:] if not a.startswith("--report_only"))
     path = write_report(rcfg, _F['workdir'].value, seeds, results, command)
     print(f"reproduce: report {path}")
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,41 @@ def test_eta_uses_each_runs_time_on_the_seeds_that_finished_it(tmp_path):
     finished(0, "gd", 5000.0, interrupted=1)                              # not a clean timing: ignored
     # Left: seed 1's runs; gd has no clean time, so the mean of the cleanly timed runs (800).
     assert reproduce.estimate_left(str(tmp_path), todo) == pytest.approx(900 + 700 + 800)
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
+    """A run that raises leaves its traceback and the others go on; runs that start from a failed
+    finetune run are skipped with the reason; the command's error names every failed run; the report
+    of what finished is written and marks the failures; a later attempt clears the old traceback."""
+    broken = {"finetune", "codi"}
+    ran = []
+
+    def run(config, run_dir, stop_after=None):
+        name = os.path.basename(run_dir)
+        ran.append(name)
+        if name in broken:
+            raise ValueError(f"config codi.something: bad value in {name}\nsecond line")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump({"metrics": {}}, f)
+
+    monkeypatch.setattr(reproduce.experiment, "run", run)
+    rcfg = repro.get_config("smoke")
+    names = ["finetune", "gd", "cm", "pe_codi", "codi", "dx_huber"]
+    with pytest.raises(reproduce.RunsFailed) as err:
+        reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
+    assert ran == ["finetune", "pe_codi", "codi", "dx_huber"]          # gd and cm need the finetune run
+    msg = str(err.value)
+    assert msg.startswith("4 of 6 runs failed: seed 0 finetune: ValueError: config codi.something: bad value in finetune;")
+    assert "seed 0 gd: not run: seed 0's finetune run, which it starts from, failed" in msg
+    assert "second line" not in msg
+    trace = (tmp_path / "seed0" / "codi" / reproduce.ERROR_FILE).read_text()
+    assert "Traceback" in trace and "bad value in codi" in trace
+
+    out = tmp_path / "docs" / "results.md"
+    reproduce.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
+    assert "codi (seed 0, failed: `seed0/codi/error.txt`)" in out.read_text()
+
+    broken.clear()                                                      # fixed: the next attempt finishes
+    reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
+    assert not (tmp_path / "seed0" / "codi" / reproduce.ERROR_FILE).exists()
