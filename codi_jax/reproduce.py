@@ -30,7 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from codi_jax import experiment
-from codi_jax.evaluation import plots
+from codi_jax.evaluation import grids as grids_lib, plots
 
 METRICS = (("psnr", "PSNR", "higher"), ("ssim", "SSIM", "higher"), ("swd_mean", "SWD", "lower"),
            ("hf_ratio", "HF ratio", "1 = HR"))
@@ -341,6 +341,71 @@ def plot_steps(rcfg, rows, path, sections=("table2",), reference=()):
     return plots.metrics_vs_steps(series, path) if series else None
 
 
+# Side-by-side pictures of one seed's runs on the same held-out crops, between LR (and bicubic) and HR:
+# (column label, run, sampler, steps); steps "few" is the few-step count of the ordering checks (4),
+# "most" the run's largest evaluated step count.
+COMPARISONS = {
+    "results_compare.png": (True, [
+        ("FT {n}", "finetune", "deterministic", "few"), ("FT {n}", "finetune", "deterministic", "most"),
+        ("FT DPM {n}", "finetune", "dpmpp_2m", "few"), ("GD-II", "gd", "deterministic", "few"),
+        ("CM-II", "cm", "deterministic", "few"), ("CM-II fr.", "cm_frozen", "deterministic", "few"),
+        ("PE-CoDi", "pe_codi", "deterministic", "few"), ("CoDi", "codi", "deterministic", "few")]),
+    "results_compare_ablations.png": (False, [
+        ("CoDi", "codi", "deterministic", "few"), ("-PF-ODE", "no_pf_ode", "deterministic", "few"),
+        ("-noise c.", "no_noise_consistency", "deterministic", "few"), ("-guid.", "no_guidance", "deterministic", "few"),
+        ("rand. init", "random_init", "deterministic", "few"), ("t/batch", "t_per_batch", "deterministic", "few"),
+        ("Huber", "dx_huber", "deterministic", "few")]),
+}
+COMPARISON_CAPTIONS = {
+    "results_compare.png": "LR | bicubic | finetuned DDIM at {few} and {most} steps, DPM-Solver++ at {few} | GD-II | "
+                           "CM-II | CM-II frozen | PE-CoDi | CoDi (the distilled models at {few} steps) | HR",
+    "results_compare_ablations.png": "LR | CoDi | without distilling the PF-ODE | without noise consistency | "
+                                     "without conditional guidance | random initialisation | one t per batch | "
+                                     "d_x pseudo-Huber (all at {few} steps) | HR",
+}
+
+
+def run_pictures(run_dir: str) -> dict:
+    """{"lr" / "bicubic" / "hr" / (sampler, steps): uint8 [rows, S, S, 3]} of a finished super-resolution
+    run, read back from its evaluation grid (columns: LR, bicubic, samplers x steps, [teacher], HR)."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    ev = cfg["eval"]
+    cells = grids_lib.read_cells(os.path.join(run_dir, "grids", "sr_grid.png"), cfg["data"]["crop_size"])
+    entries = [(s, int(n)) for s in ev["samplers"] for n in ev["steps"]]
+    if len(cells) not in (len(entries) + 3, len(entries) + 4):
+        raise ValueError(f"{run_dir}: its grid has {len(cells)} columns; its config.json's evaluation "
+                         f"({len(entries)} entries) makes {len(entries) + 3} or {len(entries) + 4}")
+    out = {"lr": cells[0], "bicubic": cells[1], "hr": cells[-1]}
+    out.update({e: cells[2 + i] for i, e in enumerate(entries)})
+    return out
+
+
+def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell: int = 64):
+    """(the picture COMPARISONS[name] of seed `seed`'s finished runs, cells enlarged to `cell` px, and its
+    caption); columns of unfinished runs are left out; (None, "") without any finished run among them."""
+    with_bicubic, columns = COMPARISONS[name]
+    few = _four(rcfg)
+    pictures, chosen, most = {}, [], None
+    for label, run, sampler, steps in columns:
+        run_dir = os.path.join(workdir, f"seed{seed}", run)
+        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+            continue
+        if run not in pictures:
+            pictures[run] = run_pictures(run_dir)
+        counts = sorted(e[1] for e in pictures[run] if isinstance(e, tuple) and e[0] == sampler)
+        n = few if steps == "few" else (counts[-1] if counts else None)
+        most = n if steps == "most" else most
+        if (sampler, n) in pictures[run]:
+            chosen.append((label.format(n=n), pictures[run][(sampler, n)]))
+    if not chosen:
+        return None, ""
+    first = next(iter(pictures.values()))   # the inputs and HR: the same crops in every run
+    inputs = [("LR", first["lr"])] + ([("bicubic", first["bicubic"])] if with_bicubic else [])
+    path = grids_lib.save_grid(path, inputs + chosen + [("HR", first["hr"])], upscale_to=cell)
+    return str(path), COMPARISON_CAPTIONS[name].format(few=few, most=most)
+
+
 def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> str:
     rows, walls, bicubic = collect(rcfg, workdir, seeds)
     out_dir = os.path.dirname(os.path.abspath(results_path))
@@ -349,6 +414,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
     ablation_plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps_ablations.png"),
                                sections=("table3", "fig7", "dx"), reference=("codi",))
+    figures = [comparison_figure(rcfg, workdir, seeds[0], name, os.path.join(img_dir, name)) for name in COMPARISONS]
     grids = []
     for name in ("finetune", "codi"):
         src = os.path.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
@@ -427,6 +493,10 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
           if ablation_plot else []),
         "",
     ]
+    for path, caption in figures:
+        if path:
+            md += [f"Held-out crops, seed {seeds[0]}, the runs side by side: {caption}.", "",
+                   f"![{os.path.basename(path)}]({rel(path)})", ""]
     for name, path in grids:
         md += [f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):", "",
                f"![{name} grid]({rel(path)})", ""]

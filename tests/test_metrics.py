@@ -234,6 +234,14 @@ def test_save_grid_layout_and_nearest_upscale(tmp_path):
     assert np.all(img[:, :g] == 255) and np.all(img[y0 - g : y0] == 255)
     assert img[g : g + head].min() < 128
 
+    # read_cells gives the pictures back (the reproduction's report reassembles runs' grids).
+    cells = grids.read_cells(path, 32)
+    assert cells.shape == (3, rows, 32, 32, 3)
+    np.testing.assert_array_equal(cells[1], grids.to_uint8(pred))
+    np.testing.assert_array_equal(cells[0, :, ::4, ::4], grids.to_uint8(lr))
+    with pytest.raises(ValueError, match="is not a grid of 30 px cells"):
+        grids.read_cells(path, 30)
+
 
 def test_save_grid_upscale_to_and_errors(tmp_path):
     x = np.zeros((2, 16, 8, 3), np.float32)

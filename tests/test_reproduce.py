@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from codi_jax import reproduce
@@ -40,6 +41,15 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     assert "(no run with two step counts yet)" in text and "ablations against steps" not in text
     assert not os.path.exists(tmp_path / "docs" / "images" / "results_steps.png")
     assert os.path.isfile(tmp_path / "docs" / "images" / "results_grid_finetune.png")
+    # The runs side by side, read back from their grids: LR | bicubic | FT 2 | FT 2 | FT DPM 2 | GD-II | HR
+    # (the smoke recipe's few-step count and the finetune run's largest are both 2); no CoDi-family run yet.
+    from codi_jax.evaluation import grids
+    cells = grids.read_cells(tmp_path / "docs" / "images" / "results_compare.png", 64)
+    pictures = reproduce.run_pictures(os.path.join(workdir, "seed0", "gd"))
+    assert cells.shape[:2] == (7, 4) and set(pictures) == {"lr", "bicubic", "hr", ("deterministic", 2)}
+    np.testing.assert_array_equal(cells[5, :, ::4, ::4], pictures[("deterministic", 2)])   # 16 px cells at 64
+    np.testing.assert_array_equal(cells[-1, :, ::4, ::4], pictures["hr"])
+    assert "finetuned DDIM at 2 and 2 steps" in text and "results_compare_ablations" not in text
 
     # Again: both runs are finished, so nothing is retrained or re-evaluated.
     stamp = os.path.getmtime(os.path.join(workdir, "seed0", "gd", "metrics.json"))

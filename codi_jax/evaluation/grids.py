@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["GUTTER", "to_uint8", "header_height", "save_grid"]
+__all__ = ["GUTTER", "to_uint8", "header_height", "save_grid", "read_cells"]
 
 GUTTER = 2
 _HEADER_PAD = 2  # vertical padding above/below the label text
@@ -151,3 +151,17 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+def read_cells(path, cell: int) -> np.ndarray:
+    """The images of a grid that `save_grid` wrote with square cells of side `cell` (its row height),
+    as uint8 [columns, rows, cell, cell, 3]: a finished run's pictures, back from its PNG."""
+    image = np.asarray(Image.open(os.fspath(path)).convert("RGB"))
+    height, width, _ = image.shape
+    y_first = GUTTER + header_height() + GUTTER
+    cols, extra_w = divmod(width - GUTTER, cell + GUTTER)
+    rows, extra_h = divmod(height - y_first, cell + GUTTER)
+    if extra_w or extra_h or not cols or not rows:
+        raise ValueError(f"{path}: {width}x{height} px is not a grid of {cell} px cells (another crop size?)")
+    return np.stack([np.stack([image[y_first + r * (cell + GUTTER):][:cell, GUTTER + c * (cell + GUTTER):][:, :cell]
+                               for r in range(rows)]) for c in range(cols)])
