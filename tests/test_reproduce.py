@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from codi_jax import reproduce
+from codi_jax.evaluation import repro_report
 from configs import repro, sr
 
 
@@ -29,7 +30,7 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     assert os.path.isdir(os.path.join(workdir, "seed0", "gd", "gd_2steps", "checkpoints"))
 
     results = str(tmp_path / "docs" / "results.md")
-    reproduce.write_report(rcfg, workdir, [0], results, "python -m codi_jax.reproduce --test")
+    repro_report.write_report(rcfg, workdir, [0], results, "python -m codi_jax.reproduce --test")
     text = open(results).read()
     for row in ("| Finetuned (DDIM) | 2 |", "| Finetuned + DPM++2M | 2 |", "| GD-II | 2 |", "| bicubic upsampling |"):
         assert row in text, row
@@ -45,7 +46,7 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     # (the smoke recipe's few-step count and the finetune run's largest are both 2); no CoDi-family run yet.
     from codi_jax.evaluation import grids
     cells = grids.read_cells(tmp_path / "docs" / "images" / "results_compare.png", 64)
-    pictures = reproduce.run_pictures(os.path.join(workdir, "seed0", "gd"))
+    pictures = repro_report.run_pictures(os.path.join(workdir, "seed0", "gd"))
     assert cells.shape[:2] == (7, 4) and set(pictures) == {"lr", "bicubic", "hr", ("deterministic", 2)}
     np.testing.assert_array_equal(cells[5, :, ::4, ::4], pictures[("deterministic", 2)])   # 16 px cells at 64
     np.testing.assert_array_equal(cells[-1, :, ::4, ::4], pictures["hr"])
@@ -68,8 +69,8 @@ def test_run_configs_follow_the_run_list():
     cfg = reproduce.run_config(rcfg, by_name["finetune"], 0, "/w", "/t")
     assert cfg.method == "finetune" and tuple(cfg.eval.steps) == (4, 8, 20, 50)
     assert tuple(cfg.eval.samplers) == ("deterministic", "dpmpp_2m")
-    assert reproduce.parse_key("finetune_dpmpp_2m_4step") == ("dpmpp_2m", 4)
-    assert reproduce.parse_key("codi_1step") == ("deterministic", 1)
+    assert repro_report.parse_key("finetune_dpmpp_2m_4step") == ("dpmpp_2m", 4)
+    assert repro_report.parse_key("codi_1step") == ("deterministic", 1)
     # `common` reaches every run (and so the teacher, made from the first run's config) under its own overrides.
     rcfg.common = (("data.source", "folder"), ("data.folder", "/my/images"), ("codi.guidance_weight", 0.5))
     for name in ("finetune", "codi", "no_guidance"):
@@ -91,11 +92,11 @@ def test_bad_run_list():
 
 def test_wall_times_prefer_cleanly_timed_seeds():
     # Seed 0 was timed before CPU time was recorded (its wall time may include pauses).
-    assert reproduce.wall_summary([(9000.0, None, False), (800.0, 1200.0, True), (900.0, 1300.0, True)]) == (850.0, None)
-    assert reproduce.wall_summary([(800.0, 1200.0, True), (900.0, 1400.0, True)]) == (850.0, 1300.0)
-    assert reproduce.wall_summary([(9000.0, None, False)]) == (9000.0, None)
+    assert repro_report.wall_summary([(9000.0, None, False), (800.0, 1200.0, True), (900.0, 1300.0, True)]) == (850.0, None)
+    assert repro_report.wall_summary([(800.0, 1200.0, True), (900.0, 1400.0, True)]) == (850.0, 1300.0)
+    assert repro_report.wall_summary([(9000.0, None, False)]) == (9000.0, None)
     # An interrupted, resumed run has its CPU time but is not a clean timing.
-    assert reproduce.wall_summary([(1500.0, 2000.0, False), (800.0, 1200.0, True)]) == (800.0, 1600.0)
+    assert repro_report.wall_summary([(1500.0, 2000.0, False), (800.0, 1200.0, True)]) == (800.0, 1600.0)
 
 
 def test_an_interrupted_run_keeps_its_time_and_is_marked(tmp_path, monkeypatch):
@@ -124,7 +125,7 @@ def test_an_interrupted_run_keeps_its_time_and_is_marked(tmp_path, monkeypatch):
     with open(wall) as f:
         second = json.load(f)
     assert second["interrupted"] == 1 and second["wall_s"] >= first["wall_s"] + 0.2
-    assert reproduce._read_times(wall)[2] is False and len(calls) == 2
+    assert repro_report.read_times(wall)[2] is False and len(calls) == 2
 
 
 def test_ordering_checks_compare_paired_seeds():
@@ -136,14 +137,14 @@ def test_ordering_checks_compare_paired_seeds():
     rows = {("codi", "codi_4step"): row([21.0, 20.0, 21.5], [0, 1, 2]),
             ("finetune", "finetune_4step"): row([20.5, 20.5], [0, 2]),     # seed 1 not finished
             ("gd", "gd_4step"): row([19.0], [0])}
-    lines = {ln.split(":")[0]: ln for ln in reproduce.ordering_checks(rcfg, rows)}
+    lines = {ln.split(":")[0]: ln for ln in repro_report.ordering_checks(rcfg, rows)}
     ft = lines["- CoDi 4 steps vs finetuned, DDIM 4 steps"]
     assert "PSNR 21.25 vs 20.5 (CoDi better; better on 2 of 2 seeds)" in ft    # means over seeds 0 and 2
     assert "SSIM 0.3 vs 0.3 (CoDi worse; better on 0 of 2 seeds)" in ft     # a tie is not a win
     gd = lines["- CoDi 4 steps vs GD-II 4 steps"]
     assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd       # one paired seed: no tally
     assert not any("CM-II" in k for k in lines)                          # not finished: no line
-    ablations = reproduce.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})
+    ablations = repro_report.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})
     assert ablations == ["- CoDi 4 steps vs one t per batch (the paper's choice) (paper: ahead of one t per sample): "
                          "PSNR 21 vs 21.2 (CoDi worse); SSIM 0.3 vs 0.3 (CoDi worse); SWD 0.2 vs 0.2 (CoDi worse)"]
 
@@ -193,13 +194,13 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
     assert msg.startswith("4 of 6 runs failed: seed 0 finetune: ValueError: config codi.something: bad value in finetune;")
     assert "seed 0 gd: not run: seed 0's finetune run, which it starts from, failed" in msg
     assert "second line" not in msg
-    trace = (tmp_path / "seed0" / "codi" / reproduce.ERROR_FILE).read_text()
+    trace = (tmp_path / "seed0" / "codi" / repro_report.ERROR_FILE).read_text()
     assert "Traceback" in trace and "bad value in codi" in trace
 
     out = tmp_path / "docs" / "results.md"
-    reproduce.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
+    repro_report.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
     assert "codi (seed 0, failed: `seed0/codi/error.txt`)" in out.read_text()
 
     broken.clear()                                                      # fixed: the next attempt finishes
     reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
-    assert not (tmp_path / "seed0" / "codi" / reproduce.ERROR_FILE).exists()
+    assert not (tmp_path / "seed0" / "codi" / repro_report.ERROR_FILE).exists()
