@@ -138,10 +138,10 @@ def test_ordering_checks_compare_paired_seeds():
             ("finetune", "finetune_4step"): row([20.5, 20.5], [0, 2]),     # seed 1 not finished
             ("gd", "gd_4step"): row([19.0], [0])}
     lines = {ln.split(":")[0]: ln for ln in repro_report.ordering_checks(rcfg, rows)}
-    ft = lines["- CoDi 4 steps vs finetuned, DDIM 4 steps"]
+    ft = lines["- CoDi 4 steps vs finetuned, DDIM 4 steps (paper"]
     assert "PSNR 21.25 vs 20.5 (CoDi better; better on 2 of 2 seeds)" in ft    # means over seeds 0 and 2
     assert "SSIM 0.3 vs 0.3 (CoDi worse; better on 0 of 2 seeds)" in ft     # a tie is not a win
-    gd = lines["- CoDi 4 steps vs GD-II 4 steps"]
+    gd = lines["- CoDi 4 steps vs GD-II 4 steps (paper"]
     assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd       # one paired seed: no tally
     assert not any("CM-II" in k for k in lines)                          # not finished: no line
     ablations = repro_report.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})

@@ -125,11 +125,11 @@ def ordering_checks(rcfg, rows):
     four = _four(rcfg)
     return _comparisons(rows, four, [
         ("finetuned, DDIM 50 steps (paper: CoDi 4 steps about equal)", "finetune", "finetune_50step"),
-        (f"finetuned, DDIM {four} steps", "finetune", f"finetune_{four}step"),
+        (f"finetuned, DDIM {four} steps (paper: CoDi ahead)", "finetune", f"finetune_{four}step"),
         (f"finetuned + DPM-Solver++ {four} steps", "finetune", f"finetune_dpmpp_2m_{four}step"),
-        (f"CM-II {four} steps", "cm", f"codi_{four}step"),
-        (f"CM-II (frozen) {four} steps", "cm_frozen", f"codi_{four}step"),
-        (f"GD-II {four} steps", "gd", f"gd_{four}step")])
+        (f"CM-II {four} steps (paper: CoDi ahead)", "cm", f"codi_{four}step"),
+        (f"CM-II (frozen) {four} steps (paper: CoDi ahead)", "cm_frozen", f"codi_{four}step"),
+        (f"GD-II {four} steps (paper: CoDi ahead)", "gd", f"gd_{four}step")])
 
 
 def ablation_checks(rcfg, rows):
