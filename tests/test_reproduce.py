@@ -204,3 +204,6 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
     broken.clear()                                                      # fixed: the next attempt finishes
     reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
     assert not (tmp_path / "seed0" / "codi" / repro_report.ERROR_FILE).exists()
+    repro_report.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
+    walls = [ln for ln in out.read_text().splitlines() if ln.startswith(("| codi |", "| pe_codi |"))]
+    assert walls[0].endswith("| 1 |") and walls[1].endswith("| 1 (0 timed in one go) |"), walls   # pe_codi, codi

@@ -356,7 +356,9 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     for run in rcfg.runs:
         if run.name in walls:
             wall, cpu = wall_summary(walls[run.name])
-            md.append(f"| {run.name} | {wall:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | {len(walls[run.name])} |")
+            n, ok = len(walls[run.name]), sum(c for _, _, c in walls[run.name])
+            seeds_note = f"{n}" if ok == n else f"{n} ({ok} timed in one go)"
+            md.append(f"| {run.name} | {wall:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | {seeds_note} |")
     clean = sum(w for v in walls.values() for w, _, ok in v if ok) + (teacher_wall or 0.0)
     unclean = [w for v in walls.values() for w, _, ok in v if not ok]
     total = f"Total: {(clean + sum(unclean)) / 3600:.2f} h of wall time for the finished runs"
