@@ -32,6 +32,7 @@ from codi_jax import experiment
 from codi_jax.evaluation import repro_report
 from codi_jax.evaluation.repro_report import ERROR_FILE, read_times, wall_file
 
+
 def apply_overrides(config, overrides: dict):
     """`{'codi.mode': 'pe'}` -> config.codi.mode = 'pe' (unknown keys fail with the key named)."""
     for dotted, value in overrides.items():
