@@ -296,6 +296,16 @@ def _copy(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
+def params_fingerprint(tree) -> str:
+    """The sum of squared weights over a parameter tree, to 7 significant digits: the same teacher gives
+    the same figure on any mesh (up to summation order, far below the 7th digit); two trainings of the
+    same recipe that drifted apart (another JAX build, another machine) differ from the 3rd or 4th digit.
+    Computed on the devices, so sharded and multi-host trees need no gather."""
+    total = jax.jit(lambda t: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+                                  for leaf in jax.tree_util.tree_leaves(t)))(tree)
+    return f"{float(total):.7g}"
+
+
 def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     """Run the job described by `config` in `workdir`; returns the evaluation report.
 
@@ -356,6 +366,7 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
             seed=config.seed, image_fn=teacher_images, **place)
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
+    teacher_fingerprint = params_fingerprint(teacher_unet)   # metrics.json: which teacher a run started from
     del tstate
     if stop_after == "teacher":
         return None
@@ -444,7 +455,8 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
                                         task=config.task, data_cfg=config.data,
                                         teacher=plain if keep_teacher else None,
                                         teacher_params={"unet": teacher_unet} if keep_teacher else None,
-                                        extra={"variant": config.variant, "timings_s": timings},
+                                        extra={"variant": config.variant, "timings_s": timings,
+                                               "teacher_fingerprint": teacher_fingerprint},
                                         **space.eval_kwargs(frozen, eval_batch))
         timings["eval_s"] = round(time.perf_counter() - t0, 1)
         timings["total_s"] = round(time.perf_counter() - t_start, 1)

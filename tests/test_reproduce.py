@@ -35,6 +35,10 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     for row in ("| Finetuned (DDIM) | 2 |", "| Finetuned + DPM++2M | 2 |", "| GD-II | 2 |", "| bicubic upsampling |"):
         assert row in text, row
     assert "(every run, `eval.previews=False`)" in text
+    # Both runs name the shared teacher they started from, and the report says it is one teacher.
+    prints = {json.load(open(os.path.join(workdir, "seed0", n, "metrics.json")))["teacher_fingerprint"]
+              for n in ("finetune", "gd")}
+    assert len(prints) == 1 and f"same teacher (fingerprint {prints.pop()}" in text
     with open(os.path.join(workdir, "seed0", "gd", "config.json")) as f:
         assert json.load(f)["eval"]["previews"] is False
     assert "2 of 12 runs" in text and "| finetune |" in text and "| gd |" in text and "| run | wall s | CPU s |" in text
@@ -88,6 +92,26 @@ def test_bad_run_list():
         reproduce.apply_overrides(sr.get_config("smoke"), {"codi.no_such_field": 1})
     with pytest.raises(ValueError, match=r"--runs has unknown names \['nope'\]"):
         reproduce.run_all(repro.get_config("smoke"), "/nonexistent", [0], names=["nope"])
+
+
+def test_teacher_fingerprint_tells_teachers_apart(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from codi_jax import experiment
+    params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones((4,), jnp.bfloat16)}}
+    assert experiment.params_fingerprint(params) == "59"   # 0+1+4+9+16+25 + 4
+    moved = jax.tree_util.tree_map(lambda x: x * (1 + 1e-3), params)
+    assert experiment.params_fingerprint(moved) != experiment.params_fingerprint(params)
+    # The report flags runs that started from different teachers, naming them.
+    rcfg = repro.get_config("smoke")
+    for seed, fingerprint in ((0, "12.5"), (1, "12.5"), (2, "13.1")):
+        os.makedirs(tmp_path / f"seed{seed}" / "codi")
+        with open(tmp_path / f"seed{seed}" / "codi" / "metrics.json", "w") as f:
+            json.dump({"metrics": {}, "teacher_fingerprint": fingerprint}, f)
+    assert "same teacher (fingerprint 12.5" in repro_report.teacher_line(rcfg, str(tmp_path), [0, 1])
+    line = repro_report.teacher_line(rcfg, str(tmp_path), [0, 1, 2])
+    assert "2 different teachers" in line and "12.5: codi (seed 0), codi (seed 1); 13.1: codi (seed 2)" in line
+    assert repro_report.teacher_line(rcfg, str(tmp_path), [3]) == ""   # no run: no line
 
 
 def test_wall_times_prefer_cleanly_timed_seeds():

@@ -59,6 +59,28 @@ def collect(rcfg, workdir: str, seeds):
     return rows, walls, bicubic
 
 
+def teacher_line(rcfg, workdir: str, seeds) -> str:
+    """Which teacher the finished runs started from (their metrics.json's teacher_fingerprint, the sum
+    of the teacher's squared weights): one line for the report, '' where no run recorded one."""
+    by_print = {}
+    for run in rcfg.runs:
+        for seed in seeds:
+            path = os.path.join(workdir, f"seed{seed}", run.name, "metrics.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    fingerprint = json.load(f).get("teacher_fingerprint")
+                if fingerprint is not None:
+                    by_print.setdefault(fingerprint, []).append(f"{run.name} (seed {seed})")
+    if len(by_print) == 1:
+        return (f"Every finished run started from the same teacher (fingerprint {next(iter(by_print))}: the sum "
+                "of its squared weights).")
+    if by_print:
+        parts = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in by_print.items())
+        return (f"**The runs started from {len(by_print)} different teachers** (fingerprints, the sum of each "
+                f"teacher's squared weights: {parts}); the differences between them include the teachers'.")
+    return ""
+
+
 def parse_key(key: str):
     """'finetune_dpmpp_2m_4step' -> ('dpmpp_2m', 4); 'codi_4step' -> ('deterministic', 4)."""
     body, steps = key.rsplit("_", 1)
@@ -304,6 +326,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
            "command again resumes them.", ""] if missing else []),
+        *([line, ""] if (line := teacher_line(rcfg, workdir, seeds)) else []),
         *([f"Why some of these differ from the paper, and what was measured to find out: "
            f"[results-notes.md]({rel(notes)}).", ""] if os.path.exists(notes) else []),
         "## Table 2: super-resolution",
