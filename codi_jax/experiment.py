@@ -366,10 +366,10 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
             seed=config.seed, image_fn=teacher_images, **place)
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
-    teacher_fingerprint = params_fingerprint(teacher_unet)   # metrics.json: which teacher a run started from
     del tstate
     if stop_after == "teacher":
         return None
+    teacher_fingerprint = params_fingerprint(teacher_unet)   # metrics.json: which teacher a run started from
     keep_teacher = bool(config.eval.teacher_ddim_steps)
 
     def adapted_init(rng, random_backbone=False):

@@ -108,10 +108,11 @@ def test_teacher_fingerprint_tells_teachers_apart(tmp_path):
         os.makedirs(tmp_path / f"seed{seed}" / "codi")
         with open(tmp_path / f"seed{seed}" / "codi" / "metrics.json", "w") as f:
             json.dump({"metrics": {}, "teacher_fingerprint": fingerprint}, f)
-    assert "same teacher (fingerprint 12.5" in repro_report.teacher_line(rcfg, str(tmp_path), [0, 1])
-    line = repro_report.teacher_line(rcfg, str(tmp_path), [0, 1, 2])
+    line_of = lambda seeds: repro_report.teacher_line(repro_report.collect(rcfg, str(tmp_path), seeds)[3])
+    assert "same teacher (fingerprint 12.5" in line_of([0, 1])
+    line = line_of([0, 1, 2])
     assert "2 different teachers" in line and "12.5: codi (seed 0), codi (seed 1); 13.1: codi (seed 2)" in line
-    assert repro_report.teacher_line(rcfg, str(tmp_path), [3]) == ""   # no run: no line
+    assert line_of([3]) == ""   # no run: no line
 
 
 def test_wall_times_prefer_cleanly_timed_seeds():

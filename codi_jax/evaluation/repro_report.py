@@ -35,8 +35,9 @@ def read_times(path):
 
 
 def collect(rcfg, workdir: str, seeds):
-    """{(run name, result key): {metric: [value per finished seed]}}, plus per-run wall times."""
-    rows, walls, bicubic, bicubic_seeds = {}, {}, {}, set()
+    """{(run name, result key): {metric: [value per finished seed]}}, per-run wall times, the bicubic
+    row, and {teacher fingerprint: ['run (seed S)' that started from it]} (runs that recorded one)."""
+    rows, walls, bicubic, bicubic_seeds, teachers = {}, {}, {}, set(), {}
     for run in rcfg.runs:
         for seed in seeds:
             run_dir = os.path.join(workdir, f"seed{seed}", run.name)
@@ -45,6 +46,8 @@ def collect(rcfg, workdir: str, seeds):
                 continue
             with open(path) as f:
                 report = json.load(f)
+            if report.get("teacher_fingerprint") is not None:
+                teachers.setdefault(report["teacher_fingerprint"], []).append(f"{run.name} (seed {seed})")
             for key, vals in report["metrics"].items():
                 if key == "bicubic" and seed in bicubic_seeds:
                     continue   # the same crops in every run: one bicubic row per seed
@@ -56,27 +59,18 @@ def collect(rcfg, workdir: str, seeds):
                 target.setdefault("seed", []).append(seed)
             if os.path.exists(wall_file(run_dir)):
                 walls.setdefault(run.name, []).append(read_times(wall_file(run_dir)))
-    return rows, walls, bicubic
+    return rows, walls, bicubic, teachers
 
 
-def teacher_line(rcfg, workdir: str, seeds) -> str:
-    """Which teacher the finished runs started from (their metrics.json's teacher_fingerprint, the sum
-    of the teacher's squared weights): one line for the report, '' where no run recorded one."""
-    by_print = {}
-    for run in rcfg.runs:
-        for seed in seeds:
-            path = os.path.join(workdir, f"seed{seed}", run.name, "metrics.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    fingerprint = json.load(f).get("teacher_fingerprint")
-                if fingerprint is not None:
-                    by_print.setdefault(fingerprint, []).append(f"{run.name} (seed {seed})")
-    if len(by_print) == 1:
-        return (f"Every finished run started from the same teacher (fingerprint {next(iter(by_print))}: the sum "
+def teacher_line(teachers: dict) -> str:
+    """collect()'s {teacher fingerprint: [runs that started from it]} as one line for the report ('' where
+    no run recorded a fingerprint)."""
+    if len(teachers) == 1:
+        return (f"Every finished run started from the same teacher (fingerprint {next(iter(teachers))}: the sum "
                 "of its squared weights).")
-    if by_print:
-        parts = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in by_print.items())
-        return (f"**The runs started from {len(by_print)} different teachers** (fingerprints, the sum of each "
+    if teachers:
+        parts = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in teachers.items())
+        return (f"**The runs started from {len(teachers)} different teachers** (fingerprints, the sum of each "
                 f"teacher's squared weights: {parts}); the differences between them include the teachers'.")
     return ""
 
@@ -276,7 +270,7 @@ def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell:
 
 
 def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> str:
-    rows, walls, bicubic = collect(rcfg, workdir, seeds)
+    rows, walls, bicubic, teachers = collect(rcfg, workdir, seeds)
     out_dir = os.path.dirname(os.path.abspath(results_path))
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -326,7 +320,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
            "command again resumes them.", ""] if missing else []),
-        *([line, ""] if (line := teacher_line(rcfg, workdir, seeds)) else []),
+        *([line, ""] if (line := teacher_line(teachers)) else []),
         *([f"Why some of these differ from the paper, and what was measured to find out: "
            f"[results-notes.md]({rel(notes)}).", ""] if os.path.exists(notes) else []),
         "## Table 2: super-resolution",
