@@ -182,12 +182,30 @@ def boundary_scalings(t, *, sigma_data: float, time_scale: float):
 def apply_boundary(x_hat, z, t, alpha, sigma, *, sigma_data: float, time_scale: float):
     """Eq 17 on the signal prediction: x' = c_skip(t) z_t + c_out(t) x_hat, eps' from (x', z_t).
 
-    At t = 0, z_0 = x and x' = z_0: the boundary condition f(x, 0) = x. The noise
-    prediction is re-derived from x' so the pair stays consistent with z_t.
+    At t = 0, x' = z_0: the boundary condition f(z_0, 0) = z_0 of eq 11. On a VP schedule
+    z_0 = alpha_0 x + sigma_0 eps is not x (sigma_0 = 0.018 cosine, 0.029 SD), so the noise
+    re-derived from x' near t = 0, (z - alpha x') / sigma, tends to (1 - alpha_0) z_0 / sigma_0
+    (about 0.01 z_0), not the noise: eps' is a signal-space construction's by-product there.
+    The noise-consistency target does not use it (`noise_boundary`).
     """
     c_skip, c_out = boundary_scalings(t, sigma_data=sigma_data, time_scale=time_scale)
     x_b = bcast(c_skip, z) * z + bcast(c_out, z) * x_hat
     return x_b, eps_from_x(x_b, z, alpha, sigma)
+
+
+def noise_boundary(eps_net, eps_s, s, *, sigma_data: float, time_scale: float):
+    """Eq 17 in noise space, for the noise-consistency target at time s (eq 15):
+    eps' = c_skip(s) eps_s + (1 - c_skip(s)) eps_net.
+
+    eps_net is the target network's own noise estimate at (z_s, s) (eq 8, unwrapped), eps_s the
+    noise that built z_s (PREv, eq 14: the very noise of z_t). At s = 0 the target is eps_s, the
+    noise-space image of f(z_0, 0) = z_0: the chain is anchored on known noise rather than on the
+    (1 - alpha_0) z_0 / sigma_0 that `apply_boundary`'s re-derived eps gives there. With
+    time_scale 10, c_skip(s) <= 0.0025 for s >= 1, so away from s = 0 this is the network's estimate.
+    """
+    c_skip, _ = boundary_scalings(s, sigma_data=sigma_data, time_scale=time_scale)
+    c = bcast(c_skip, eps_net)
+    return c * eps_s + (1.0 - c) * eps_net
 
 
 # --------------------------------------------------------------------------- timesteps

@@ -60,6 +60,8 @@ def validate_config(config):
         raise ValueError(f"config codi.init={c.init!r} is not one of {CODI_INITS}")
     if c.consistency_space not in codi.CONSISTENCY_SPACES:
         raise ValueError(f"config codi.consistency_space={c.consistency_space!r} is not one of {codi.CONSISTENCY_SPACES}")
+    if c.eps_target not in codi.EPS_TARGETS:
+        raise ValueError(f"config codi.eps_target={c.eps_target!r} is not one of {codi.EPS_TARGETS}")
     if config.finetune.mode not in codi.MODES:
         raise ValueError(f"config finetune.mode={config.finetune.mode!r} is not one of {codi.MODES}")
     if config.method == "gd":

@@ -109,6 +109,10 @@ def codi_method():
         consistency_weight=1.0,  # weight on the consistency term (0: none at all, an ablation)
         consistency_space="eps", # consistency in 'eps' (noise space, eq 15) or 'x' (signal space, as consistency
                                  # models; Table 3's "- noise-consistency" row and the CM-II baseline)
+        eps_target="noise_boundary",  # eq 15's noise target near s = 0: 'noise_boundary' (eq 17 in noise space: at
+                                 # s = 0 the noise that built z_s, elsewhere the EMA network's own eps) | 'wrapped'
+                                 # (eps re-derived from the boundary-wrapped x', ~0.01 z_0 at s = 0: the old
+                                 # behaviour, docs/design-choices.md)
         init="pretrained",       # start from: 'pretrained' (teacher backbone + duplicated encoder, eq 12),
                                  # 'finetuned' (the finetune stage's model: CM-II; a 'teacher' z_s predictor is
                                  # then the frozen finetuned model, given the condition), 'random' (Fig. 7)

@@ -20,14 +20,20 @@ def smoke_config(**codi_overrides):
     return config
 
 
-def codi_setup(config, seed=0):
-    """(trainable, frozen, loss_fn, batch) for a CoDi run of `config` with a random-init backbone."""
+def denoisers(config):
+    """(diffusion denoiser, consistency denoiser with the eq 17 boundary) of `config`'s model."""
     schedule = diffusion.make_schedule(config.schedule)
     module = base.make_module(config.model)
     b = config.codi.boundary
     wrapped = base.Denoiser(module, schedule, config.model.prediction,
                             (b.sigma_data, b.time_scale) if b.enabled else None)
-    plain = base.Denoiser(module, schedule, config.model.prediction)
+    return base.Denoiser(module, schedule, config.model.prediction), wrapped
+
+
+def codi_setup(config, seed=0):
+    """(trainable, frozen, loss_fn, batch) for a CoDi run of `config` with a random-init backbone."""
+    plain, wrapped = denoisers(config)
+    module = plain.module
     params = base.init_model_params(module, config.model, jax.random.PRNGKey(seed), config.data.crop_size)
     params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
     trainable, frozen = codi.split_params(params, config.codi.mode, config.codi.zs_predictor)

@@ -99,3 +99,49 @@ def test_one_t_per_batch_or_per_sample():
     assert shared[0] == each[0]
     micro = np.asarray(methods_base.per_batch_or_sample(keys[1::2], 32, False, 20, 1000))
     assert set(micro.tolist()) == {int(each[1])}
+
+
+def _schedule_config(kind):
+    config = helpers.smoke_config()
+    config.schedule.kind = kind   # 'cosine' (sigma_0 = 0.018) or SD's 'scaled_linear' (sigma_0 = 0.029)
+    return config
+
+
+@pytest.mark.parametrize("kind", ["cosine", "scaled_linear"])
+def test_the_noise_target_at_s_0_is_the_noise_of_z_t_and_the_network_s_own_estimate_above(kind):
+    """Eq 15's noise-consistency target at t = Delta t (s = 0) under PREv (eq 14) is the noise eps that
+    made z_t (the boundary f(z_0, 0) = z_0 in noise space), on both schedules. The eps re-derived from the
+    boundary-wrapped x' = z_0 instead ('wrapped', the earlier behaviour) is (1 - alpha_0) z_0 / sigma_0:
+    a few hundredths of the noise. For s >= 1 the target is the EMA network's own noise estimate (within
+    c_skip(s) <= 0.25%)."""
+    from codi_jax import diffusion
+    from codi_jax.methods import codi
+
+    config = _schedule_config(kind)
+    trainable, frozen, _, batch = helpers.codi_setup(config)
+    denoiser = helpers.denoisers(config)[1]
+    params = dict(trainable, **frozen)
+    x, cond = batch["image"], batch["cond"]
+    eps = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    schedule = denoiser.schedule
+    for s in (0, 1, 2, 5):
+        t = jnp.full((x.shape[0],), s + config.codi.delta_t)
+        alpha_t, sigma_t = schedule.alpha_sigma(t)
+        z_t = diffusion.add_noise(x, eps, alpha_t, sigma_t)
+        x_hat, _ = denoiser(params, z_t, t, cond)
+        alpha_s, sigma_s = schedule.alpha_sigma(jnp.full_like(t, s))
+        z_s = diffusion.prev_step(x_hat, eps, alpha_s, sigma_s)
+        x_b, eps_target = codi.consistency_target(denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None,
+                                                  "noise_boundary")
+        _, eps_wrapped = codi.consistency_target(denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None,
+                                                 "wrapped")
+        (_, eps_net), _ = denoiser.both(params, z_s, jnp.full_like(t, s), cond)
+        rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))
+        if s == 0:
+            np.testing.assert_allclose(x_b, z_s, atol=1e-6)          # eq 17: f(z_0, 0) = z_0
+            np.testing.assert_allclose(eps_target, eps, atol=1e-6)   # the noise of z_t, exactly
+            a0, s0 = float(alpha_s[0]), float(sigma_s[0])
+            np.testing.assert_allclose(eps_wrapped, (1 - a0) * z_s / s0, atol=1e-4)
+            assert rms(eps_wrapped) < 0.05 * rms(eps), (kind, rms(eps_wrapped))
+        else:
+            assert rms(eps_target - eps_net) <= 0.0025 * rms(eps - eps_net) + 1e-6, (kind, s)

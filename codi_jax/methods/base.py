@@ -53,15 +53,19 @@ class Denoiser:
         return self.module.apply({"params": params}, z, t, cond, context)
 
     def __call__(self, params, z, t, cond=None, context=None):
+        return self.both(params, z, t, cond, context)[1]
+
+    def both(self, params, z, t, cond=None, context=None):
+        """((x_hat, eps_hat) of the network, eq 8; the same with the boundary scalings, eq 17),
+        from one network pass (the two are equal without `boundary`)."""
         t = jnp.broadcast_to(jnp.asarray(t), (z.shape[0],))
         alpha, sigma = self.schedule.alpha_sigma(t)
         out = self.raw(params, z, t, cond, context)
-        x_hat, eps_hat = diffusion.to_x_eps(out, z, alpha, sigma, self.prediction)
-        if self.boundary is not None:
-            sigma_data, time_scale = self.boundary
-            x_hat, eps_hat = diffusion.apply_boundary(x_hat, z, t, alpha, sigma,
-                                                      sigma_data=sigma_data, time_scale=time_scale)
-        return x_hat, eps_hat
+        net = diffusion.to_x_eps(out, z, alpha, sigma, self.prediction)
+        if self.boundary is None:
+            return net, net
+        sigma_data, time_scale = self.boundary
+        return net, diffusion.apply_boundary(net[0], z, t, alpha, sigma, sigma_data=sigma_data, time_scale=time_scale)
 
 
 def _dummy_inputs(model_cfg, image_size: int, cond_size: int | None):

@@ -56,6 +56,25 @@ def teacher_predict(teacher: base.Denoiser, frozen, z, t, cond, context):
 
 GUIDANCE_SPACES = ("latent", "pixel")
 CONSISTENCY_SPACES = ("eps", "x")
+EPS_TARGETS = ("noise_boundary", "wrapped")
+
+
+def consistency_target(denoiser: base.Denoiser, target_params, z_s, s, eps_s, cond, context, eps_target: str):
+    """(x', eps') of the EMA target theta^- at (z_s, s): the targets of eq 15's consistency term.
+
+    x' is the boundary-wrapped signal (eq 17; x' = z_s at s = 0). eps_target='noise_boundary':
+    eq 17 in noise space, `diffusion.noise_boundary` (at s = 0 the noise eps_s that built z_s; the
+    network's own eps estimate elsewhere). 'wrapped': the noise re-derived from x', which at s = 0 is
+    (1 - alpha_0) z_0 / sigma_0, about 0.01 z_0 (kept to measure the fix; docs/design-choices.md).
+    """
+    (_, eps_net), (x_b, eps_b) = jax.tree_util.tree_map(
+        jax.lax.stop_gradient, denoiser.both(target_params, z_s, s, cond, context))
+    if eps_target == "wrapped" or denoiser.boundary is None:
+        return x_b, eps_b
+    if eps_target != "noise_boundary":
+        raise ValueError(f"config codi.eps_target={eps_target!r} is not one of {EPS_TARGETS}")
+    sigma_data, time_scale = denoiser.boundary
+    return x_b, diffusion.noise_boundary(eps_net, eps_s, s, sigma_data=sigma_data, time_scale=time_scale)
 
 
 def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser,
@@ -77,26 +96,31 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     z_t = diffusion.add_noise(x, eps, alpha_t, sigma_t)
 
     online = base.merge(params, frozen)
-    x_hat, eps_hat = denoiser(online, z_t, t, cond, context)
+    (_, eps_net), (x_hat, eps_hat) = denoiser.both(online, z_t, t, cond, context)
 
     sg = jax.lax.stop_gradient
+    # z_s and eps_s, the noise that built it (z_s = a_s x + s_s eps_s).
     if cfg.zs_predictor == "prev":        # eq 14: the adapted model's own PF-ODE, with the true noise
+        eps_s = eps
         z_s = diffusion.prev_step(sg(x_hat), eps, alpha_s, sigma_s)
     elif cfg.zs_predictor == "ddim":      # eq 7 with the model's own eps_hat (the public code's default)
-        z_s = diffusion.ddim_step(sg(x_hat), sg(eps_hat), alpha_s, sigma_s)
+        eps_s = sg(eps_hat)
+        z_s = diffusion.ddim_step(sg(x_hat), eps_s, alpha_s, sigma_s)
     elif cfg.zs_predictor == "teacher":   # consistency-model style: the frozen starting model's PF-ODE
         x_te, eps_te = teacher_predict(teacher, frozen, z_t, t, cond, context)
-        z_s = diffusion.ddim_step(sg(x_te), sg(eps_te), alpha_s, sigma_s)
+        eps_s = sg(eps_te)
+        z_s = diffusion.ddim_step(sg(x_te), eps_s, alpha_s, sigma_s)
     else:
         raise ValueError(f"config codi.zs_predictor={cfg.zs_predictor!r} is not one of {ZS_PREDICTORS}")
 
     # theta^-: the EMA target network; no gradient flows through it.
     target = base.merge(sg(ema_params), frozen)
-    x_target, eps_target = jax.tree_util.tree_map(sg, denoiser(target, sg(z_s), s, cond, context))
+    x_target, eps_target = consistency_target(denoiser, target, sg(z_s), s, eps_s, cond, context, cfg.eps_target)
 
-    space = cfg.get("consistency_space", "eps")
+    space = cfg.consistency_space
     if space == "eps":   # eq 15: noise-space consistency
-        d_eps = diffusion.distance(eps_hat, eps_target, cfg.d_eps, cfg.huber_c)
+        online_eps = eps_net if cfg.eps_target == "noise_boundary" else eps_hat
+        d_eps = diffusion.distance(online_eps, eps_target, cfg.d_eps, cfg.huber_c)
     elif space == "x":   # signal-space consistency f(z_t, t) = f(z_s, s) (consistency models; an ablation)
         d_eps = diffusion.distance(x_hat, x_target, cfg.d_eps, cfg.huber_c)
     else:
