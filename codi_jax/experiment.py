@@ -19,7 +19,8 @@ import ml_collections as mlc
 import numpy as np
 
 from codi_jax import diffusion, sampling, sharding, train
-from codi_jax.data import pipeline, tasks as task_data
+from codi_jax.data import pipeline
+from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate
 from codi_jax.methods import base, codi, latent, pretrain, progressive
 from codi_jax.models import adapter as adapter_lib
@@ -38,7 +39,9 @@ def validate_config(config):
         raise ValueError(f"config model.prediction={config.model.prediction!r} is not one of {diffusion.PREDICTIONS}")
     base.compute_dtype(config.model.dtype)
     if config.model.adapter.fusion not in adapter_lib.FUSIONS:
-        raise ValueError(f"config model.adapter.fusion={config.model.adapter.fusion!r} is not one of {adapter_lib.FUSIONS}")
+        raise ValueError(
+            f"config model.adapter.fusion={config.model.adapter.fusion!r} is not one of {adapter_lib.FUSIONS}"
+        )
     c = config.codi
     if c.mode not in codi.MODES:
         raise ValueError(f"config codi.mode={c.mode!r} is not one of {codi.MODES}")
@@ -59,7 +62,9 @@ def validate_config(config):
     if c.init not in CODI_INITS:
         raise ValueError(f"config codi.init={c.init!r} is not one of {CODI_INITS}")
     if c.consistency_space not in codi.CONSISTENCY_SPACES:
-        raise ValueError(f"config codi.consistency_space={c.consistency_space!r} is not one of {codi.CONSISTENCY_SPACES}")
+        raise ValueError(
+            f"config codi.consistency_space={c.consistency_space!r} is not one of {codi.CONSISTENCY_SPACES}"
+        )
     if c.eps_target not in codi.EPS_TARGETS:
         raise ValueError(f"config codi.eps_target={c.eps_target!r} is not one of {codi.EPS_TARGETS}")
     if config.finetune.mode not in codi.MODES:
@@ -69,8 +74,12 @@ def validate_config(config):
     for n in config.eval.steps:
         if not 1 <= n <= 1000:
             raise ValueError(f"config eval.steps has {n}; step counts must be in [1, 1000]")
-    for prefix, tcfg in (("pretrain", config.pretrain), ("codi.train", c.train), ("finetune.train", config.finetune.train),
-                         ("gd.train", config.gd.train)):
+    for prefix, tcfg in (
+        ("pretrain", config.pretrain),
+        ("codi.train", c.train),
+        ("finetune.train", config.finetune.train),
+        ("gd.train", config.gd.train),
+    ):
         for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if tcfg[key] < 1:
                 raise ValueError(f"config {prefix}.{key}={tcfg[key]} must be >= 1")
@@ -83,13 +92,17 @@ def validate_config(config):
         raise ValueError(f"config data.source={config.data.source!r} holds {source_task} data, not {config.task!r}")
     want = task_data.COND_CHANNELS[config.task]
     if config.model.adapter.cond_channels != want:
-        raise ValueError(f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "
-                         f"{config.task!r} has {want}-channel conditions")
+        raise ValueError(
+            f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "
+            f"{config.task!r} has {want}-channel conditions"
+        )
     if config.task in task_data.PROMPT_TASKS:
         t = config.text
         if not config.teacher.pretrained_path and config.model.unet.cross_attention_dim is None:
-            raise ValueError(f"config model.unet.cross_attention_dim is None but task {config.task!r} has prompts: "
-                             "set it to the text encoder's width")
+            raise ValueError(
+                f"config model.unet.cross_attention_dim is None but task {config.task!r} has prompts: "
+                "set it to the text encoder's width"
+            )
         if not 0.0 <= t.dropout < 1.0:
             raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
         if t.guidance_scale < 0:
@@ -118,13 +131,17 @@ def _teacher_params_init(module, config):
 
 def with_pretrained(config, workdir):
     """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
-    from codi_jax.pretrained import stable_diffusion
     from codi_jax.models import vae as vae_lib
+    from codi_jax.pretrained import stable_diffusion
 
     prediction = config.model.prediction
-    pre = stable_diffusion.load(config.teacher.pretrained_path, prompt=config.teacher.prompt,
-                                cache_dir=os.path.join(workdir, "cache"), allow_pickle=config.teacher.allow_pickle,
-                                expect_prediction=None if prediction == "auto" else prediction)
+    pre = stable_diffusion.load(
+        config.teacher.pretrained_path,
+        prompt=config.teacher.prompt,
+        cache_dir=os.path.join(workdir, "cache"),
+        allow_pickle=config.teacher.allow_pickle,
+        expect_prediction=None if prediction == "auto" else prediction,
+    )
     user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
     config = mlc.ConfigDict(config.to_dict())
     config.model.unet = pre.unet_cfg
@@ -134,11 +151,15 @@ def with_pretrained(config, workdir):
     config.schedule = pre.schedule_cfg
     factor = vae_lib.downscale_factor(pre.vae_cfg)
     n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
-    if 2 ** n_down != factor:
-        raise ValueError(f"config model.adapter.conditioning_embedding_out_channels has {n_down} stride-2 convs "
-                         f"(len - 1) but the VAE downscales by {factor}: it needs {factor.bit_length() - 1}")
+    if 2**n_down != factor:
+        raise ValueError(
+            f"config model.adapter.conditioning_embedding_out_channels has {n_down} stride-2 convs "
+            f"(len - 1) but the VAE downscales by {factor}: it needs {factor.bit_length() - 1}"
+        )
     if config.data.crop_size % factor:
-        raise ValueError(f"config data.crop_size={config.data.crop_size} is not a multiple of the VAE's factor {factor}")
+        raise ValueError(
+            f"config data.crop_size={config.data.crop_size} is not a multiple of the VAE's factor {factor}"
+        )
     return config, pre, factor
 
 
@@ -214,7 +235,9 @@ def _preview_fns(config, plain, method_denoiser, eval_batch, space: Space):
     def codi_images(state):
         x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, method_ctx)
         shown = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond, 3, axis=-1)
-        row = np.concatenate([shown, space.to_pixels(x, state["frozen"]), hr], axis=2)  # side by side, one row per example
+        row = np.concatenate(
+            [shown, space.to_pixels(x, state["frozen"]), hr], axis=2
+        )  # side by side, one row per example
         return {f"samples/cond_{config.method}{n_steps}_target": row}
 
     return teacher_images, codi_images
@@ -223,13 +246,14 @@ def _preview_fns(config, plain, method_denoiser, eval_batch, space: Space):
 @dataclasses.dataclass
 class Model:
     """What a run (or the evaluation job) builds from a config: the networks and the sample space."""
-    config: mlc.ConfigDict      # with the pretrained folder's architecture filled in
-    pre: object                 # stable_diffusion.Pretrained, or None (pixel-space tiny models)
-    codec: object               # latent.LatentCodec, or None
+
+    config: mlc.ConfigDict  # with the pretrained folder's architecture filled in
+    pre: object  # stable_diffusion.Pretrained, or None (pixel-space tiny models)
+    codec: object  # latent.LatentCodec, or None
     space: Space
     module: object
-    plain: base.Denoiser        # the network as a diffusion model (eq 8)
-    wrapped: base.Denoiser      # with CoDi's boundary scalings (eq 17/18)
+    plain: base.Denoiser  # the network as a diffusion model (eq 8)
+    wrapped: base.Denoiser  # with CoDi's boundary scalings (eq 17/18)
 
     @property
     def method_denoiser(self) -> base.Denoiser:
@@ -250,8 +274,9 @@ def prompt_embeddings(config, workdir: str):
     negative = prompts_lib.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
     width = config.model.unet.cross_attention_dim
     if table.shape[-1] != width:
-        raise ValueError(f"config text.encoder gives {table.shape[-1]}-wide embeddings but "
-                         f"model.unet.cross_attention_dim={width}")
+        raise ValueError(
+            f"config text.encoder gives {table.shape[-1]}-wide embeddings but model.unet.cross_attention_dim={width}"
+        )
     return table, negative
 
 
@@ -259,14 +284,19 @@ def build_model(config, workdir: str) -> Model:
     pre, codec, factor = None, None, 1
     if config.teacher.pretrained_path:
         config, pre, factor = with_pretrained(config, workdir)
-        codec = latent.LatentCodec(pre.vae_module, float(pre.vae_cfg.scaling_factor), float(pre.vae_cfg.shift_factor),
-                                   sample_posterior=config.teacher.sample_latents)
+        codec = latent.LatentCodec(
+            pre.vae_module,
+            float(pre.vae_cfg.scaling_factor),
+            float(pre.vae_cfg.shift_factor),
+            sample_posterior=config.teacher.sample_latents,
+        )
     schedule = diffusion.make_schedule(config.schedule)
     module = base.make_module(config.model)
     b = config.codi.boundary
     plain = base.Denoiser(module, schedule, config.model.prediction)
-    wrapped = base.Denoiser(module, schedule, config.model.prediction,
-                            (b.sigma_data, b.time_scale) if b.enabled else None)
+    wrapped = base.Denoiser(
+        module, schedule, config.model.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
+    )
     table, negative = prompt_embeddings(config, workdir)
     space = Space(config, pre, codec, factor, table, negative)
     return Model(config, pre, codec, space, module, plain, wrapped)
@@ -290,6 +320,7 @@ def _with_frozen(init_fn, space: Space):
     def init(rng):
         trainable, frozen = init_fn(rng)
         return trainable, space.with_frozen(frozen)
+
     return init
 
 
@@ -303,8 +334,9 @@ def params_fingerprint(tree) -> str:
     the same figure on any mesh (up to summation order, far below the 7th digit); two trainings of the
     same recipe that drifted apart (another JAX build, another machine) differ from the 3rd or 4th digit.
     Computed on the devices, so sharded and multi-host trees need no gather."""
-    total = jax.jit(lambda t: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-                                  for leaf in jax.tree_util.tree_leaves(t)))(tree)
+    total = jax.jit(
+        lambda t: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree_util.tree_leaves(t))
+    )(tree)
     return f"{float(total):.7g}"
 
 
@@ -321,9 +353,11 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     (the reproduction's shared teacher).
     """
     if config.variant == "" and not config.teacher.pretrained_path:
-        raise ValueError("configs/sr.py (paper scale) needs a pretrained model: set "
-                         "--config.teacher.pretrained_path=/path/to/stable-diffusion (diffusers format), "
-                         "or run the offline default --config=configs/sr.py:tiny")
+        raise ValueError(
+            "configs/sr.py (paper scale) needs a pretrained model: set "
+            "--config.teacher.pretrained_path=/path/to/stable-diffusion (diffusers format), "
+            "or run the offline default --config=configs/sr.py:tiny"
+        )
     validate_config(config)
     check_workdir(workdir)
     evaluate.check_metric_weights(config.eval)
@@ -337,15 +371,20 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     timings = {}
-    eval_batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=config.eval.num_examples,
-                                          seed=config.eval.seed)
+    eval_batch = pipeline.make_eval_batch(
+        config.data, task=config.task, num_examples=config.eval.num_examples, seed=config.eval.seed
+    )
     teacher_images, method_images = _preview_fns(config, plain, method_denoiser, eval_batch, space)
     if jax.process_count() > 1 or not config.eval.get("previews", True):
-        teacher_images = method_images = None   # previews read whole arrays on one process; metrics come at the end
+        teacher_images = method_images = None  # previews read whole arrays on one process; metrics come at the end
     # The logical axis names the modules put on their weights, for the sharding rules.
     names = base.model_logical_names(module, config.model, space.shape[0], config.data.crop_size)
-    logical = {"unet": names["unet"], "adapter": names["adapter"],
-               "teacher_unet": names["unet"], "teacher_adapter": names["adapter"]}
+    logical = {
+        "unet": names["unet"],
+        "adapter": names["adapter"],
+        "teacher_unet": names["unet"],
+        "teacher_adapter": names["adapter"],
+    }
     place = dict(mesh=mesh, rules=rules, logical=logical)
 
     # Stage 1: the unconditional teacher (pretrained here when none is given).
@@ -354,8 +393,14 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     if pre is not None:
         tstate = {"ema_params": {"unet": pre.unet_params}}
     elif config.teacher.checkpoint:
-        tstate = train.load_final_state(name="teacher", workdir=config.teacher.checkpoint, tcfg=config.pretrain,
-                                        init_fn=teacher_init, seed=config.seed, **place)
+        tstate = train.load_final_state(
+            name="teacher",
+            workdir=config.teacher.checkpoint,
+            tcfg=config.pretrain,
+            init_fn=teacher_init,
+            seed=config.seed,
+            **place,
+        )
     else:
         loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False)
         if space.prompt_table is not None:
@@ -363,15 +408,23 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
             # of its step, so its checkpoint is the backbone alone (any task's runs can load it).
             loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout, table=space.prompt_table)
         tstate = train.run_stage(
-            name="teacher", workdir=workdir, tcfg=config.pretrain, loss_fn=loss_fn, init_fn=teacher_init,
-            data_cfg=config.data, task=config.task if space.prompt_table is not None else "uncond",
-            seed=config.seed, image_fn=teacher_images, **place)
+            name="teacher",
+            workdir=workdir,
+            tcfg=config.pretrain,
+            loss_fn=loss_fn,
+            init_fn=teacher_init,
+            data_cfg=config.data,
+            task=config.task if space.prompt_table is not None else "uncond",
+            seed=config.seed,
+            image_fn=teacher_images,
+            **place,
+        )
     teacher_unet = tstate["ema_params"]["unet"]
     timings["teacher_s"] = round(time.perf_counter() - t0, 1)
     del tstate
     if stop_after == "teacher":
         return None
-    teacher_fingerprint = params_fingerprint(teacher_unet)   # metrics.json: which teacher a run started from
+    teacher_fingerprint = params_fingerprint(teacher_unet)  # metrics.json: which teacher a run started from
     keep_teacher = bool(config.eval.teacher_ddim_steps)
 
     def adapted_init(rng, random_backbone=False):
@@ -386,16 +439,26 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         t0 = time.perf_counter()
         init_fn = _with_frozen(init_fn, space)
         if load:
-            state = train.load_final_state(name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn,
-                                           seed=config.seed + seed_offset, **place)
+            state = train.load_final_state(
+                name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn, seed=config.seed + seed_offset, **place
+            )
         else:
             if codec is not None:
                 loss_fn = latent.latent_loss(loss_fn, codec)
             if space.prompt_table is not None:
                 loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout)
-            state = train.run_stage(name=name, workdir=workdir_, tcfg=tcfg, loss_fn=loss_fn, init_fn=init_fn,
-                                    data_cfg=config.data, task=config.task, seed=config.seed + seed_offset,
-                                    image_fn=image_fn, **place)
+            state = train.run_stage(
+                name=name,
+                workdir=workdir_,
+                tcfg=tcfg,
+                loss_fn=loss_fn,
+                init_fn=init_fn,
+                data_cfg=config.data,
+                task=config.task,
+                seed=config.seed + seed_offset,
+                image_fn=image_fn,
+                **place,
+            )
         timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         return state
 
@@ -407,9 +470,16 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         def finetune_init(rng):
             return codi.split_params(adapted_init(rng), f.mode, key="finetune")
 
-        state = stage("finetune", f.train, functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
-                      finetune_init, 1, workdir_=f.checkpoint or workdir, load=bool(f.checkpoint),
-                      image_fn=method_images if method == "finetune" else None)
+        state = stage(
+            "finetune",
+            f.train,
+            functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
+            finetune_init,
+            1,
+            workdir_=f.checkpoint or workdir,
+            load=bool(f.checkpoint),
+            image_fn=method_images if method == "finetune" else None,
+        )
 
     def finetuned_params():
         return base.merge(state["ema_params"], state["frozen"])
@@ -425,16 +495,22 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
                 params = adapted_init(rng, random_backbone=c.init == "random")
             # A frozen teacher (zs_predictor 'teacher') is the starting model: the pretrained backbone
             # without the condition, or the finetuned model with it (CM-II).
-            return codi.split_params(params, c.mode, c.zs_predictor,
-                                     teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher")
+            return codi.split_params(
+                params, c.mode, c.zs_predictor, teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher"
+            )
 
-        loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=c,
-                                    decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z))
+        loss_fn = functools.partial(
+            codi.codi_loss,
+            denoiser=wrapped,
+            teacher=plain,
+            cfg=c,
+            decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z),
+        )
         state = stage("codi", c.train, loss_fn, codi_init, 1)
     elif method == "gd":
         g = config.gd
         for i, n in enumerate(progressive.rounds(g.start_steps, g.final_steps)):
-            start = finetuned_params()   # the previous round's student (the finetuned model first)
+            start = finetuned_params()  # the previous round's student (the finetuned model first)
 
             def gd_init(rng, start=start):
                 del rng
@@ -449,22 +525,30 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     params = base.merge(state["ema_params"], frozen)
     if jax.process_count() > 1:  # every process takes part in gathering; process 0 evaluates alone
         from jax.experimental import multihost_utils
+
         params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
     report = None
     if jax.process_index() == 0:
-        report = evaluate.evaluate_task(denoiser=space.guided(method_denoiser), params=params,
-                                        eval_batch=eval_batch, ecfg=config.eval, out_dir=workdir, method=method,
-                                        task=config.task, data_cfg=config.data,
-                                        teacher=plain if keep_teacher else None,
-                                        teacher_params={"unet": teacher_unet} if keep_teacher else None,
-                                        extra={"variant": config.variant, "timings_s": timings,
-                                               "teacher_fingerprint": teacher_fingerprint},
-                                        **space.eval_kwargs(frozen, eval_batch))
+        report = evaluate.evaluate_task(
+            denoiser=space.guided(method_denoiser),
+            params=params,
+            eval_batch=eval_batch,
+            ecfg=config.eval,
+            out_dir=workdir,
+            method=method,
+            task=config.task,
+            data_cfg=config.data,
+            teacher=plain if keep_teacher else None,
+            teacher_params={"unet": teacher_unet} if keep_teacher else None,
+            extra={"variant": config.variant, "timings_s": timings, "teacher_fingerprint": teacher_fingerprint},
+            **space.eval_kwargs(frozen, eval_batch),
+        )
         timings["eval_s"] = round(time.perf_counter() - t0, 1)
         timings["total_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(report, f, indent=2)
-        from codi_jax import sample   # PE runs: the adapter on its own, for the sampling command
+        from codi_jax import sample  # PE runs: the adapter on its own, for the sampling command
+
         sample.export_adapter(workdir, config, params)
         _print_summary(report, workdir)
     return report

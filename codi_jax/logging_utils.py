@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from absl import logging
@@ -71,7 +71,7 @@ class MetricWriter:
             self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "MetricWriter":
+    def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,11 +135,11 @@ class Progress:
         self.every_n_steps = int(every_n_steps)
         self.name = name
         self._clock = clock
-        self._first_step: Optional[int] = None  # step/time of the first update call
-        self._first_time: Optional[float] = None
+        self._first_step: int | None = None  # step/time of the first update call
+        self._first_time: float | None = None
         self._last_step = self.start_step  # step/time of the last emitted line
-        self._last_time: Optional[float] = None
-        self.steps_per_sec: Optional[float] = None  # speed in the latest window
+        self._last_time: float | None = None
+        self.steps_per_sec: float | None = None  # speed in the latest window
 
     def _due(self, step: int) -> bool:
         if self._last_time is None:
@@ -150,13 +150,13 @@ class Progress:
         return step >= next_mark
 
     @property
-    def average_steps_per_sec(self) -> Optional[float]:
+    def average_steps_per_sec(self) -> float | None:
         """Mean speed since the first update call (compile time excluded)."""
         if self._first_time is None or self._last_time is None or self._last_time <= self._first_time:
             return None
         return (self._last_step - self._first_step) / (self._last_time - self._first_time)
 
-    def update(self, step: int, **scalars) -> Optional[str]:
+    def update(self, step: int, **scalars) -> str | None:
         """Returns (and logs with absl INFO) a progress line if one is due, else None."""
         step = int(step)
         if not self._due(step):

@@ -19,13 +19,16 @@ from codi_jax import logging_utils
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sr.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics and pictures.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Initialise jax.distributed from the environment (TPU pods, SLURM, ...): one process per host.")
+    "multihost", False, "Initialise jax.distributed from the environment (TPU pods, SLURM, ...): one process per host."
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "host:port of process 0 (multi-process without cluster auto-detection).")
+    "coordinator_address", "", "host:port of process 0 (multi-process without cluster auto-detection)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout", 60, "Seconds without a heartbeat before a lost process makes the others exit with an error.")
+    "heartbeat_timeout", 60, "Seconds without a heartbeat before a lost process makes the others exit with an error."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +37,8 @@ class _QuietLibraries(py_logging.Filter):
 
     def filter(self, record):
         return record.levelno >= py_logging.WARNING or not any(
-            f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "jax", "absl"))
+            f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "jax", "absl")
+        )
 
 
 def main(argv):
@@ -45,11 +49,12 @@ def main(argv):
     if _MULTIHOST.value or _COORDINATOR.value:
         from codi_jax import sharding
 
-        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                        heartbeat_timeout_s=_HEARTBEAT.value)
+        sharding.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value
+        )
     logging.info("config:\n%s", _CONFIG.value)
     # Imports after flag parsing: grain wants absl flags parsed first.
-    if _CONFIG.value.get("job") == "eval":   # configs/eval.py: the batch evaluation job
+    if _CONFIG.value.get("job") == "eval":  # configs/eval.py: the batch evaluation job
         from codi_jax.evaluation import job
 
         job.run(_CONFIG.value, _WORKDIR.value)

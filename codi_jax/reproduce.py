@@ -24,9 +24,9 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-import numpy as np
 
 from codi_jax import experiment
 from codi_jax.evaluation import repro_report
@@ -89,44 +89,57 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         experiment.run(first, teacher_dir, stop_after="teacher")
         _add_wall(teacher_dir, time.perf_counter() - t0, time.process_time() - c0)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "teacher.json"), "w") as f:   # for the report
-        json.dump({"dir": os.path.abspath(teacher_dir), "trained_here": not teacher_checkpoint,
-                   "common": [list(kv) for kv in rcfg.get("common", ())]}, f)
+    with open(os.path.join(workdir, "teacher.json"), "w") as f:  # for the report
+        json.dump(
+            {
+                "dir": os.path.abspath(teacher_dir),
+                "trained_here": not teacher_checkpoint,
+                "common": [list(kv) for kv in rcfg.get("common", ())],
+            },
+            f,
+        )
     todo = [(s, r) for s in seeds for r in runs]
-    failed = {}   # (seed, run name) -> one line
+    failed = {}  # (seed, run name) -> one line
     for k, (seed, run) in enumerate(todo):
         run_dir = os.path.join(workdir, f"seed{seed}", run.name)
         if os.path.exists(os.path.join(run_dir, "metrics.json")):
             continue
         if run.needs_finetune and (seed, "finetune") in failed:
             failed[(seed, run.name)] = f"not run: seed {seed}'s finetune run, which it starts from, failed"
-            print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name} skipped ({failed[(seed, run.name)]})",
-                  flush=True)
+            print(
+                f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name} skipped ({failed[(seed, run.name)]})",
+                flush=True,
+            )
             continue
         left = estimate_left(workdir, todo[k:])
         eta = "" if left is None else f", ETA {datetime.timedelta(seconds=int(left))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
         error_file = os.path.join(run_dir, ERROR_FILE)
         if os.path.exists(error_file):
-            os.remove(error_file)   # an earlier attempt's
+            os.remove(error_file)  # an earlier attempt's
         t0, c0 = time.perf_counter(), time.process_time()
         finished = False
         try:
             experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
             finished = True
-        except Exception as e:   # one run's failure does not stop the others (Ctrl-C and kill do)
+        except Exception as e:  # one run's failure does not stop the others (Ctrl-C and kill do)
             os.makedirs(run_dir, exist_ok=True)
             with open(error_file, "w") as f:
                 f.write(traceback.format_exc())
             failed[(seed, run.name)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            print(f"reproduce: seed {seed} run {run.name} failed ({failed[(seed, run.name)]}); "
-                  f"traceback in {error_file}; going on with the other runs", flush=True)
-        finally:   # an interrupted run keeps the time it spent (the next invocation resumes and adds to it)
+            print(
+                f"reproduce: seed {seed} run {run.name} failed ({failed[(seed, run.name)]}); "
+                f"traceback in {error_file}; going on with the other runs",
+                flush=True,
+            )
+        finally:  # an interrupted run keeps the time it spent (the next invocation resumes and adds to it)
             dt = time.perf_counter() - t0
             _add_wall(run_dir, dt, time.process_time() - c0, interrupted=not finished)
     if failed:
-        raise RunsFailed(f"{len(failed)} of {len(todo)} runs failed: " +
-                         "; ".join(f"seed {s} {name}: {msg}" for (s, name), msg in failed.items()))
+        raise RunsFailed(
+            f"{len(failed)} of {len(todo)} runs failed: "
+            + "; ".join(f"seed {s} {name}: {msg}" for (s, name), msg in failed.items())
+        )
     return teacher_dir
 
 
@@ -161,7 +174,7 @@ def _add_wall(run_dir, seconds, cpu_seconds, interrupted=False):
     if os.path.exists(path):
         with open(path) as f:
             prev = json.load(f)
-    cpu = prev.get("cpu_s")   # None: the run began before CPU time was recorded (no partial sums)
+    cpu = prev.get("cpu_s")  # None: the run began before CPU time was recorded (no partial sums)
     os.makedirs(run_dir, exist_ok=True)
     out = {"wall_s": round(prev["wall_s"] + seconds, 1), "cpu_s": None if cpu is None else round(cpu + cpu_seconds, 1)}
     n = prev.get("interrupted", 0) + int(interrupted)
@@ -181,9 +194,11 @@ def _define_flags():
         runs=flags.DEFINE_list("runs", [], "Only these runs (names in configs/repro.py; default all)."),
         results=flags.DEFINE_string("results", "", "Write the report here (default WORKDIR/results.md)."),
         report_only=flags.DEFINE_bool("report_only", False, "Only aggregate the finished runs into the report."),
-        teacher=flags.DEFINE_string("teacher_checkpoint", "",
-                                    "A workdir with a complete teacher/ stage to share (default: pretrain one in "
-                                    "WORKDIR/pretrained)."),
+        teacher=flags.DEFINE_string(
+            "teacher_checkpoint",
+            "",
+            "A workdir with a complete teacher/ stage to share (default: pretrain one in WORKDIR/pretrained).",
+        ),
     )
 
 
@@ -198,24 +213,24 @@ def main(argv):
     del argv
     # `kill` (SIGTERM) stops like Ctrl-C: the running run records the time it spent before exiting.
     signal.signal(signal.SIGTERM, _interrupt)
-    if not _F['workdir'].value:
+    if not _F["workdir"].value:
         raise app.UsageError("--workdir is required")
-    rcfg = _F['config'].value
+    rcfg = _F["config"].value
     # Every seed compiles the same programs again: a persistent cache makes that a lookup.
     import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_F['workdir'].value, "jax_cache"))
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_F["workdir"].value, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    seeds = [int(s) for s in _F['seeds'].value] if _F['seeds'].value else list(rcfg.seeds)
-    results = _F['results'].value or os.path.join(_F['workdir'].value, "results.md")
+    seeds = [int(s) for s in _F["seeds"].value] if _F["seeds"].value else list(rcfg.seeds)
+    results = _F["results"].value or os.path.join(_F["workdir"].value, "results.md")
     failed = None
-    if not _F['report_only'].value:
+    if not _F["report_only"].value:
         try:
-            run_all(rcfg, _F['workdir'].value, seeds, _F['runs'].value, _F['teacher'].value)
-        except RunsFailed as e:   # the report of what did finish is still written
+            run_all(rcfg, _F["workdir"].value, seeds, _F["runs"].value, _F["teacher"].value)
+        except RunsFailed as e:  # the report of what did finish is still written
             failed = e
-    command = "python -m codi_jax.reproduce " + " ".join(
-        a for a in sys.argv[1:] if not a.startswith("--report_only"))
-    path = repro_report.write_report(rcfg, _F['workdir'].value, seeds, results, command)
+    command = "python -m codi_jax.reproduce " + " ".join(a for a in sys.argv[1:] if not a.startswith("--report_only"))
+    path = repro_report.write_report(rcfg, _F["workdir"].value, seeds, results, command)
     print(f"reproduce: report {path}")
     if failed:
         print(f"error: {failed}", file=sys.stderr)

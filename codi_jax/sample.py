@@ -34,7 +34,8 @@ import numpy as np
 from absl import logging
 
 from codi_jax import experiment, sampling
-from codi_jax.data import degradation, sources, tasks as task_data
+from codi_jax.data import degradation, sources
+from codi_jax.data import tasks as task_data
 from codi_jax.models import prompts as prompts_lib
 from codi_jax.pretrained import safetensors_io
 
@@ -88,17 +89,22 @@ def _unflat(flat):
 def export_adapter(run_dir: str, config, params) -> str | None:
     """Write RUN_DIR/adapter/ for a run whose backbone stayed frozen; None (and a log line) otherwise."""
     if not backbone_frozen(config):
-        logging.info("adapter: not written (method %s trained the backbone too: the whole model is the result)",
-                     config.method)
+        logging.info(
+            "adapter: not written (method %s trained the backbone too: the whole model is the result)", config.method
+        )
         return None
     out = os.path.join(run_dir, ADAPTER_DIR)
     os.makedirs(out, exist_ok=True)
     weights = _flat(params["adapter"])
     safetensors_io.save(os.path.join(out, ADAPTER_WEIGHTS), weights, metadata={"format": "codi_jax"})
-    meta = {"task": config.task, "method": config.method, "backbone": backbone_fingerprint(params["unet"]),
-            "adapter_params": int(sum(x.size for x in weights.values())),
-            "backbone_params": int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params["unet"]))),
-            "config": json.loads(config.to_json_best_effort())}
+    meta = {
+        "task": config.task,
+        "method": config.method,
+        "backbone": backbone_fingerprint(params["unet"]),
+        "adapter_params": int(sum(x.size for x in weights.values())),
+        "backbone_params": int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params["unet"]))),
+        "config": json.loads(config.to_json_best_effort()),
+    }
     tmp = os.path.join(out, ADAPTER_META + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
@@ -145,41 +151,62 @@ class AdapterSampler:
         self.backbone = params["unet"]
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.adapters: dict[str, Adapter] = {}
-        own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint,
-                      self._encoder(model.config))
+        own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint, self._encoder(model.config))
         self.adapters["own"] = own
 
     def _encoder(self, config):
         if config.task not in task_data.PROMPT_TASKS:
             return None
-        return prompts_lib.make_encoder(config, task_data.prompts(config.data, config.task),
-                                        os.path.join(self.cache_dir, "cache"))
+        return prompts_lib.make_encoder(
+            config, task_data.prompts(config.data, config.task), os.path.join(self.cache_dir, "cache")
+        )
 
     def add(self, name: str, folder: str, expect_task: str = "") -> Adapter:
         meta, params = load_adapter_files(folder)
         if expect_task and meta["task"] != expect_task:
             raise ValueError(f"adapter {name!r} ({folder}) was trained for task {meta['task']!r}, not {expect_task!r}")
         if meta["backbone"] != self.fingerprint:
-            raise ValueError(f"adapter {name!r} ({folder}) was trained against backbone {meta['backbone']}, "
-                             f"not this run's ({self.fingerprint})")
+            raise ValueError(
+                f"adapter {name!r} ({folder}) was trained against backbone {meta['backbone']}, "
+                f"not this run's ({self.fingerprint})"
+            )
         config = mlc.ConfigDict(meta["config"])
         model = experiment.build_model(config, self.cache_dir)
         self.adapters[name] = Adapter(name, meta["task"], model, params, meta["backbone"], self._encoder(model.config))
-        logging.info("adapter %r: task %s, %d params (%.1f MB)", name, meta["task"], meta["adapter_params"],
-                     param_bytes(params) / 1e6)
+        logging.info(
+            "adapter %r: task %s, %d params (%.1f MB)",
+            name,
+            meta["task"],
+            meta["adapter_params"],
+            param_bytes(params) / 1e6,
+        )
         return self.adapters[name]
 
     def memory(self) -> dict:
         """Bytes held: the backbone once and every adapter, against one full model per adapter."""
         adapters = {n: param_bytes(a.params) for n, a in self.adapters.items()}
         backbone = param_bytes(self.backbone)
-        return {"backbone_bytes": backbone, "adapter_bytes": adapters,
-                "shared_total_bytes": backbone + sum(adapters.values()),
-                "separate_models_bytes": sum(backbone + b for b in adapters.values())}
+        return {
+            "backbone_bytes": backbone,
+            "adapter_bytes": adapters,
+            "shared_total_bytes": backbone + sum(adapters.values()),
+            "separate_models_bytes": sum(backbone + b for b in adapters.values()),
+        }
 
-    def sample(self, name: str, cond: np.ndarray, prompts=None, *, steps: int = 4, sampler: str = "deterministic",
-               guidance_scale: float | None = None, negative_prompt: str | None = None, seed: int = 0,
-               batch_size: int = 8, eps_scale: float = 1.0) -> np.ndarray:
+    def sample(
+        self,
+        name: str,
+        cond: np.ndarray,
+        prompts=None,
+        *,
+        steps: int = 4,
+        sampler: str = "deterministic",
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        eps_scale: float = 1.0,
+    ) -> np.ndarray:
         """Images in [-1, 1] for conditions `cond` [N, H, W, C] (see `conditions`), with adapter `name`
         (`eps_scale`: `sampling.sample`'s epsilon scaling, 1 = none)."""
         if name not in self.adapters:
@@ -208,10 +235,18 @@ class AdapterSampler:
         factor = config.data.crop_size // space.shape[0]
         shape = (cond.shape[1] // factor, cond.shape[2] // factor, space.shape[2])
         from codi_jax.evaluation import evaluate
-        return evaluate.sample_batches(fn, params, cond, rng=jax.random.PRNGKey(seed), n=n, batch_size=batch_size,
-                                       one_shape=shape, context=context,
-                                       to_pixels=None if a.model.codec is None else
-                                       (lambda x: space.to_pixels(x, self.frozen)))
+
+        return evaluate.sample_batches(
+            fn,
+            params,
+            cond,
+            rng=jax.random.PRNGKey(seed),
+            n=n,
+            batch_size=batch_size,
+            one_shape=shape,
+            context=context,
+            to_pixels=None if a.model.codec is None else (lambda x: space.to_pixels(x, self.frozen)),
+        )
 
 
 # ----------------------------------------------------------------------------- files -> conditions
@@ -233,6 +268,7 @@ def list_inputs(spec: str) -> list[str]:
 
 def _read_rgb(path):
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             return sources.to_rgb_uint8(im)
@@ -242,6 +278,7 @@ def _read_rgb(path):
 
 def _resize(img, side, resample="bicubic"):
     from PIL import Image
+
     mode = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}[resample]
     return np.asarray(Image.fromarray(img).resize((side, side), mode))
 
@@ -261,6 +298,7 @@ def conditions(task: str, files: list[str], config, size: int, masks_dir: str = 
             if not os.path.isfile(mpath):
                 raise FileNotFoundError(f"--masks: no mask {mpath} for input {path}")
             from PIL import Image
+
             with Image.open(mpath) as im:
                 mask = task_data.check_mask(np.asarray(im.convert("L")), img.shape, what=f"mask {mpath}")
             mask = (_resize((mask[..., 0] * 255).astype(np.uint8), size, "nearest") > 127).astype(np.float32)[..., None]
@@ -316,16 +354,28 @@ def _main(argv):
     cond = conditions(a.task, files, a.model.config, size, f.masks)
     prompts = read_prompts(f.prompt, f.prompts, len(files))
     t1 = time.perf_counter()
-    x = s.sample(f.use, cond, prompts, steps=f.steps, sampler=f.sampler, guidance_scale=f.guidance_scale,
-                 negative_prompt=f.negative_prompt, seed=f.seed, batch_size=f.batch_size, eps_scale=f.eps_scale)
+    x = s.sample(
+        f.use,
+        cond,
+        prompts,
+        steps=f.steps,
+        sampler=f.sampler,
+        guidance_scale=f.guidance_scale,
+        negative_prompt=f.negative_prompt,
+        seed=f.seed,
+        batch_size=f.batch_size,
+        eps_scale=f.eps_scale,
+    )
     t2 = time.perf_counter()
     if a.task == "inpaint" and f.keep_known:
         x = keep_known(x, cond)
     images = grids.to_uint8(x)
     for path, img in zip(files, images):
         Image.fromarray(img).save(os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png"))
-    print(f"sample: {len(files)} results of task {a.task} ({f.steps} steps) in {out}; load {t1 - t0:.1f} s, "
-          f"sampling {t2 - t1:.1f} s (compile included)")
+    print(
+        f"sample: {len(files)} results of task {a.task} ({f.steps} steps) in {out}; load {t1 - t0:.1f} s, "
+        f"sampling {t2 - t1:.1f} s (compile included)"
+    )
     print("sample: memory " + json.dumps(s.memory()))
 
 
@@ -342,14 +392,20 @@ def _define_flags():
     flags.DEFINE_string("prompt", None, "The prompt (caption or instruction) for every input.")
     flags.DEFINE_string("prompts", "", "A text file with one prompt per input, in input order.")
     flags.DEFINE_string("negative_prompt", None, "Classifier-free guidance's negative prompt (default: the run's).")
-    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance weight (default: the run's text.guidance_scale).")
+    flags.DEFINE_float(
+        "guidance_scale", None, "Classifier-free guidance weight (default: the run's text.guidance_scale)."
+    )
     flags.DEFINE_integer("steps", 4, "Sampling steps.")
     flags.DEFINE_string("sampler", "deterministic", f"One of {sampling.SAMPLERS}.")
     flags.DEFINE_integer("size", 0, "Output side in pixels (default: the run's crop size).")
     flags.DEFINE_integer("batch_size", 8, "Images per model call.")
     flags.DEFINE_integer("seed", 0, "Noise seed.")
-    flags.DEFINE_float("eps_scale", 1.0, "Scale the noise estimate by this (epsilon scaling; 1 = none): for a model "
-                       "whose many-step samples come out grainy (see python -m codi_jax.evaluation.diagnose).")
+    flags.DEFINE_float(
+        "eps_scale",
+        1.0,
+        "Scale the noise estimate by this (epsilon scaling; 1 = none): for a model "
+        "whose many-step samples come out grainy (see python -m codi_jax.evaluation.diagnose).",
+    )
     flags.mark_flags_as_required(["run", "inputs", "out"])
 
 

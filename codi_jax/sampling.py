@@ -41,8 +41,18 @@ def _grid(timesteps):
     return timesteps, jnp.concatenate([timesteps[1:], jnp.zeros((1,), jnp.int32)])
 
 
-def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, context=None,
-           stochastic: bool = False, eps_scale: float = 1.0, trajectory: bool = False):
+def sample(
+    denoiser: base.Denoiser,
+    params,
+    rng,
+    timesteps,
+    shape,
+    cond=None,
+    context=None,
+    stochastic: bool = False,
+    eps_scale: float = 1.0,
+    trajectory: bool = False,
+):
     """Start from z_T ~ N(0, I), walk down `timesteps` (descending), return the last x_hat.
 
     deterministic: DDIM / PF-ODE, z_s = a_s x_hat + s_s eps_hat (eq 7).
@@ -60,7 +70,7 @@ def sample(denoiser: base.Denoiser, params, rng, timesteps, shape, cond=None, co
     timesteps, next_t = _grid(timesteps)
     z, rng = _start(rng, shape)
 
-    scaled = eps_scale != 1.0   # a Python branch: c = 1 compiles to the same program as before
+    scaled = eps_scale != 1.0  # a Python branch: c = 1 compiles to the same program as before
 
     def step(carry, ts):
         z, key = carry
@@ -125,8 +135,13 @@ def sample_dpmpp_2m(denoiser: base.Denoiser, params, rng, timesteps, shape, cond
 _SAMPLERS: dict = {}
 
 
-def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "deterministic",
-                 eps_scale: float = 1.0, trajectory: bool = False):
+def make_sampler(
+    denoiser: base.Denoiser,
+    num_steps: int,
+    sampler: str = "deterministic",
+    eps_scale: float = 1.0,
+    trajectory: bool = False,
+):
     """A jitted `fn(params, rng, shape, cond, context) -> x` for a fixed step count (`sample`'s
     eps_scale and trajectory: DDIM and the multistep sampler only).
 
@@ -144,8 +159,9 @@ def make_sampler(denoiser: base.Denoiser, num_steps: int, sampler: str = "determ
 def _build_sampler(denoiser, num_steps, sampler, eps_scale, trajectory):
     check_sampler(sampler)
     if sampler == "dpmpp_2m" and (eps_scale != 1.0 or trajectory):
-        raise ValueError("eps_scale and trajectory are for the 'deterministic' and 'stochastic' samplers, "
-                         "not 'dpmpp_2m'")
+        raise ValueError(
+            "eps_scale and trajectory are for the 'deterministic' and 'stochastic' samplers, not 'dpmpp_2m'"
+        )
     if not eps_scale > 0:
         raise ValueError(f"eps_scale={eps_scale} must be > 0")
     timesteps = diffusion.sampling_timesteps(denoiser.schedule, num_steps)
@@ -154,7 +170,8 @@ def _build_sampler(denoiser, num_steps, sampler, eps_scale, trajectory):
     def fn(params, rng, shape, cond=None, context=None):
         if sampler == "dpmpp_2m":
             return sample_dpmpp_2m(denoiser, params, rng, timesteps, shape, cond, context)
-        return sample(denoiser, params, rng, timesteps, shape, cond, context, sampler == "stochastic",
-                      eps_scale, trajectory)
+        return sample(
+            denoiser, params, rng, timesteps, shape, cond, context, sampler == "stochastic", eps_scale, trajectory
+        )
 
     return fn

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,7 +51,9 @@ def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[tuple[i
     if -1 in ici:
         known = math.prod(x for x in ici if x != -1)
         if known < 1 or per_slice % known:
-            raise ValueError(f"config mesh.ici={tuple(ici)}: {per_slice} devices per slice are not divisible by {known}")
+            raise ValueError(
+                f"config mesh.ici={tuple(ici)}: {per_slice} devices per slice are not divisible by {known}"
+            )
         ici[ici.index(-1)] = per_slice // known
     if any(x < 1 for x in ici) or math.prod(ici) != per_slice:
         raise ValueError(f"config mesh.ici={tuple(ici)} uses {math.prod(ici)} devices per slice; there are {per_slice}")
@@ -82,7 +86,9 @@ def rules_from_config(mesh_cfg) -> dict[str, tuple[str, ...]]:
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         bad = [a for a in axes if a not in mesh_cfg.axes]
         if bad:
-            raise ValueError(f"config mesh.rules.{name}={axes} names mesh axes {bad} not in mesh.axes={tuple(mesh_cfg.axes)}")
+            raise ValueError(
+                f"config mesh.rules.{name}={axes} names mesh axes {bad} not in mesh.axes={tuple(mesh_cfg.axes)}"
+            )
         rules[name] = axes
     return rules
 
@@ -126,7 +132,10 @@ def tree_shardings(shapes, logical, mesh: Mesh, rules, dropped=None):
         return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), shapes)
     return jax.tree_util.tree_map(
         lambda names, x: NamedSharding(mesh, logical_to_spec(names, np.shape(x), mesh, rules, dropped)),
-        logical, shapes, is_leaf=lambda n: n is None or isinstance(n, tuple))
+        logical,
+        shapes,
+        is_leaf=lambda n: n is None or isinstance(n, tuple),
+    )
 
 
 def state_shardings(state_shapes: dict, logical: Mapping[str, Any], mesh: Mesh, rules, tx, name: str = "state"):
@@ -143,15 +152,30 @@ def state_shardings(state_shapes: dict, logical: Mapping[str, Any], mesh: Mesh, 
 
     params_sh = part(state_shapes["params"])
     repl = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state_shapes["opt_state"], params_sh,
-                                   transform_non_params=lambda _: repl,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
-    out = {"step": repl, "params": params_sh, "ema_params": part(state_shapes["ema_params"]),
-           "opt_state": opt_sh, "rng": repl, "frozen": part(state_shapes["frozen"])}
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        state_shapes["opt_state"],
+        params_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    out = {
+        "step": repl,
+        "params": params_sh,
+        "ema_params": part(state_shapes["ema_params"]),
+        "opt_state": opt_sh,
+        "rng": repl,
+        "frozen": part(state_shapes["frozen"]),
+    }
     if dropped:
         kinds = sorted({f"{n}={d} by {a}({mesh.shape[a]})" for n, d, a in dropped})
-        logging.info("%s: %d weight dimensions stay whole (mesh axis does not divide them): %s",
-                     name, len(dropped), ", ".join(kinds[:8]) + (" ..." if len(kinds) > 8 else ""))
+        logging.info(
+            "%s: %d weight dimensions stay whole (mesh axis does not divide them): %s",
+            name,
+            len(dropped),
+            ", ".join(kinds[:8]) + (" ..." if len(kinds) > 8 else ""),
+        )
     return out
 
 
@@ -194,8 +218,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str, rules=None):
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     n = batch_shards(mesh, rules)
     if batch_size % n:
-        raise ValueError(f"config {key}={batch_size} is not divisible by the {n} batch shards "
-                         f"(mesh axes {batch_axes(mesh, rules)})")
+        raise ValueError(
+            f"config {key}={batch_size} is not divisible by the {n} batch shards (mesh axes {batch_axes(mesh, rules)})"
+        )
     if batch_size % jax.process_count():
         raise ValueError(f"config {key}={batch_size} is not divisible by the {jax.process_count()} processes")
 
@@ -234,8 +259,13 @@ def constrain(x, names):
 # Multi-host
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
-                           heartbeat_timeout_s: int = 60, initialization_timeout_s: int = 300) -> bool:
+def initialize_distributed(
+    coordinator: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    heartbeat_timeout_s: int = 60,
+    initialization_timeout_s: int = 300,
+) -> bool:
     """`jax.distributed.initialize` from flags, or from the environment where JAX detects the
     cluster itself (TPU pods, SLURM, ...). Returns whether more than one process runs.
 
@@ -246,16 +276,23 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     if coordinator:
         if num_processes < 1 or process_id < 0:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, **kw)
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id, **kw
+        )
     else:
         jax.distributed.initialize(**kw)  # cluster auto-detection (TPU VM metadata, SLURM, MPI, ...)
-    logging.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d; %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return jax.process_count() > 1
 
 
 def abstract(tree, shardings):
     """ShapeDtypeStructs carrying shardings (for AOT lowering and Orbax restore targets)."""
     return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings
+    )

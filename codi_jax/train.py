@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import grain
 import jax
@@ -20,8 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from codi_jax import logging_utils
-from codi_jax import sharding
+from codi_jax import logging_utils, sharding
 from codi_jax.data import pipeline
 
 
@@ -49,9 +48,12 @@ def make_optimizer(tcfg):
     """
     lr = optax.join_schedules(
         [optax.linear_schedule(0.0, tcfg.lr, max(tcfg.warmup_steps, 1)), optax.constant_schedule(tcfg.lr)],
-        [max(tcfg.warmup_steps, 1)])
-    parts = [optax.clip_by_global_norm(tcfg.grad_clip),
-             optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay)]
+        [max(tcfg.warmup_steps, 1)],
+    )
+    parts = [
+        optax.clip_by_global_norm(tcfg.grad_clip),
+        optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
+    ]
     if tcfg.get("mu_lr_multiplier", 1.0) != 1.0:
         parts.append(_scale_named_leaves("mu", tcfg.mu_lr_multiplier))
     return optax.chain(*parts), lr
@@ -90,8 +92,9 @@ def _microbatches(tree, k: int):
     return jax.tree_util.tree_map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), tree)
 
 
-def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_warmup: bool = False,
-                    grad_accum_steps: int = 1):
+def make_train_step(
+    loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_warmup: bool = False, grad_accum_steps: int = 1
+):
     """One update. A non-finite loss or gradient leaves the state untouched (the host then stops).
 
     The loss gets one PRNG key per example (split from the step's key over the global batch),
@@ -120,7 +123,8 @@ def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_wa
                 return jax.tree_util.tree_map(jnp.add, acc, (g, m)), None
 
             zeros = jax.tree_util.tree_map(
-                jnp.zeros_like, jax.eval_shape(grads_of, *args, *jax.tree_util.tree_map(lambda x: x[0], micro)))
+                jnp.zeros_like, jax.eval_shape(grads_of, *args, *jax.tree_util.tree_map(lambda x: x[0], micro))
+            )
             total, _ = jax.lax.scan(body, zeros, micro)
             grads, metrics = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, total)
         loss = metrics["loss"]
@@ -131,15 +135,16 @@ def make_train_step(loss_fn: Callable, tx, lr_schedule, ema_decay: float, ema_wa
         new = {
             "step": state["step"] + 1,
             "params": params,
-            "ema_params": ema_update(state["ema_params"], params,
-                                     ema_decay_at(state["step"], ema_decay, ema_warmup)),
+            "ema_params": ema_update(state["ema_params"], params, ema_decay_at(state["step"], ema_decay, ema_warmup)),
             "opt_state": opt_state,
             "rng": rng,
             "frozen": state["frozen"],
         }
         keep_old = lambda n, o: jnp.where(finite, n, o)
-        out = {k: (new[k] if k in ("step", "rng", "frozen") else jax.tree_util.tree_map(keep_old, new[k], state[k]))
-               for k in new}
+        out = {
+            k: (new[k] if k in ("step", "rng", "frozen") else jax.tree_util.tree_map(keep_old, new[k], state[k]))
+            for k in new
+        }
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]), finite=finite)
         return out, metrics
 
@@ -159,8 +164,13 @@ def compile_step(step_jit, state, batch, mesh, rules, name: str = "step"):
     stats = {"compile_s": round(time.perf_counter() - t0, 2)}
     try:
         mem = compiled.memory_analysis()
-        for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                    "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for key in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             if hasattr(mem, key):
                 stats[key] = int(getattr(mem, key))
     except Exception as e:  # noqa: BLE001 - not every backend reports memory
@@ -172,15 +182,23 @@ def compile_step(step_jit, state, batch, mesh, rules, name: str = "step"):
     except Exception as e:  # noqa: BLE001
         logging.info("%s: no cost analysis (%s)", name, e)
     gib = lambda k: stats.get(k, 0) / 2**30
-    logging.info("%s: compiled in %.1f s; per device: arguments %.3f GiB, temporaries %.3f GiB, outputs %.3f GiB; "
-                 "%.3g GFLOP per step", name, stats["compile_s"], gib("argument_size_in_bytes"),
-                 gib("temp_size_in_bytes"), gib("output_size_in_bytes"), stats.get("flops", 0.0) / 1e9)
+    logging.info(
+        "%s: compiled in %.1f s; per device: arguments %.3f GiB, temporaries %.3f GiB, outputs %.3f GiB; "
+        "%.3g GFLOP per step",
+        name,
+        stats["compile_s"],
+        gib("argument_size_in_bytes"),
+        gib("temp_size_in_bytes"),
+        gib("output_size_in_bytes"),
+        stats.get("flops", 0.0) / 1e9,
+    )
     return compiled, stats
 
 
 def checkpoint_manager(directory: str, tcfg) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=tcfg.keep_checkpoints, create=True, enable_async_checkpointing=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -208,14 +226,18 @@ def check_shapes(stored: dict, wanted: dict, where: str) -> None:
     (what a checkpoint holds) and `wanted` (what this config's model builds); {path: shape} each."""
     for key in sorted(set(wanted) | set(stored)):
         if key not in stored:
-            raise CheckpointMismatchError(f"{where} lacks {key} that this config's model has: a checkpoint of "
-                                          "another method or model?")
+            raise CheckpointMismatchError(
+                f"{where} lacks {key} that this config's model has: a checkpoint of another method or model?"
+            )
         if key not in wanted:
-            raise CheckpointMismatchError(f"{where} holds {key} that this config's model lacks: a checkpoint of "
-                                          "another method or model?")
+            raise CheckpointMismatchError(
+                f"{where} holds {key} that this config's model lacks: a checkpoint of another method or model?"
+            )
         if stored[key] != wanted[key]:
-            raise CheckpointMismatchError(f"{where}: {key} has shape {stored[key]}, this config's model "
-                                          f"{wanted[key]}: a checkpoint of another model size?")
+            raise CheckpointMismatchError(
+                f"{where}: {key} has shape {stored[key]}, this config's model "
+                f"{wanted[key]}: a checkpoint of another model size?"
+            )
 
 
 def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) -> None:
@@ -224,8 +246,11 @@ def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) 
     # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
     meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
     meta = getattr(meta, "item_metadata", None) or meta
-    check_shapes(shapes_by_path(_model_parts(getattr(meta, "tree", meta))), shapes_by_path(_model_parts(init_state)),
-                 f"checkpoint {mgr.directory}/{step}")
+    check_shapes(
+        shapes_by_path(_model_parts(getattr(meta, "tree", meta))),
+        shapes_by_path(_model_parts(init_state)),
+        f"checkpoint {mgr.directory}/{step}",
+    )
 
 
 def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_sharding, data_iter=None):
@@ -265,8 +290,21 @@ def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=No
     return state, state_sharding
 
 
-def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Callable, data_cfg,
-              task: str, seed: int, mesh, image_fn: Callable | None = None, rules=None, logical=None):
+def run_stage(
+    *,
+    name: str,
+    workdir: str,
+    tcfg,
+    loss_fn: Callable,
+    init_fn: Callable,
+    data_cfg,
+    task: str,
+    seed: int,
+    mesh,
+    image_fn: Callable | None = None,
+    rules=None,
+    logical=None,
+):
     """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
 
     init_fn(rng) -> (trainable params, frozen params). A stage whose latest checkpoint
@@ -280,15 +318,22 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
     sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
     accum = tcfg.get("grad_accum_steps", 1)
     if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
-        raise ValueError(f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
-                         f"({tcfg.batch_size} / {sharding.batch_shards(mesh, rules)} shards)")
+        raise ValueError(
+            f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
+            f"({tcfg.batch_size} / {sharding.batch_shards(mesh, rules)} shards)"
+        )
     tx, lr_schedule = make_optimizer(tcfg)
     repl = sharding.replicated(mesh)
     state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
 
     data_iter = pipeline.make_train_iterator(
-        data_cfg, task=task, global_batch_size=tcfg.batch_size, seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        data_cfg,
+        task=task,
+        global_batch_size=tcfg.batch_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
     mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)
     latest = mgr.latest_step()
@@ -301,9 +346,12 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
         mgr.close()
         return state
 
-    step_jit = jax.jit(make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, accum),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
-                       out_shardings=(state_sharding, repl), donate_argnums=(0,))
+    step_jit = jax.jit(
+        make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, accum),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=(0,),
+    )
     is_main = jax.process_index() == 0
     writer = logging_utils.MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_main)
     progress = logging_utils.Progress(tcfg.num_steps, start_step=start, every_n_steps=tcfg.log_every, name=name)
@@ -313,8 +361,17 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
     if is_main:
         os.makedirs(stage_dir, exist_ok=True)
         with open(os.path.join(stage_dir, "compile.json"), "w") as f:
-            json.dump(dict(compile_stats, devices=jax.device_count(), mesh=dict(mesh.shape),
-                           batch_size=tcfg.batch_size, grad_accum_steps=accum), f, indent=2)
+            json.dump(
+                dict(
+                    compile_stats,
+                    devices=jax.device_count(),
+                    mesh=dict(mesh.shape),
+                    batch_size=tcfg.batch_size,
+                    grad_accum_steps=accum,
+                ),
+                f,
+                indent=2,
+            )
 
     def flush_pending():
         bad = _first_nonfinite(pending)
@@ -322,7 +379,8 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
             mgr.wait_until_finished()
             raise NonFiniteLossError(
                 f"{name}: non-finite loss at step {bad[0]} (loss={float(bad[1]['loss'])}); stopped. "
-                f"Last good checkpoint (step {mgr.latest_step()}) kept in {mgr.directory}")
+                f"Last good checkpoint (step {mgr.latest_step()}) kept in {mgr.directory}"
+            )
         if pending:
             step, m = pending[-1]
             scalars = {k: float(v) for k, v in m.items() if k != "finite"}
@@ -342,9 +400,12 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
                 writer.write_images(step, image_fn(state))
             if step % tcfg.checkpoint_every == 0 or last:
                 flush_pending()  # never save a state that followed a non-finite step
-                mgr.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data_iter=grain.checkpoint.CheckpointSave(data_iter)))
+                mgr.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
+                    ),
+                )
         if image_fn is not None:
             writer.write_images(tcfg.num_steps, image_fn(state))
     finally:
@@ -354,16 +415,16 @@ def run_stage(*, name: str, workdir: str, tcfg, loss_fn: Callable, init_fn: Call
     return state
 
 
-def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh, rules=None,
-                     logical=None):
+def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh, rules=None, logical=None):
     """The final state of a completed stage (error if it is not complete)."""
     tx, _ = make_optimizer(tcfg)
     state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
     mgr = checkpoint_manager(os.path.join(workdir, name, "checkpoints"), tcfg)
     latest = mgr.latest_step()
     if latest is None or latest < tcfg.num_steps:
-        raise FileNotFoundError(f"{name}: no complete checkpoint in {mgr.directory} (latest step {latest}, "
-                                f"want {tcfg.num_steps})")
+        raise FileNotFoundError(
+            f"{name}: no complete checkpoint in {mgr.directory} (latest step {latest}, want {tcfg.num_steps})"
+        )
     state = restore_state(mgr, latest, state, state_sharding)
     mgr.close()
     return state

@@ -17,7 +17,7 @@ def get_config(variant=""):
     config.eval.steps = (1, 2, 4)
     if variant in ("tiny", "smoke"):
         config.model.unet.cross_attention_dim = config.text.tiny.width
-        config.model.adapter.input = "cond_as_sample"   # the input image in z_t's place: editing starts from it
+        config.model.adapter.input = "cond_as_sample"  # the input image in z_t's place: editing starts from it
     else:
         config.text.encoder = "pretrained"
     if variant == "smoke":

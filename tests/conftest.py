@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(session, config, items):
     worker a contiguous block first: all the long tests would land on one worker). A module-scoped
     fixture is built once per worker that runs one of its tests: keep the tests of a costly one in
     one test function (xdist_group marks would not help: xdist 3.8's grouping is inert under pytest 9)."""
+
     def cost(item):
         mark = item.get_closest_marker("heavy")
         return -(mark.args[0] if mark and mark.args else 0)
+
     items.sort(key=cost)  # stable: everything else keeps its order

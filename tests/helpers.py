@@ -7,11 +7,11 @@ import os
 import jax
 import numpy as np
 
-from configs import sr
 from codi_jax import diffusion
 from codi_jax.data import pipeline
 from codi_jax.methods import base, codi
 from codi_jax.models import adapter as adapter_lib
+from configs import sr
 
 
 def smoke_config(**codi_overrides):
@@ -25,8 +25,9 @@ def denoisers(config):
     schedule = diffusion.make_schedule(config.schedule)
     module = base.make_module(config.model)
     b = config.codi.boundary
-    wrapped = base.Denoiser(module, schedule, config.model.prediction,
-                            (b.sigma_data, b.time_scale) if b.enabled else None)
+    wrapped = base.Denoiser(
+        module, schedule, config.model.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
+    )
     return base.Denoiser(module, schedule, config.model.prediction), wrapped
 
 

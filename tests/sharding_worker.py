@@ -1,11 +1,11 @@
 """Subprocess body of tests/test_sharding.py and tests/test_multiprocess.py (not collected by pytest).
 
-  python -m tests.sharding_worker meshes OUT.json          8 simulated devices: CoDi steps on several meshes
-  python -m tests.sharding_worker train WORKDIR OUT.npz [--coordinator=H:P --process_id=I --num_processes=N]
-      the teacher stage on 4 steps through train.run_stage (multi-process when a coordinator is given);
-      with --single_reads=N, one process reads the data shares of N processes (the same global batches)
-  python -m tests.sharding_worker restore WORKDIR OUT.npz  restore a finished stage on one process
-  python -m tests.sharding_worker die --coordinator=... --process_id=I   process 1 dies; process 0 must be stopped
+python -m tests.sharding_worker meshes OUT.json          8 simulated devices: CoDi steps on several meshes
+python -m tests.sharding_worker train WORKDIR OUT.npz [--coordinator=H:P --process_id=I --num_processes=N]
+    the teacher stage on 4 steps through train.run_stage (multi-process when a coordinator is given);
+    with --single_reads=N, one process reads the data shares of N processes (the same global batches)
+python -m tests.sharding_worker restore WORKDIR OUT.npz  restore a finished stage on one process
+python -m tests.sharding_worker die --coordinator=... --process_id=I   process 1 dies; process 0 must be stopped
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _codi_pieces(config):
     names = base.model_logical_names(module, config.model, size)
     logical = {"unet": names["unet"], "adapter": names["adapter"]}
     loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=config.codi)
-    batch = next(pipeline.make_train_iterator(config.data, task="sr", global_batch_size=config.codi.train.batch_size,
-                                              seed=0))
+    batch = next(
+        pipeline.make_train_iterator(config.data, task="sr", global_batch_size=config.codi.train.batch_size, seed=0)
+    )
     return init_fn, logical, loss_fn, batch
 
 
@@ -71,7 +72,7 @@ def run_meshes(out_path):
     tx, sched = train.make_optimizer(tcfg)
     rules = sharding.rules_from_config(config.mesh)
     results = {}
-    conv = ("unet", "down_blocks_0", "resnets_0", "conv1", "kernel")   # (3, 3, 16, 16): conv_in -> fsdp
+    conv = ("unet", "down_blocks_0", "resnets_0", "conv1", "kernel")  # (3, 3, 16, 16): conv_in -> fsdp
     qkv = ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")  # (16, 16)
     init_once = functools.lru_cache(maxsize=None)(lambda: init_fn(jax.random.split(jax.random.PRNGKey(0))[0]))
     shared_init = lambda rng: init_once()  # the same initial params for every mesh, built once
@@ -79,11 +80,13 @@ def run_meshes(out_path):
 
     def specs(state, batch):
         adam = state["opt_state"][1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
-        return {"conv_kernel": _spec_str(get(state["params"], conv).sharding),
-                "conv_kernel_ema": _spec_str(get(state["ema_params"], conv).sharding),
-                "conv_kernel_adam_mu": _spec_str(get(adam.mu, conv).sharding),
-                "qkv_kernel": _spec_str(get(state["params"], qkv).sharding),
-                "image_batch": _spec_str(batch["image"].sharding)}
+        return {
+            "conv_kernel": _spec_str(get(state["params"], conv).sharding),
+            "conv_kernel_ema": _spec_str(get(state["ema_params"], conv).sharding),
+            "conv_kernel_adam_mu": _spec_str(get(adam.mu, conv).sharding),
+            "qkv_kernel": _spec_str(get(state["params"], qkv).sharding),
+            "image_batch": _spec_str(batch["image"].sharding),
+        }
 
     # (8, 1), pure data parallel, and (1, 8), pure FSDP: placement only.
     for shape in [(8, 1), (1, 8), (1, 1), (2, 4)]:
@@ -97,9 +100,12 @@ def run_meshes(out_path):
         if shape in ((8, 1), (1, 8)):
             results[f"{shape[0]}x{shape[1]}"] = {"specs": specs(state, sharding.put_batch(batch_np, mesh, rules))}
             continue
-        step_jit = jax.jit(train.make_train_step(loss_fn, tx, sched, tcfg.ema_decay),
-                           in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
-                           out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+        step_jit = jax.jit(
+            train.make_train_step(loss_fn, tx, sched, tcfg.ema_decay),
+            in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
+            out_shardings=(state_sh, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         batch = sharding.put_batch(batch_np, mesh, rules)
         step, stats = train.compile_step(step_jit, state, batch, mesh, rules)
         print(f"{shape}: compiled {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -107,12 +113,18 @@ def run_meshes(out_path):
         for _ in range(2):
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
-        results[f"{shape[0]}x{shape[1]}"] = {"losses": losses, "specs": specs(state, batch), "compile_s": stats["compile_s"]}
+        results[f"{shape[0]}x{shape[1]}"] = {
+            "losses": losses,
+            "specs": specs(state, batch),
+            "compile_s": stats["compile_s"],
+        }
         print(f"{shape}: ran {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
         flat = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(state["params"])])
         if shape == (1, 1):  # the single-device reference, and how far its two steps moved the params
-            reference, initial = flat, np.concatenate(
-                [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(init_once()[0])])
+            reference, initial = (
+                flat,
+                np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(init_once()[0])]),
+            )
             results["1x1"]["max_param_update"] = float(np.max(np.abs(flat - initial)))
         results[f"{shape[0]}x{shape[1]}"]["max_param_diff"] = float(np.max(np.abs(flat - reference)))
     with open(out_path, "w") as f:
@@ -154,13 +166,25 @@ def _teacher(workdir, num_steps):
         return {"unet": base.init_model_params(module, config.model, rng, config.data.crop_size)["unet"]}, {}
 
     mesh = sharding.make_mesh(config.mesh)
-    kw = dict(name="teacher", workdir=workdir, tcfg=tcfg, init_fn=init_fn, seed=0, mesh=mesh,
-              rules=sharding.rules_from_config(config.mesh), logical={"unet": names["unet"]})
+    kw = dict(
+        name="teacher",
+        workdir=workdir,
+        tcfg=tcfg,
+        init_fn=init_fn,
+        seed=0,
+        mesh=mesh,
+        rules=sharding.rules_from_config(config.mesh),
+        logical={"unet": names["unet"]},
+    )
     if num_steps is None:
         tcfg.num_steps = 4
         return train.load_final_state(**kw)
-    return train.run_stage(loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=denoiser, use_cond=False),
-                           data_cfg=config.data, task="uncond", **kw)
+    return train.run_stage(
+        loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=denoiser, use_cond=False),
+        data_cfg=config.data,
+        task="uncond",
+        **kw,
+    )
 
 
 def _save_params(state, out_path):
@@ -170,8 +194,10 @@ def _save_params(state, out_path):
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-                for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat = {
+            "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
         np.savez(out_path, step=int(np.asarray(jax.device_get(state["step"]))), **flat)
 
 

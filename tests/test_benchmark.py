@@ -19,8 +19,7 @@ def _one_level_smoke():
     layers): at the full smoke size the two train steps and four samplers this test compiles take
     minutes on a 2-core machine."""
     config = helpers.smoke_config()
-    config.model.unet.update(block_out_channels=(16,), down_block_types=("DownBlock2D",),
-                             up_block_types=("UpBlock2D",))
+    config.model.unet.update(block_out_channels=(16,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",))
     return config
 
 
@@ -28,8 +27,18 @@ def _one_level_smoke():
 def test_benchmark_report_on_smoke_config(tmp_path):
     out = tmp_path / "bench.json"
     lines = []
-    step.run(_one_level_smoke(), steps=2, warmup=1, reps=1, sample_steps=(1, 4), ddim_steps=8,
-             torch_steps=(1,), with_torch=True, out=str(out), log=lines.append)
+    step.run(
+        _one_level_smoke(),
+        steps=2,
+        warmup=1,
+        reps=1,
+        sample_steps=(1, 4),
+        ddim_steps=8,
+        torch_steps=(1,),
+        with_torch=True,
+        out=str(out),
+        log=lines.append,
+    )
     print("\n".join(lines))
     report = json.loads(out.read_text())
 
@@ -41,8 +50,14 @@ def test_benchmark_report_on_smoke_config(tmp_path):
     assert tr["batch_size"] == 4
     for name in ("plain", "codi"):
         r = tr[name]
-        for key in ("step_s", "images_per_s_per_device", "flops_per_step_per_device", "tflops_per_s_per_device",
-                    "peak_memory_bytes", "compile_s"):
+        for key in (
+            "step_s",
+            "images_per_s_per_device",
+            "flops_per_step_per_device",
+            "tflops_per_s_per_device",
+            "peak_memory_bytes",
+            "compile_s",
+        ):
             assert _positive(r[key]), (name, key, r[key])
         assert len(r["step_s_all"]) == 2 and all(_positive(t) for t in r["step_s_all"])
         assert math.isfinite(r["loss"])
@@ -50,8 +65,9 @@ def test_benchmark_report_on_smoke_config(tmp_path):
         assert math.isclose(r["tflops_per_s_per_device"], r["flops_per_step_per_device"] / r["step_s"] / 1e12)
     assert "no peak FLOP/s known" in tr["mfu_note"]
     assert math.isclose(tr["codi_over_plain_step"], tr["codi"]["step_s"] / tr["plain"]["step_s"])
-    assert math.isclose(tr["codi_over_plain_flops"],
-                        tr["codi"]["flops_per_step_per_device"] / tr["plain"]["flops_per_step_per_device"])
+    assert math.isclose(
+        tr["codi_over_plain_flops"], tr["codi"]["flops_per_step_per_device"] / tr["plain"]["flops_per_step_per_device"]
+    )
     # One forward-backward plus one target forward against one forward-backward: about 4/3 (exactly
     # what XLA counts, so deterministic).
     assert 1.15 < tr["codi_over_plain_flops"] < 1.5, tr["codi_over_plain_flops"]
@@ -71,8 +87,9 @@ def test_benchmark_report_on_smoke_config(tmp_path):
         assert math.isclose(r["torch_over_ours"], r["torch_ms"] / r["ours_ms"])
         if "torch_1thread_ms" in r:
             assert math.isclose(r["torch_1thread_over_ours"], r["torch_1thread_ms"] / r["ours_ms"])
-        assert math.isclose(r["torch_best_over_ours"],
-                            min(r["torch_ms"], r.get("torch_1thread_ms", math.inf)) / r["ours_ms"])
+        assert math.isclose(
+            r["torch_best_over_ours"], min(r["torch_ms"], r.get("torch_1thread_ms", math.inf)) / r["ours_ms"]
+        )
         assert r["max_abs_diff"] < 1e-4 * max(1.0, r["output_max_abs"]), r  # same weights, same numbers
 
     table = step.format_table(report)

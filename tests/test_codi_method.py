@@ -67,8 +67,9 @@ def test_no_gradient_reaches_the_target(zs_predictor):
     # A target that differs from the online params, so a leak would show.
     ema = jax.tree_util.tree_map(lambda x: x + 0.01, trainable)
     # jitted: one compile costs less than dispatching (and compiling) the U-Net's ops one by one
-    grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True))(trainable, frozen, ema, batch,
-                                                                         jax.random.PRNGKey(3))
+    grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2), has_aux=True))(
+        trainable, frozen, ema, batch, jax.random.PRNGKey(3)
+    )
     g_online, g_frozen, g_target = grads[0]
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(g_target))
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(g_frozen))
@@ -91,6 +92,7 @@ def test_one_t_per_batch_or_per_sample():
     """codi.t_per_sample=False (the paper's CoDi): one t for the whole batch, drawn from its first
     example's key, so a microbatch (rows 1, 3, 5, ...) draws its own; True: one t per example."""
     from codi_jax.methods import base as methods_base
+
     keys = jax.random.split(jax.random.PRNGKey(0), 64)
     shared = np.asarray(methods_base.per_batch_or_sample(keys, 64, False, 20, 1000))
     each = np.asarray(methods_base.per_batch_or_sample(keys, 64, True, 20, 1000))
@@ -103,7 +105,7 @@ def test_one_t_per_batch_or_per_sample():
 
 def _schedule_config(kind):
     config = helpers.smoke_config()
-    config.schedule.kind = kind   # 'cosine' (sigma_0 = 0.018) or SD's 'scaled_linear' (sigma_0 = 0.029)
+    config.schedule.kind = kind  # 'cosine' (sigma_0 = 0.018) or SD's 'scaled_linear' (sigma_0 = 0.029)
     return config
 
 
@@ -131,15 +133,15 @@ def test_the_noise_target_at_s_0_is_the_noise_of_z_t_and_the_network_s_own_estim
         x_hat, _ = denoiser(params, z_t, t, cond)
         alpha_s, sigma_s = schedule.alpha_sigma(jnp.full_like(t, s))
         z_s = diffusion.prev_step(x_hat, eps, alpha_s, sigma_s)
-        x_b, eps_target = codi.consistency_target(denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None,
-                                                  "noise_boundary")
-        _, eps_wrapped = codi.consistency_target(denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None,
-                                                 "wrapped")
+        x_b, eps_target = codi.consistency_target(
+            denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None, "noise_boundary"
+        )
+        _, eps_wrapped = codi.consistency_target(denoiser, params, z_s, jnp.full_like(t, s), eps, cond, None, "wrapped")
         (_, eps_net), _ = denoiser.both(params, z_s, jnp.full_like(t, s), cond)
         rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))
         if s == 0:
-            np.testing.assert_allclose(x_b, z_s, atol=1e-6)          # eq 17: f(z_0, 0) = z_0
-            np.testing.assert_allclose(eps_target, eps, atol=1e-6)   # the noise of z_t, exactly
+            np.testing.assert_allclose(x_b, z_s, atol=1e-6)  # eq 17: f(z_0, 0) = z_0
+            np.testing.assert_allclose(eps_target, eps, atol=1e-6)  # the noise of z_t, exactly
             a0, s0 = float(alpha_s[0]), float(sigma_s[0])
             np.testing.assert_allclose(eps_wrapped, (1 - a0) * z_s / s0, atol=1e-4)
             assert rms(eps_wrapped) < 0.05 * rms(eps), (kind, rms(eps_wrapped))

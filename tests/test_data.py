@@ -12,12 +12,12 @@ from configs.data import get_data_config, stablesr_test_degradation
 
 
 def _psnr(a, b):
-  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64))**2)
-  return 10 * np.log10(4.0 / mse)  # images in [-1, 1]
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(4.0 / mse)  # images in [-1, 1]
 
 
 def _same(a, b):
-  return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------
@@ -25,94 +25,93 @@ def _same(a, b):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('make', [
-    lambda: deg.gaussian_kernel(7, 1.5),
-    lambda: deg.gaussian_kernel(13, 0.5, 2.5, 0.7),
-    lambda: deg.generalized_gaussian_kernel(21, 1.0, 2.0, -1.0, 0.6),
-    lambda: deg.plateau_kernel(9, 2.0, 1.0, 0.3, 1.5),
-    lambda: deg.sinc_kernel(15, np.pi / 4),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: deg.gaussian_kernel(7, 1.5),
+        lambda: deg.gaussian_kernel(13, 0.5, 2.5, 0.7),
+        lambda: deg.generalized_gaussian_kernel(21, 1.0, 2.0, -1.0, 0.6),
+        lambda: deg.plateau_kernel(9, 2.0, 1.0, 0.3, 1.5),
+        lambda: deg.sinc_kernel(15, np.pi / 4),
+    ],
+)
 def test_kernels_sum_to_one_with_requested_size(make):
-  k = make()
-  assert k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
-  assert np.isclose(k.sum(), 1.0)
-  # Point-symmetric, so convolution and correlation agree.
-  np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-12)
+    k = make()
+    assert k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
+    assert np.isclose(k.sum(), 1.0)
+    # Point-symmetric, so convolution and correlation agree.
+    np.testing.assert_allclose(k, k[::-1, ::-1], atol=1e-12)
 
 
 def test_random_kernels_sizes_and_sinc_ringing():
-  cfg = get_data_config().degradation
-  rng = np.random.default_rng(0)
-  sizes = set()
-  for _ in range(200):
-    k = deg.random_blur_kernel(rng, cfg, cfg.stage1)
-    assert np.isclose(k.sum(), 1.0) and k.shape[0] == k.shape[1]
-    sizes.add(k.shape[0])
-  assert sizes == set(range(7, 22, 2))
-  assert deg.sinc_kernel(21, np.pi / 5).min() < 0  # negative lobes
+    cfg = get_data_config().degradation
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(200):
+        k = deg.random_blur_kernel(rng, cfg, cfg.stage1)
+        assert np.isclose(k.sum(), 1.0) and k.shape[0] == k.shape[1]
+        sizes.add(k.shape[0])
+    assert sizes == set(range(7, 22, 2))
+    assert deg.sinc_kernel(21, np.pi / 5).min() < 0  # negative lobes
 
 
 def test_area_resize_is_block_mean():
-  img = np.random.default_rng(0).random((8, 6, 3)).astype(np.float32)
-  out = deg.resize(img, (4, 3), 'area')
-  ref = img.reshape(4, 2, 3, 2, 3).mean(axis=(1, 3))
-  np.testing.assert_allclose(out, ref, atol=1e-6)
-  for mode in ('bilinear', 'bicubic'):  # constant stays constant
-    np.testing.assert_allclose(
-        deg.resize(np.full((5, 7, 3), 0.3, np.float32), (11, 3), mode), 0.3,
-        atol=1e-6)
+    img = np.random.default_rng(0).random((8, 6, 3)).astype(np.float32)
+    out = deg.resize(img, (4, 3), "area")
+    ref = img.reshape(4, 2, 3, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    for mode in ("bilinear", "bicubic"):  # constant stays constant
+        np.testing.assert_allclose(deg.resize(np.full((5, 7, 3), 0.3, np.float32), (11, 3), mode), 0.3, atol=1e-6)
 
 
 def _hr(seed=0, size=32):
-  src = sources.EmbeddedImageSource(['astronaut'], downscale_factor=2)
-  return pipeline.random_crop(src[0], size, np.random.default_rng(seed))
+    src = sources.EmbeddedImageSource(["astronaut"], downscale_factor=2)
+    return pipeline.random_crop(src[0], size, np.random.default_rng(seed))
 
 
 def test_degrade_shape_range_and_determinism():
-  cfg = get_data_config().degradation
-  hr = _hr()
-  outs = [deg.degrade(hr, cfg, scale=4, rng=np.random.default_rng(s))
-          for s in (1, 1, 2)]
-  for o in outs:
-    assert o.shape == (8, 8, 3) and o.dtype == np.uint8
-  np.testing.assert_array_equal(outs[0], outs[1])
-  assert not np.array_equal(outs[0], outs[2])
-  # Non-square, larger input and both presets.
-  big = np.random.default_rng(0).integers(0, 256, (64, 48, 3), np.uint8)
-  for c in (cfg, stablesr_test_degradation()):
-    assert deg.degrade(big, c, scale=4, rng=np.random.default_rng(3)).shape \
-        == (16, 12, 3)
+    cfg = get_data_config().degradation
+    hr = _hr()
+    outs = [deg.degrade(hr, cfg, scale=4, rng=np.random.default_rng(s)) for s in (1, 1, 2)]
+    for o in outs:
+        assert o.shape == (8, 8, 3) and o.dtype == np.uint8
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], outs[2])
+    # Non-square, larger input and both presets.
+    big = np.random.default_rng(0).integers(0, 256, (64, 48, 3), np.uint8)
+    for c in (cfg, stablesr_test_degradation()):
+        assert deg.degrade(big, c, scale=4, rng=np.random.default_rng(3)).shape == (16, 12, 3)
 
 
 def test_degraded_condition_is_aligned_but_worse_than_bicubic():
-  c = get_data_config()
-  src = sources.make_source(c, 'train')
-  rng = np.random.default_rng(0)
-  hrs, conds, bics = [], [], []
-  for i in range(24):
-    ex = pipeline.make_example(src[i % len(src)], rng, task='sr',
-                               crop_size=32, flip=True, sr_scale=4,
-                               deg_config=c.degradation)
-    hr_u8 = np.round((ex['image'] + 1) * 127.5).astype(np.uint8)
-    # Plain bicubic down + up: the "clean LR" reference.
-    lr = np.asarray(Image.fromarray(hr_u8).resize((8, 8), Image.BICUBIC))
-    hrs.append(ex['image'])
-    conds.append(ex['cond'])
-    bics.append(pipeline.to_signed(deg.bicubic_upsample(lr, 32)))
-  matched = np.mean([_psnr(a, b) for a, b in zip(conds, hrs)])
-  shuffled = np.mean([_psnr(a, b) for a, b in zip(conds, np.roll(hrs, 1, 0))])
-  clean = np.mean([_psnr(a, b) for a, b in zip(bics, hrs)])
-  assert matched > shuffled + 4.0, (matched, shuffled)  # same content/flip
-  assert matched < clean - 3.0, (matched, clean)  # degradation hurts
+    c = get_data_config()
+    src = sources.make_source(c, "train")
+    rng = np.random.default_rng(0)
+    hrs, conds, bics = [], [], []
+    for i in range(24):
+        ex = pipeline.make_example(
+            src[i % len(src)], rng, task="sr", crop_size=32, flip=True, sr_scale=4, deg_config=c.degradation
+        )
+        hr_u8 = np.round((ex["image"] + 1) * 127.5).astype(np.uint8)
+        # Plain bicubic down + up: the "clean LR" reference.
+        lr = np.asarray(Image.fromarray(hr_u8).resize((8, 8), Image.BICUBIC))
+        hrs.append(ex["image"])
+        conds.append(ex["cond"])
+        bics.append(pipeline.to_signed(deg.bicubic_upsample(lr, 32)))
+    matched = np.mean([_psnr(a, b) for a, b in zip(conds, hrs)])
+    shuffled = np.mean([_psnr(a, b) for a, b in zip(conds, np.roll(hrs, 1, 0))])
+    clean = np.mean([_psnr(a, b) for a, b in zip(bics, hrs)])
+    assert matched > shuffled + 4.0, (matched, shuffled)  # same content/flip
+    assert matched < clean - 3.0, (matched, clean)  # degradation hurts
 
 
 def test_usm_sharpen_tiny_crop():
-  usm = get_data_config().usm
-  hr = _hr().astype(np.float32) / 255
-  out = deg.usm_sharpen_from_config(hr, usm)
-  assert out.shape == hr.shape and out.min() >= 0 and out.max() <= 1
-  lap = lambda x: np.abs(np.diff(x, 2, axis=0)).mean()
-  assert lap(out) > lap(hr)  # more high-frequency energy
+    usm = get_data_config().usm
+    hr = _hr().astype(np.float32) / 255
+    out = deg.usm_sharpen_from_config(hr, usm)
+    assert out.shape == hr.shape and out.min() >= 0 and out.max() <= 1
+    lap = lambda x: np.abs(np.diff(x, 2, axis=0)).mean()
+    assert lap(out) > lap(hr)  # more high-frequency energy
 
 
 # --------------------------------------------------------------------------
@@ -121,74 +120,73 @@ def test_usm_sharpen_tiny_crop():
 
 
 def test_embedded_names_and_errors():
-  c = get_data_config()
-  src = sources.make_source(c, 'train')
-  assert len(src) == len(c.train_images)
-  for img in src.images:
-    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-  assert repr(src) == repr(sources.make_source(c, 'train'))
-  assert '0x' not in repr(src)
-  c.train_images = ('astronaut', 'not_an_image')
-  with pytest.raises(ValueError, match='data.train_images') as e:
-    sources.make_source(c, 'train')
-  assert 'chelsea' in str(e.value)  # lists the valid names
-  c.eval_images = ('cat',)
-  with pytest.raises(ValueError, match='data.eval_images'):
-    sources.make_source(c, 'eval')
+    c = get_data_config()
+    src = sources.make_source(c, "train")
+    assert len(src) == len(c.train_images)
+    for img in src.images:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    assert repr(src) == repr(sources.make_source(c, "train"))
+    assert "0x" not in repr(src)
+    c.train_images = ("astronaut", "not_an_image")
+    with pytest.raises(ValueError, match="data.train_images") as e:
+        sources.make_source(c, "train")
+    assert "chelsea" in str(e.value)  # lists the valid names
+    c.eval_images = ("cat",)
+    with pytest.raises(ValueError, match="data.eval_images"):
+        sources.make_source(c, "eval")
 
 
 def test_logo_rgba_on_white_and_downscale():
-  full = sources.EmbeddedImageSource(['logo'])[0]
-  half = sources.EmbeddedImageSource(['logo'], downscale_factor=2)[0]
-  assert full.shape == (500, 500, 3)
-  assert half.shape == (250, 250, 3)
-  assert (full[0, 0] == 255).all()  # transparent corner -> white
+    full = sources.EmbeddedImageSource(["logo"])[0]
+    half = sources.EmbeddedImageSource(["logo"], downscale_factor=2)[0]
+    assert full.shape == (500, 500, 3)
+    assert half.shape == (250, 250, 3)
+    assert (full[0, 0] == 255).all()  # transparent corner -> white
 
 
 def _write_folder(path, n_good=2, corrupt=True):
-  os.makedirs(path, exist_ok=True)
-  rng = np.random.default_rng(0)
-  for i in range(n_good):
-    arr = rng.integers(0, 256, (40 + i, 50, 3), np.uint8)
-    Image.fromarray(arr).save(os.path.join(path, f'img{i}.png'))
-  if corrupt:
-    with open(os.path.join(path, 'bad.png'), 'wb') as f:
-      f.write(b'\x89PNG not really a png')
-  with open(os.path.join(path, 'notes.txt'), 'w') as f:
-    f.write('ignored')
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_good):
+        arr = rng.integers(0, 256, (40 + i, 50, 3), np.uint8)
+        Image.fromarray(arr).save(os.path.join(path, f"img{i}.png"))
+    if corrupt:
+        with open(os.path.join(path, "bad.png"), "wb") as f:
+            f.write(b"\x89PNG not really a png")
+    with open(os.path.join(path, "notes.txt"), "w") as f:
+        f.write("ignored")
 
 
 def test_folder_skips_corrupt_file(tmp_path, caplog):
-  _write_folder(str(tmp_path))
-  src = sources.FolderImageSource(str(tmp_path))
-  assert len(src) == 2 and src.num_skipped == 1
-  assert [os.path.basename(f) for f in src.files] == ['img0.png', 'img1.png']
-  assert src[0].shape == (40, 50, 3)
-  assert 'bad.png' in caplog.text
-  assert repr(src) == repr(sources.FolderImageSource(str(tmp_path)))
+    _write_folder(str(tmp_path))
+    src = sources.FolderImageSource(str(tmp_path))
+    assert len(src) == 2 and src.num_skipped == 1
+    assert [os.path.basename(f) for f in src.files] == ["img0.png", "img1.png"]
+    assert src[0].shape == (40, 50, 3)
+    assert "bad.png" in caplog.text
+    assert repr(src) == repr(sources.FolderImageSource(str(tmp_path)))
 
 
 def test_missing_folder_error_names_path(tmp_path):
-  missing = str(tmp_path / 'nope')
-  with pytest.raises(FileNotFoundError, match='nope'):
-    sources.FolderImageSource(missing)
+    missing = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        sources.FolderImageSource(missing)
 
 
 def test_folder_pipeline_holdout_and_overlap(tmp_path):
-  _write_folder(str(tmp_path), n_good=4, corrupt=False)
-  c = get_data_config()
-  c.source, c.folder, c.eval_fraction = 'folder', str(tmp_path), 0.25
-  c.image_downscale = 1
-  assert len(sources.make_source(c, 'train')) == 3
-  assert len(sources.make_source(c, 'eval')) == 1
-  b = next(pipeline.make_train_iterator(c, task='uncond', global_batch_size=2,
-                                        seed=0))
-  assert b['image'].shape == (2, 32, 32, 3)
-  e = pipeline.make_eval_batch(c, task='sr', num_examples=2, seed=0)
-  assert e['lr'].shape == (2, 8, 8, 3)
-  c.eval_folder = str(tmp_path)  # same files for train and eval
-  with pytest.raises(ValueError, match='share'):
-    pipeline.make_train_iterator(c, task='uncond', global_batch_size=2, seed=0)
+    _write_folder(str(tmp_path), n_good=4, corrupt=False)
+    c = get_data_config()
+    c.source, c.folder, c.eval_fraction = "folder", str(tmp_path), 0.25
+    c.image_downscale = 1
+    assert len(sources.make_source(c, "train")) == 3
+    assert len(sources.make_source(c, "eval")) == 1
+    b = next(pipeline.make_train_iterator(c, task="uncond", global_batch_size=2, seed=0))
+    assert b["image"].shape == (2, 32, 32, 3)
+    e = pipeline.make_eval_batch(c, task="sr", num_examples=2, seed=0)
+    assert e["lr"].shape == (2, 8, 8, 3)
+    c.eval_folder = str(tmp_path)  # same files for train and eval
+    with pytest.raises(ValueError, match="share"):
+        pipeline.make_train_iterator(c, task="uncond", global_batch_size=2, seed=0)
 
 
 # --------------------------------------------------------------------------
@@ -197,113 +195,103 @@ def test_folder_pipeline_holdout_and_overlap(tmp_path):
 
 
 def test_train_batch_format_sr_and_uncond():
-  c = get_data_config()
-  b = next(pipeline.make_train_iterator(c, task='sr', global_batch_size=4,
-                                        seed=0))
-  assert b['image'].shape == b['cond'].shape == (4, 32, 32, 3)
-  assert b['lr'].shape == (4, 8, 8, 3)
-  for v in b.values():
-    assert v.dtype == np.float32 and v.min() >= -1 and v.max() <= 1
-  u = next(pipeline.make_train_iterator(c, task='uncond', global_batch_size=4,
-                                        seed=0))
-  assert set(u) == {'image'} and u['image'].shape == (4, 32, 32, 3)
+    c = get_data_config()
+    b = next(pipeline.make_train_iterator(c, task="sr", global_batch_size=4, seed=0))
+    assert b["image"].shape == b["cond"].shape == (4, 32, 32, 3)
+    assert b["lr"].shape == (4, 8, 8, 3)
+    for v in b.values():
+        assert v.dtype == np.float32 and v.min() >= -1 and v.max() <= 1
+    u = next(pipeline.make_train_iterator(c, task="uncond", global_batch_size=4, seed=0))
+    assert set(u) == {"image"} and u["image"].shape == (4, 32, 32, 3)
 
 
 def test_train_iterator_deterministic():
-  c = get_data_config()
-  mk = lambda s: pipeline.make_train_iterator(c, task='sr',
-                                              global_batch_size=4, seed=s)
-  a, b, d = next(mk(7)), next(mk(7)), next(mk(8))
-  assert _same(a, b)
-  assert not np.array_equal(a['image'], d['image'])
+    c = get_data_config()
+    mk = lambda s: pipeline.make_train_iterator(c, task="sr", global_batch_size=4, seed=s)
+    a, b, d = next(mk(7)), next(mk(7)), next(mk(8))
+    assert _same(a, b)
+    assert not np.array_equal(a["image"], d["image"])
 
 
 def test_checkpoint_round_trip():
-  c = get_data_config()
-  mk = lambda: pipeline.make_train_iterator(c, task='sr',
-                                            global_batch_size=4, seed=3)
-  it = mk()
-  for _ in range(3):
-    next(it)
-  state = it.get_state()
-  b4 = next(it)
-  it2 = mk()
-  it2.set_state(state)
-  assert _same(next(it2), b4)
+    c = get_data_config()
+    mk = lambda: pipeline.make_train_iterator(c, task="sr", global_batch_size=4, seed=3)
+    it = mk()
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    b4 = next(it)
+    it2 = mk()
+    it2.set_state(state)
+    assert _same(next(it2), b4)
 
 
 def test_orbax_checkpoint_round_trip(tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
-  import grain
-  c = get_data_config()
-  mk = lambda: pipeline.make_train_iterator(c, task='uncond',
-                                            global_batch_size=4, seed=5)
-  it = mk()
-  next(it), next(it)
-  with ocp.CheckpointManager(str(tmp_path), item_names=('data',)) as m:
-    m.save(2, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointSave(it)))
-    m.wait_until_finished()
-  b3 = next(it)
-  it2 = mk()
-  with ocp.CheckpointManager(str(tmp_path), item_names=('data',)) as m:
-    m.restore(2, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(it2)))
-  assert _same(next(it2), b3)
+    ocp = pytest.importorskip("orbax.checkpoint")
+    import grain
+
+    c = get_data_config()
+    mk = lambda: pipeline.make_train_iterator(c, task="uncond", global_batch_size=4, seed=5)
+    it = mk()
+    next(it), next(it)
+    with ocp.CheckpointManager(str(tmp_path), item_names=("data",)) as m:
+        m.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        m.wait_until_finished()
+    b3 = next(it)
+    it2 = mk()
+    with ocp.CheckpointManager(str(tmp_path), item_names=("data",)) as m:
+        m.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    assert _same(next(it2), b3)
 
 
 def test_process_sharding():
-  c = get_data_config()
-  mk = lambda **kw: next(pipeline.make_train_iterator(
-      c, task='sr', global_batch_size=8, seed=11, **kw))
-  p0 = mk(process_index=0, process_count=2)
-  p1 = mk(process_index=1, process_count=2)
-  full = mk()
-  assert p0['image'].shape[0] == p1['image'].shape[0] == 4
-  assert not np.array_equal(p0['image'], p1['image'])
-  # The global stream doesn't depend on the process count: processes read
-  # interleaved records of the single-process batch.
-  for k in full:
-    np.testing.assert_array_equal(full[k][0::2], p0[k])
-    np.testing.assert_array_equal(full[k][1::2], p1[k])
-  with pytest.raises(ValueError):
-    pipeline.make_train_iterator(c, task='sr', global_batch_size=7, seed=0,
-                                 process_count=2)
+    c = get_data_config()
+    mk = lambda **kw: next(pipeline.make_train_iterator(c, task="sr", global_batch_size=8, seed=11, **kw))
+    p0 = mk(process_index=0, process_count=2)
+    p1 = mk(process_index=1, process_count=2)
+    full = mk()
+    assert p0["image"].shape[0] == p1["image"].shape[0] == 4
+    assert not np.array_equal(p0["image"], p1["image"])
+    # The global stream doesn't depend on the process count: processes read
+    # interleaved records of the single-process batch.
+    for k in full:
+        np.testing.assert_array_equal(full[k][0::2], p0[k])
+        np.testing.assert_array_equal(full[k][1::2], p1[k])
+    with pytest.raises(ValueError):
+        pipeline.make_train_iterator(c, task="sr", global_batch_size=7, seed=0, process_count=2)
 
 
 def test_eval_images_held_out():
-  c = get_data_config()
-  train, evl = sources.make_source(c, 'train'), sources.make_source(c, 'eval')
-  assert not set(train.keys) & set(evl.keys)
-  for a in train.images:  # pixel-level: no eval photo hides under a new name
-    assert not any(a.shape == b.shape and np.array_equal(a, b)
-                   for b in evl.images)
-  c.train_images = tuple(c.train_images) + ('flower',)
-  with pytest.raises(ValueError, match='overlap'):
-    pipeline.make_train_iterator(c, task='sr', global_batch_size=2, seed=0)
-  with pytest.raises(ValueError, match='overlap'):
-    pipeline.make_eval_batch(c, task='sr', num_examples=2, seed=0)
+    c = get_data_config()
+    train, evl = sources.make_source(c, "train"), sources.make_source(c, "eval")
+    assert not set(train.keys) & set(evl.keys)
+    for a in train.images:  # pixel-level: no eval photo hides under a new name
+        assert not any(a.shape == b.shape and np.array_equal(a, b) for b in evl.images)
+    c.train_images = tuple(c.train_images) + ("flower",)
+    with pytest.raises(ValueError, match="overlap"):
+        pipeline.make_train_iterator(c, task="sr", global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="overlap"):
+        pipeline.make_eval_batch(c, task="sr", num_examples=2, seed=0)
 
 
 def test_training_crops_come_only_from_train_images():
-  # Gray-only training image vs colour eval images: every training crop
-  # must be gray, every eval crop of chelsea is coloured.
-  c = get_data_config()
-  c.train_images, c.eval_images = ('coins',), ('chelsea',)
-  b = next(pipeline.make_train_iterator(c, task='uncond', global_batch_size=8,
-                                        seed=0))
-  img = b['image']
-  assert np.array_equal(img[..., 0], img[..., 1])
-  assert np.array_equal(img[..., 1], img[..., 2])
-  e = pipeline.make_eval_batch(c, task='uncond', num_examples=4, seed=0)
-  assert np.abs(e['image'][..., 0] - e['image'][..., 2]).max() > 0.1
+    # Gray-only training image vs colour eval images: every training crop
+    # must be gray, every eval crop of chelsea is coloured.
+    c = get_data_config()
+    c.train_images, c.eval_images = ("coins",), ("chelsea",)
+    b = next(pipeline.make_train_iterator(c, task="uncond", global_batch_size=8, seed=0))
+    img = b["image"]
+    assert np.array_equal(img[..., 0], img[..., 1])
+    assert np.array_equal(img[..., 1], img[..., 2])
+    e = pipeline.make_eval_batch(c, task="uncond", num_examples=4, seed=0)
+    assert np.abs(e["image"][..., 0] - e["image"][..., 2]).max() > 0.1
 
 
 def test_eval_batch_deterministic():
-  c = get_data_config()
-  a = pipeline.make_eval_batch(c, task='sr', num_examples=6, seed=0)
-  b = pipeline.make_eval_batch(c, task='sr', num_examples=6, seed=0)
-  d = pipeline.make_eval_batch(c, task='sr', num_examples=6, seed=1)
-  assert _same(a, b) and not np.array_equal(a['lr'], d['lr'])
-  assert a['image'].shape == a['cond'].shape == (6, 32, 32, 3)
-  assert a['lr'].shape == (6, 8, 8, 3) and a['lr'].dtype == np.float32
+    c = get_data_config()
+    a = pipeline.make_eval_batch(c, task="sr", num_examples=6, seed=0)
+    b = pipeline.make_eval_batch(c, task="sr", num_examples=6, seed=0)
+    d = pipeline.make_eval_batch(c, task="sr", num_examples=6, seed=1)
+    assert _same(a, b) and not np.array_equal(a["lr"], d["lr"])
+    assert a["image"].shape == a["cond"].shape == (6, 32, 32, 3)
+    assert a["lr"].shape == (6, 8, 8, 3) and a["lr"].dtype == np.float32

@@ -9,10 +9,14 @@ import pytest
 from codi_jax import diffusion
 
 SCHEDULES = {
-    "cosine": mlc.ConfigDict(dict(kind="cosine", num_timesteps=1000, logsnr_min=-10.0, logsnr_max=7.0,
-                                  beta_start=0.00085, beta_end=0.012)),
-    "sd": mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000, logsnr_min=0.0, logsnr_max=0.0,
-                              beta_start=0.00085, beta_end=0.012)),
+    "cosine": mlc.ConfigDict(
+        dict(kind="cosine", num_timesteps=1000, logsnr_min=-10.0, logsnr_max=7.0, beta_start=0.00085, beta_end=0.012)
+    ),
+    "sd": mlc.ConfigDict(
+        dict(
+            kind="scaled_linear", num_timesteps=1000, logsnr_min=0.0, logsnr_max=0.0, beta_start=0.00085, beta_end=0.012
+        )
+    ),
 }
 
 

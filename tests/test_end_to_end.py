@@ -28,7 +28,7 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     grid = Image.open(saved["grid"])
     crop = config.data.crop_size
     assert grid.size[0] == 2 + 5 * (crop + 2)  # LR | bicubic | CoDi 1 | CoDi 2 | HR, 2 px gutters
-    assert grid.size[1] > 4 * (crop + 2)       # a header and 4 example rows
+    assert grid.size[1] > 4 * (crop + 2)  # a header and 4 example rows
     for stage in ("teacher", "codi"):
         assert glob.glob(os.path.join(workdir, stage, "tensorboard", "events.out.tfevents.*")), stage
         assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
@@ -43,16 +43,16 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     ecfg.update(checkpoint=workdir, steps=(1, 2), samplers=("deterministic",), num_shards=2)
     out = str(tmp_path / "eval")
     ecfg.shard = 1
-    assert job.run(ecfg, out) is None                     # shard 0's entry is still missing
+    assert job.run(ecfg, out) is None  # shard 0's entry is still missing
     ecfg.shard = 0
     summary = job.run(ecfg, out)
     # Same crops, seeds and weights as the run's own evaluation: the same numbers.
     for key in ("bicubic", "codi_1step", "codi_2step"):
         assert summary["metrics"][key]["psnr"] == pytest.approx(report["metrics"][key]["psnr"], abs=1e-4), key
     assert os.path.isfile(summary["grid"]) and os.path.isfile(summary["plot"])
-    assert Image.open(summary["grid"]).size[0] == 2 + 5 * (crop + 2)   # LR, bicubic, 2 entries, HR
+    assert Image.open(summary["grid"]).size[0] == 2 + 5 * (crop + 2)  # LR, bicubic, 2 entries, HR
     before = os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json"))
-    job.run(ecfg, out)                                     # resumes: nothing to redo
+    job.run(ecfg, out)  # resumes: nothing to redo
     assert os.path.getmtime(os.path.join(out, "eval", "entries", "codi_1step.json")) == before
 
     # The diagnosis walks the evaluation's own sampling path: its last x_hat is the evaluation's sample
@@ -66,23 +66,31 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
 
 def _cli(*args, cwd=REPO):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "codi_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "codi_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--config=configs/sr.py:smoke", "--config.codi.zs_predicter=prev"],
-     'unknown config field \'zs_predicter\' Did you mean "zs_predictor"'),
-    (["--config=configs/sr.py:smoke", "--config.codi.zs_predictor=bogus"], "codi.zs_predictor='bogus'"),
-    (["--config=configs/sr.py:smoke", "--config.codi.delta_t=0"], "codi.delta_t=0"),
-    (["--config=configs/sr.py:smokey"], "unknown variant 'smokey'"),
-    (["--config=configs/sr.py:smoke", "--config.method=distill"], "method='distill' is not one of"),
-    (["--config=configs/sr.py:smoke", "--config.eval.samplers=('ddim','euler')"], "eval.samplers='ddim'"),
-    (["--config=configs/eval.py"], "config checkpoint is empty"),
-    (["--config=configs/sr.py"], "needs a pretrained model"),
-    (["--config=configs/sr.py", "--config.teacher.pretrained_path=/nonexistent/sd"],
-     "pretrained model folder /nonexistent/sd does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--config=configs/sr.py:smoke", "--config.codi.zs_predicter=prev"],
+            "unknown config field 'zs_predicter' Did you mean \"zs_predictor\"",
+        ),
+        (["--config=configs/sr.py:smoke", "--config.codi.zs_predictor=bogus"], "codi.zs_predictor='bogus'"),
+        (["--config=configs/sr.py:smoke", "--config.codi.delta_t=0"], "codi.delta_t=0"),
+        (["--config=configs/sr.py:smokey"], "unknown variant 'smokey'"),
+        (["--config=configs/sr.py:smoke", "--config.method=distill"], "method='distill' is not one of"),
+        (["--config=configs/sr.py:smoke", "--config.eval.samplers=('ddim','euler')"], "eval.samplers='ddim'"),
+        (["--config=configs/eval.py"], "config checkpoint is empty"),
+        (["--config=configs/sr.py"], "needs a pretrained model"),
+        (
+            ["--config=configs/sr.py", "--config.teacher.pretrained_path=/nonexistent/sd"],
+            "pretrained model folder /nonexistent/sd does not exist",
+        ),
+    ],
+)
 def test_bad_config_gives_one_clear_line(tmp_path, args, expected):
     out = _cli(*args, f"--workdir={tmp_path}")
     assert out.returncode == 2, out.stderr[-2000:]

@@ -1,6 +1,5 @@
 """The batch evaluation job's answers to bad input (each before any model is built)."""
 
-
 import pytest
 
 from codi_jax.data import pipeline
@@ -38,12 +37,15 @@ def test_unfinished_run(tmp_path):
         job.restore_final(job.read_run_config(run), run)
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("shard", 2, r"shard=2 must be in \[0, num_shards=2\)"),
-    ("samplers", ("euler",), "samplers='euler'"),
-    ("steps", (0,), "steps has 0"),
-    ("checkpoint", "", "checkpoint is empty"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("shard", 2, r"shard=2 must be in \[0, num_shards=2\)"),
+        ("samplers", ("euler",), "samplers='euler'"),
+        ("steps", (0,), "steps has 0"),
+        ("checkpoint", "", "checkpoint is empty"),
+    ],
+)
 def test_bad_job_config(tmp_path, field, value, expected):
     ecfg = eval_configs.get_config()
     ecfg.update(checkpoint="/somewhere", num_shards=2)
@@ -59,14 +61,18 @@ def test_split_with_fewer_images_than_asked():
         pipeline.make_eval_batch(data, task="sr", num_examples=2, seed=0, min_images=n + 1)
 
 
-@pytest.mark.parametrize("change,expected", [
-    (dict(task="depth"), "task 'depth' samples with text prompts"),
-    (dict(teacher_path="/some/sd"), "a latent-space run"),
-    (dict(steps=()), r"--steps=\[\] and --eps_scales"),
-    (dict(eps_scales=(0.0,)), "scales > 0"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (dict(task="depth"), "task 'depth' samples with text prompts"),
+        (dict(teacher_path="/some/sd"), "a latent-space run"),
+        (dict(steps=()), r"--steps=\[\] and --eps_scales"),
+        (dict(eps_scales=(0.0,)), "scales > 0"),
+    ],
+)
 def test_diagnose_refuses_what_it_cannot_read(tmp_path, change, expected):
     from codi_jax.evaluation import diagnose
+
     config = helpers.smoke_config()
     if "task" in change:
         config.task = change["task"]
@@ -82,8 +88,13 @@ def test_diagnose_refuses_what_it_cannot_read(tmp_path, change, expected):
 def test_partial_restore_reads_only_what_evaluation_needs(tmp_path):
     import numpy as np
     import orbax.checkpoint as ocp
-    state = {"params": {"w": np.ones((3,), np.float32)}, "ema_params": {"w": np.full((3,), 2.0, np.float32)},
-             "frozen": {}, "opt_state": {"mu": np.zeros((3,), np.float32)}}
+
+    state = {
+        "params": {"w": np.ones((3,), np.float32)},
+        "ema_params": {"w": np.full((3,), 2.0, np.float32)},
+        "frozen": {},
+        "opt_state": {"mu": np.zeros((3,), np.float32)},
+    }
     mgr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
     mgr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     mgr.wait_until_finished()
@@ -94,13 +105,13 @@ def test_partial_restore_reads_only_what_evaluation_needs(tmp_path):
         job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params", "teacher"))
 
 
-
 def test_checkpoint_of_another_model_size(tmp_path):
     """A finished run whose weights do not fit the model its config.json builds (an edited config, a
     finetune checkpoint of another size): the parameter and both shapes are named, before sampling."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
+
     from codi_jax import experiment, train
     from codi_jax.methods import base
     from codi_jax.models import layers
@@ -119,12 +130,14 @@ def test_checkpoint_of_another_model_size(tmp_path):
     mgr.save(steps, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": params, "frozen": {}})))
     mgr.wait_until_finished()
     mgr.close()
-    restored, _, step = job.restore_final(cfg, run, model=model)   # the right shapes pass
+    restored, _, step = job.restore_final(cfg, run, model=model)  # the right shapes pass
     assert step == steps and set(restored) == {"unet", "adapter"}
 
     cfg.model.unet.block_out_channels = tuple(2 * c for c in cfg.model.unet.block_out_channels)
     wider, _ = model_and_zeros(cfg)
-    with pytest.raises(train.CheckpointMismatchError,
-                       match=r"codi/checkpoints/\d+: \['params'\]\['adapter'\].* has shape \(.*\), this config's "
-                             r"model \(.*\): a checkpoint of another model size"):
+    with pytest.raises(
+        train.CheckpointMismatchError,
+        match=r"codi/checkpoints/\d+: \['params'\]\['adapter'\].* has shape \(.*\), this config's "
+        r"model \(.*\): a checkpoint of another model size",
+    ):
         job.restore_final(cfg, run, model=wider)

@@ -41,7 +41,7 @@ def test_from_samples_converges_to_the_population_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(0.0, 1.0, size=(20000, 3))
     b = rng.normal(0.5, 2.0, size=(20000, 3))
-    expected = 3 * (0.5 ** 2 + (2.0 - 1.0) ** 2)
+    expected = 3 * (0.5**2 + (2.0 - 1.0) ** 2)
     assert frechet.frechet_distance_of_features(a, b) == pytest.approx(expected, rel=0.03)
 
 

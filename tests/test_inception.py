@@ -24,10 +24,12 @@ def _random_torch_state(rng):
             state[f"{base}.weight"] = w
         elif coll == "params":
             state[f"{base}.{'weight' if leaf_name == 'scale' else 'bias'}"] = (
-                rng.uniform(0.8, 1.2, leaf.shape) if leaf_name == "scale" else rng.normal(0.0, 0.1, leaf.shape))
+                rng.uniform(0.8, 1.2, leaf.shape) if leaf_name == "scale" else rng.normal(0.0, 0.1, leaf.shape)
+            )
         else:
             state[f"{base}.{'running_mean' if leaf_name == 'mean' else 'running_var'}"] = (
-                rng.normal(0.0, 0.1, leaf.shape) if leaf_name == "mean" else rng.uniform(0.8, 1.2, leaf.shape))
+                rng.normal(0.0, 0.1, leaf.shape) if leaf_name == "mean" else rng.uniform(0.8, 1.2, leaf.shape)
+            )
             state[f"{base}.num_batches_tracked"] = np.array(0)
     state["fc.weight"] = rng.normal(0.0, 0.01, (1008, 2048))
     state["fc.bias"] = np.zeros(1008)
@@ -41,7 +43,9 @@ def test_features_match_pytorch_fid(monkeypatch, tmp_path):
 
     state = _random_torch_state(np.random.default_rng(0))
     # pytorch-fid downloads its weights; give it ours (its strict load checks every name and shape).
-    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {n: torch.from_numpy(v) for n, v in state.items()})
+    monkeypatch.setattr(
+        pfi, "load_state_dict_from_url", lambda *a, **k: {n: torch.from_numpy(v) for n, v in state.items()}
+    )
     ref = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
 
     images = np.random.default_rng(1).uniform(-1.0, 1.0, (3, 48, 40, 3)).astype(np.float32)  # resized to 299
@@ -52,19 +56,21 @@ def test_features_match_pytorch_fid(monkeypatch, tmp_path):
     torch.save({n: torch.from_numpy(v) for n, v in state.items()}, path)
     got = np.asarray(inception.feature_fn(path)(jnp.asarray(images)))
     assert got.shape == (3, inception.FEATURE_DIM)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())   # measured: 2.9e-6 of 7.5
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())  # measured: 2.9e-6 of 7.5
 
     # FID as the evaluation reports it (the same weights file: the compiled network is reused).
     import ml_collections as mlc
+
     from codi_jax.evaluation import evaluate, frechet
+
     ecfg = mlc.ConfigDict(dict(fid_weights=path, lpips_weights=""))
     rng = np.random.default_rng(2)
-    a = rng.uniform(-1, 1, (6, 48, 40, 3)).astype(np.float32)   # chunks of 3: the shape compiled above
+    a = rng.uniform(-1, 1, (6, 48, 40, 3)).astype(np.float32)  # chunks of 3: the shape compiled above
     b = np.clip(a + rng.normal(0, 0.5, a.shape), -1, 1).astype(np.float32)
     out = evaluate.all_metrics(a, b, ecfg, batch_size=3)
-    feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i:i + 3])) for i in (0, 3)])
+    feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i : i + 3])) for i in (0, 3)])
     assert out["fid"] == pytest.approx(frechet.frechet_distance_of_features(feats(a), feats(b)), rel=1e-5)
-    assert out["fid"] > 0   # (zero on identical sets: tests/test_frechet.py)
+    assert out["fid"] > 0  # (zero on identical sets: tests/test_frechet.py)
 
 
 def test_bad_weights_files(tmp_path):
@@ -78,7 +84,8 @@ def test_bad_weights_files(tmp_path):
     with pytest.raises(ValueError, match="not the FID InceptionV3 weights"):
         inception.load_weights(str(tmp_path / "other.pth"))
     import ml_collections as mlc
-    from codi_jax.evaluation import evaluate
-    with pytest.raises(FileNotFoundError, match="FID Inception weights"):   # at the start of a run
-        evaluate.check_metric_weights(mlc.ConfigDict(dict(fid_weights=str(tmp_path / "no.pth"), lpips_weights="")))
 
+    from codi_jax.evaluation import evaluate
+
+    with pytest.raises(FileNotFoundError, match="FID Inception weights"):  # at the start of a run
+        evaluate.check_metric_weights(mlc.ConfigDict(dict(fid_weights=str(tmp_path / "no.pth"), lpips_weights="")))

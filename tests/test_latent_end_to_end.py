@@ -9,15 +9,15 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from configs import sr  # noqa: E402
 from codi_jax import experiment  # noqa: E402
+from configs import sr  # noqa: E402
 from tests import helpers, sd_folder  # noqa: E402
 
 
 def _config(folder, **codi):
     config = sr.get_config("")
     config.teacher.pretrained_path = str(folder)
-    config.data.crop_size = 16                       # 8x8 latents with the tiny VAE's 2x factor
+    config.data.crop_size = 16  # 8x8 latents with the tiny VAE's 2x factor
     config.model.adapter.conditioning_embedding_out_channels = (8, 16)  # one stride-2 conv: 2x
     config.codi.update(codi)
     config.codi.train.update(num_steps=4, batch_size=2, warmup_steps=1, log_every=2, checkpoint_every=2)
@@ -52,4 +52,3 @@ def test_missing_component_is_named(tmp_path):
     shutil.rmtree(folder / "vae")
     with pytest.raises(FileNotFoundError, match=r"has no vae/ component"):
         experiment.run(_config(folder), str(tmp_path / "run"))
-

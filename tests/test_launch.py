@@ -22,7 +22,7 @@ BASH = shutil.which("bash")
 SCRIPTS = ["lib.sh", "single_host.sh", "tpu_pod.sh", "multi_gpu.sh", "batch_eval.sh"]
 
 # Arguments that break naive quoting: spaces, both quote kinds, $, backslash, glob and shell syntax.
-NASTY = ["--config.data.name=it's a \"test\"", "--config.x=$HOME `id` \\n *; rm -rf /"]
+NASTY = ['--config.data.name=it\'s a "test"', "--config.x=$HOME `id` \\n *; rm -rf /"]
 
 TPU = ["--name=codi-pod", "--zone=us-central2-b", "--accelerator_type=v4-32", "--project=my proj"]
 
@@ -44,11 +44,20 @@ def sh(tmp_path):
     _exe(fakebin / "gcloud", f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\nexit 1\n')
 
     def run(script, *args, env=None, path=None, cwd=None):
-        full_env = {"PATH": path if path is not None else f"{fakebin}:{os.environ['PATH']}",
-                    "HOME": str(tmp_path / "home"), "LC_ALL": "C"}
+        full_env = {
+            "PATH": path if path is not None else f"{fakebin}:{os.environ['PATH']}",
+            "HOME": str(tmp_path / "home"),
+            "LC_ALL": "C",
+        }
         full_env.update(env or {})
-        return subprocess.run([BASH, str(LAUNCH / script), *args], env=full_env, cwd=cwd or tmp_path,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [BASH, str(LAUNCH / script), *args],
+            env=full_env,
+            cwd=cwd or tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     run.gcloud_calls = lambda: calls.read_text() if calls.exists() else ""
     return run
@@ -75,7 +84,7 @@ def trainer_argv(worker_script: str) -> list[str]:
     """The trainer's arguments in tpu_pod.sh's `run` worker script: `-m codi_jax.main ...` up to `>>`."""
     words = shlex.split(worker_script)
     start = words.index("-m")
-    return words[start:words.index(">>", start)]
+    return words[start : words.index(">>", start)]
 
 
 def one_line_error(r):
@@ -116,9 +125,20 @@ def test_quote_roundtrip(tmp_path):
 def test_tpu_all_dry_run(sh, tmp_path):
     tarball = tmp_path / "codi-jax.tar.gz"
     tarball.write_bytes(b"")
-    r = sh("tpu_pod.sh", "all", "--dry-run", *TPU, f"--tarball={tarball}", "--config=configs/sr.py:tiny",
-           "--workdir=gs://bucket/runs/sr pod", NASTY[0], "--delete_when_done", "--", NASTY[1],
-           "--heartbeat_timeout=120")
+    r = sh(
+        "tpu_pod.sh",
+        "all",
+        "--dry-run",
+        *TPU,
+        f"--tarball={tarball}",
+        "--config=configs/sr.py:tiny",
+        "--workdir=gs://bucket/runs/sr pod",
+        NASTY[0],
+        "--delete_when_done",
+        "--",
+        NASTY[1],
+        "--heartbeat_timeout=120",
+    )
     assert r.returncode == 0, r.stderr
     assert sh.gcloud_calls() == ""  # printed, never run
     cmds = commands(r.stdout)
@@ -139,9 +159,15 @@ def test_tpu_all_dry_run(sh, tmp_path):
     assert "--worker=all" in run
     script = flag(run, "--command")
     assert "nohup" in script and '>> "$log"' in script
-    assert trainer_argv(script) == ["-m", "codi_jax.main", "--config=configs/sr.py:tiny",
-                                    "--workdir=gs://bucket/runs/sr pod", "--multihost", *NASTY,
-                                    "--heartbeat_timeout=120"]
+    assert trainer_argv(script) == [
+        "-m",
+        "codi_jax.main",
+        "--config=configs/sr.py:tiny",
+        "--workdir=gs://bucket/runs/sr pod",
+        "--multihost",
+        *NASTY,
+        "--heartbeat_timeout=120",
+    ]
     assert "--worker=0" in logs and "tail" in flag(logs, "--command")
 
     (delete,) = gcloud(cmds, "delete")
@@ -156,8 +182,9 @@ def test_tpu_settings_from_env_and_flags(sh):
     assert not any(a.startswith("--project") for a in create)
 
     # Flags win over the environment; "--flag value" works like "--flag=value".
-    r = sh("tpu_pod.sh", "create", "--name", "from-flag", "--accelerator-type", "v6e-16",
-           "--create_flag=--spot", env=env)
+    r = sh(
+        "tpu_pod.sh", "create", "--name", "from-flag", "--accelerator-type", "v6e-16", "--create_flag=--spot", env=env
+    )
     (create,) = commands(r.stdout)
     assert create[5] == "from-flag" and flag(create, "--accelerator-type") == "v6e-16"
     assert flag(create, "--version") == "v2-alpha-tpuv6e" and "--spot" in create
@@ -177,32 +204,39 @@ def test_tpu_single_subcommands(sh):
     (stop,) = commands(sh("tpu_pod.sh", "stop", *common).stdout)
     assert "--worker=all" in stop and "kill" in flag(stop, "--command")
 
-    (install,) = commands(sh("tpu_pod.sh", "install", *common, "--repo_url=https://example.com/codi jax.git",
-                             "--repo_ref=v1").stdout)
+    (install,) = commands(
+        sh("tpu_pod.sh", "install", *common, "--repo_url=https://example.com/codi jax.git", "--repo_ref=v1").stdout
+    )
     script = flag(install, "--command")
     assert "git clone --quiet 'https://example.com/codi jax.git'" in script and "origin v1;" in script
 
     (run,) = commands(sh("tpu_pod.sh", "run", *common, "--config=c.py:x", "--workdir=/w", "--env=A=1 2").stdout)
     words = shlex.split(flag(run, "--command"))
-    assert words[words.index("env"):words.index("-m")] == ["env", "PYTHONUNBUFFERED=1", "A=1 2", "$venv/bin/python"]
+    assert words[words.index("env") : words.index("-m")] == ["env", "PYTHONUNBUFFERED=1", "A=1 2", "$venv/bin/python"]
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["create", "--zone=z", "--accelerator_type=v4-8"], {}, "TPU name not set"),
-    (["delete", "--name=p"], {}, "zone not set"),
-    (["create", "--name=p", "--zone=z"], {}, "accelerator type not set"),
-    (["all", "--name=p", "--zone=z", "--accelerator_type=v4-8", "--repo_url=u", "--config=c.py:x"], {},
-     "workdir not set"),
-    (["run", "--name=p", "--zone=z", "--workdir=w"], {}, "config not set"),
-    (["install", "--name=p", "--zone=z"], {}, "no code to install"),
-    (["install", "--name=p", "--zone=z", "--tarball=/nonexistent.tgz"], {}, "no such file"),
-    (["install", "--name=p", "--zone=z", "--repo_url=u", "--remote_dir=~"], {}, "--remote_dir"),
-    (["create", "--name=p", "--zone=z", "--acelerator_type=v4-8"], {}, "unknown option --acelerator_type"),
-    (["--name=p", "--zone=z"], {}, "no subcommand"),
-    (["launch", "--name=p"], {}, "unexpected argument 'launch'"),
-    (["delete", "--name=p", "--zone=z", "--config.x=1"], {}, "only go with run or all"),
-    (["create", "--zone"], {}, "--zone needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["create", "--zone=z", "--accelerator_type=v4-8"], {}, "TPU name not set"),
+        (["delete", "--name=p"], {}, "zone not set"),
+        (["create", "--name=p", "--zone=z"], {}, "accelerator type not set"),
+        (
+            ["all", "--name=p", "--zone=z", "--accelerator_type=v4-8", "--repo_url=u", "--config=c.py:x"],
+            {},
+            "workdir not set",
+        ),
+        (["run", "--name=p", "--zone=z", "--workdir=w"], {}, "config not set"),
+        (["install", "--name=p", "--zone=z"], {}, "no code to install"),
+        (["install", "--name=p", "--zone=z", "--tarball=/nonexistent.tgz"], {}, "no such file"),
+        (["install", "--name=p", "--zone=z", "--repo_url=u", "--remote_dir=~"], {}, "--remote_dir"),
+        (["create", "--name=p", "--zone=z", "--acelerator_type=v4-8"], {}, "unknown option --acelerator_type"),
+        (["--name=p", "--zone=z"], {}, "no subcommand"),
+        (["launch", "--name=p"], {}, "unexpected argument 'launch'"),
+        (["delete", "--name=p", "--zone=z", "--config.x=1"], {}, "only go with run or all"),
+        (["create", "--zone"], {}, "--zone needs a value"),
+    ],
+)
 def test_tpu_errors(sh, args, env, message):
     r = sh("tpu_pod.sh", *args, "--dry-run", env=env)
     assert message in one_line_error(r)
@@ -231,16 +265,21 @@ def test_tpu_worker_scripts_run(sh, tmp_path):
     subprocess.run(["tar", "-czf", str(tarball), "-C", str(src.parent), src.name], check=True)
     fake_python = (  # records its arguments; FAKE_SLEEP keeps it running, else it exits with status 7
         '#!/bin/bash\n[ "$1" = -c ] && exit 0\nprintf "%s\\0" "$@" > "$HOME/argv"\necho training\n'
-        'if [ -n "${FAKE_SLEEP:-}" ]; then exec sleep "$FAKE_SLEEP"; fi\nexit 7\n')
+        'if [ -n "${FAKE_SLEEP:-}" ]; then exec sleep "$FAKE_SLEEP"; fi\nexit 7\n'
+    )
     _exe(home / "codi-venv" / "bin" / "python", fake_python)
     _exe(home / ".local" / "bin" / "uv", '#!/bin/sh\necho "uv $*" >> "$HOME/uv_calls"\n')
     env = {"PATH": os.environ["PATH"], "HOME": str(home)}
 
     def worker(subcommand, *args):
-        (cmd,) = [c for c in commands(sh("tpu_pod.sh", subcommand, "--dry-run", "--name=p", "--zone=z",
-                                         *args).stdout) if c[4] == "ssh"]
-        return subprocess.run([BASH, "-c", flag(cmd, "--command")], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=30)
+        (cmd,) = [
+            c
+            for c in commands(sh("tpu_pod.sh", subcommand, "--dry-run", "--name=p", "--zone=z", *args).stdout)
+            if c[4] == "ssh"
+        ]
+        return subprocess.run(
+            [BASH, "-c", flag(cmd, "--command")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+        )
 
     def wait_for(predicate):
         for _ in range(200):
@@ -296,22 +335,41 @@ def test_multi_gpu_one_host(sh):
     r = sh("multi_gpu.sh", "--dry-run", "configs/sr.py:tiny", "runs/my run", NASTY[0], "--gpus=0,1")
     assert r.returncode == 0, r.stderr
     *_, train = commands(r.stdout)
-    argv = train[:train.index("2>&1")]
+    argv = train[: train.index("2>&1")]
     assert argv[:3] == ["env", "XLA_PYTHON_CLIENT_PREALLOCATE=false", "CUDA_VISIBLE_DEVICES=0,1"]
-    assert argv[4:] == ["-m", "codi_jax.main", "--config=configs/sr.py:tiny", "--workdir=runs/my run",
-                        "--config.mesh.ici=(1,-1,1)", NASTY[0]]
+    assert argv[4:] == [
+        "-m",
+        "codi_jax.main",
+        "--config=configs/sr.py:tiny",
+        "--workdir=runs/my run",
+        "--config.mesh.ici=(1,-1,1)",
+        NASTY[0],
+    ]
     assert train[-3:] == ["tee", "-a", "runs/my run/log.txt"]
     assert not any("coordinator" in a or "multihost" in a for a in train)
 
 
 def test_multi_gpu_explicit_hosts(sh):
-    r = sh("multi_gpu.sh", "--dry-run", "--coordinator_address=10.0.0.1:1234", "--num_processes=3",
-           "--process_id=2", "c.py:x", "/shared/w", "--", "--heartbeat_timeout=30")
+    r = sh(
+        "multi_gpu.sh",
+        "--dry-run",
+        "--coordinator_address=10.0.0.1:1234",
+        "--num_processes=3",
+        "--process_id=2",
+        "c.py:x",
+        "/shared/w",
+        "--",
+        "--heartbeat_timeout=30",
+    )
     assert r.returncode == 0, r.stderr
     train = commands(r.stdout)[-1]
-    assert ["--coordinator_address=10.0.0.1:1234", "--num_processes=3", "--process_id=2",
-            "--config.mesh.ici=(3,-1,1)", "--heartbeat_timeout=30"] == train[train.index("--workdir=/shared/w") + 1:
-                                                                            train.index("2>&1")]
+    assert [
+        "--coordinator_address=10.0.0.1:1234",
+        "--num_processes=3",
+        "--process_id=2",
+        "--config.mesh.ici=(3,-1,1)",
+        "--heartbeat_timeout=30",
+    ] == train[train.index("--workdir=/shared/w") + 1 : train.index("2>&1")]
     assert train[-1] == "/shared/w/log.process2.txt"
     # Your own mesh wins over the default.
     train = commands(sh("multi_gpu.sh", "--dry-run", "c.py:x", "w", "--config.mesh.ici=(-1,1,1)").stdout)[-1]
@@ -320,8 +378,13 @@ def test_multi_gpu_explicit_hosts(sh):
 
 @pytest.mark.parametrize("nodelist, first", [("gpu[03-06,09]", "gpu03"), ("a1,b[1-2]", "a1"), ("node7", "node7")])
 def test_multi_gpu_slurm(sh, nodelist, first):
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": nodelist,
-           "SCONTROL": "no-scontrol-here"}
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_JOB_NODELIST": nodelist,
+        "SCONTROL": "no-scontrol-here",
+    }
     r = sh("multi_gpu.sh", "--dry-run", "--slurm", "--port=9999", "c.py:x", "/shared/w", env=env)
     assert r.returncode == 0, r.stderr
     train = commands(r.stdout)[-1]
@@ -329,16 +392,22 @@ def test_multi_gpu_slurm(sh, nodelist, first):
     assert "--num_processes=4" in train and "--process_id=1" in train
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--slurm", "c.py:x", "w"], {}, "SLURM_PROCID is not set"),
-    (["--slurm", "c.py:x", "w"], {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
-                                  "SLURM_JOB_NODELIST": "n[1-2]"}, "one task per node"),
-    (["--num_processes=2", "--process_id=0", "c.py:x", "w"], {}, "--coordinator_address=HOST:PORT is needed"),
-    (["--num_processes=2", "--process_id=2", "--coordinator_address=h:1", "c.py:x", "w"], {}, "must be below"),
-    (["--num_processes=two", "c.py:x", "w"], {}, "--num_processes must be a non-negative integer"),
-    (["c.py:x"], {}, "want CONFIG and WORKDIR"),
-    (["--bogus=1", "c.py:x", "w"], {}, "unknown option --bogus"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--slurm", "c.py:x", "w"], {}, "SLURM_PROCID is not set"),
+        (
+            ["--slurm", "c.py:x", "w"],
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"},
+            "one task per node",
+        ),
+        (["--num_processes=2", "--process_id=0", "c.py:x", "w"], {}, "--coordinator_address=HOST:PORT is needed"),
+        (["--num_processes=2", "--process_id=2", "--coordinator_address=h:1", "c.py:x", "w"], {}, "must be below"),
+        (["--num_processes=two", "c.py:x", "w"], {}, "--num_processes must be a non-negative integer"),
+        (["c.py:x"], {}, "want CONFIG and WORKDIR"),
+        (["--bogus=1", "c.py:x", "w"], {}, "unknown option --bogus"),
+    ],
+)
 def test_multi_gpu_errors(sh, args, env, message):
     r = sh("multi_gpu.sh", "--dry-run", *args, env=env)
     assert message in one_line_error(r)
@@ -367,8 +436,14 @@ def test_batch_eval_shards(sh, tmp_path, num_shards):
     runs = _runs(tmp_path, 7)
     seen = []
     for shard in range(num_shards):
-        r = sh("batch_eval.sh", "--dry-run", "--config=configs/sr.py:tiny", f"--shard={shard}",
-               f"--num_shards={num_shards}", *runs)
+        r = sh(
+            "batch_eval.sh",
+            "--dry-run",
+            "--config=configs/sr.py:tiny",
+            f"--shard={shard}",
+            f"--num_shards={num_shards}",
+            *runs,
+        )
         assert r.returncode == 0, r.stderr
         got = _evaluated(r.stdout)
         assert got == runs[shard::num_shards]
@@ -382,8 +457,16 @@ def test_batch_eval_dry_run_commands(sh, tmp_path):
     for name in ("x", "y"):
         (tmp_path / "runs" / name / "codi" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (tmp_path / "x").symlink_to(tmp_path / "runs" / "x")
-    r = sh("batch_eval.sh", "--dry-run", "--config=configs/sr.py:tiny", *runs, "--workdirs_file=list.txt",
-           NASTY[0], "--", NASTY[1])
+    r = sh(
+        "batch_eval.sh",
+        "--dry-run",
+        "--config=configs/sr.py:tiny",
+        *runs,
+        "--workdirs_file=list.txt",
+        NASTY[0],
+        "--",
+        NASTY[1],
+    )
     assert r.returncode == 0, r.stderr
     cmds = [c for c in commands(r.stdout) if "codi_jax.main" in c]
     assert [flag(c, "--workdir") for c in cmds] == [*runs, str(tmp_path / "x"), str(tmp_path / "runs" / "y")]
@@ -400,12 +483,24 @@ def test_batch_eval_dry_run_commands(sh, tmp_path):
 def test_batch_eval_runs_and_summarises(sh, tmp_path):
     runs = _runs(tmp_path, 4)
     untrained = _runs(tmp_path / "u", 1, finished=False)
-    fake = _exe(tmp_path / "fakepy", (  # writes metrics.json, except for run 2 which fails
-        '#!/bin/bash\nfor a; do case $a in --workdir=*) wd=${a#*=};; esac; done\necho "evaluating $wd"\n'
-        'case $wd in *"run 2") exit 3;; esac\necho "{}" > "$wd/metrics.json"\n'))
+    fake = _exe(
+        tmp_path / "fakepy",
+        (  # writes metrics.json, except for run 2 which fails
+            '#!/bin/bash\nfor a; do case $a in --workdir=*) wd=${a#*=};; esac; done\necho "evaluating $wd"\n'
+            'case $wd in *"run 2") exit 3;; esac\necho "{}" > "$wd/metrics.json"\n'
+        ),
+    )
     t0 = time.perf_counter()
-    r = sh("batch_eval.sh", f"--python={fake}", "--parallel=2", "--config=configs/sr.py:tiny", *runs, *untrained,
-           "--summary=out/summary.tsv", env={})
+    r = sh(
+        "batch_eval.sh",
+        f"--python={fake}",
+        "--parallel=2",
+        "--config=configs/sr.py:tiny",
+        *runs,
+        *untrained,
+        "--summary=out/summary.tsv",
+        env={},
+    )
     assert time.perf_counter() - t0 < 20
     assert r.returncode == 1  # one failed, one skipped
     assert "2 of 5 workdirs not evaluated" in r.stderr
@@ -421,14 +516,17 @@ def test_batch_eval_runs_and_summarises(sh, tmp_path):
     assert r.stdout.splitlines()[0] == "workdir\tstatus\tmetrics\tlog"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config=c.py:x"], "no workdirs given"),
-    (["w"], "no config for w"),
-    (["--config=c.py:x", "--shard=2", "--num_shards=2", "w"], "--shard=2 must be below --num_shards=2"),
-    (["--config=c.py:x", "--num_shards=0", "w"], "--num_shards must be >= 1"),
-    (["--config=c.py:x", "--parallel=x", "w"], "--parallel must be a non-negative integer"),
-    (["--config=c.py:x", "--workdirs_file=nope.txt"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=c.py:x"], "no workdirs given"),
+        (["w"], "no config for w"),
+        (["--config=c.py:x", "--shard=2", "--num_shards=2", "w"], "--shard=2 must be below --num_shards=2"),
+        (["--config=c.py:x", "--num_shards=0", "w"], "--num_shards must be >= 1"),
+        (["--config=c.py:x", "--parallel=x", "w"], "--parallel must be a non-negative integer"),
+        (["--config=c.py:x", "--workdirs_file=nope.txt"], "no such file"),
+    ],
+)
 def test_batch_eval_errors(sh, args, message):
     r = sh("batch_eval.sh", "--dry-run", *args)
     assert message in one_line_error(r)

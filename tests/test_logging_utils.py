@@ -98,8 +98,17 @@ def test_write_images_rejects_bad_shape(tmp_path):
 
 @pytest.mark.parametrize(
     "seconds, text",
-    [(0, "0s"), (42.4, "42s"), (258, "4m18s"), (3600, "1h00m"), (3725, "1h02m"), (90000, "1d01h"),
-     (float("inf"), "?"), (float("nan"), "?"), (-1, "?")],
+    [
+        (0, "0s"),
+        (42.4, "42s"),
+        (258, "4m18s"),
+        (3600, "1h00m"),
+        (3725, "1h02m"),
+        (90000, "1d01h"),
+        (float("inf"), "?"),
+        (float("nan"), "?"),
+        (-1, "?"),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text

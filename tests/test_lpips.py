@@ -31,7 +31,9 @@ def test_distances_match_the_lpips_package(tmp_path):
     np.testing.assert_allclose(np.asarray(lpips_jax.distance_fn(path)(a, a)), 0.0, atol=1e-7)
     # and as the evaluation reports it: the batch mean
     import ml_collections as mlc
+
     from codi_jax.evaluation import evaluate
+
     out = evaluate.all_metrics(a, b, mlc.ConfigDict(dict(fid_weights="", lpips_weights=path)), batch_size=3)
     assert out["lpips"] == pytest.approx(float(want.mean()), rel=1e-4) and "fid" not in out
 
@@ -52,6 +54,6 @@ def test_two_file_form_and_bad_files(tmp_path):
     np.testing.assert_array_equal(both["params"]["conv3"]["kernel"], full["params"]["conv3"]["kernel"])
     np.testing.assert_array_equal(both["params"]["lin4"], full["params"]["lin4"])
     with pytest.raises(ValueError, match=r"\['params'\]\['lin0'\] is None"):
-        lpips_jax.load_weights(str(tmp_path / "alexnet.pth"))    # the lin layers missing
+        lpips_jax.load_weights(str(tmp_path / "alexnet.pth"))  # the lin layers missing
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
         lpips_jax.load_weights(str(tmp_path / "nope.pth"))

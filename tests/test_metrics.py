@@ -12,7 +12,6 @@ from skimage.metrics import structural_similarity
 from codi_jax.evaluation import grids
 from codi_jax.evaluation import metrics as M
 
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -64,7 +63,9 @@ def test_psnr_closed_form():
     b[1] -= 0.01  # MSE 1e-4 -> 40 dB
     np.testing.assert_allclose(np.asarray(M.psnr(a, b)), [20.0, 40.0], atol=1e-3)
     # data_range 2 multiplies the peak power by 4: +10*log10(4) dB.
-    np.testing.assert_allclose(np.asarray(M.psnr(a, b, data_range=2.0)), [20.0 + 10 * math.log10(4), 40.0 + 10 * math.log10(4)], atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(M.psnr(a, b, data_range=2.0)), [20.0 + 10 * math.log10(4), 40.0 + 10 * math.log10(4)], atol=1e-3
+    )
 
 
 def test_psnr_identical_is_inf():

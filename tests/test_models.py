@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from codi_jax.methods import base
 from codi_jax.models import adapter as adapter_lib
 from codi_jax.models import layers
 from codi_jax.models import unet as unet_lib
+from configs import common
 
 
 def _model_cfg(fusion="mix", cross_attention_dim=None):
@@ -31,21 +31,29 @@ def test_tiny_unet_size_and_diffusers_names():
     n = unet_lib.count_params(params["unet"])
     assert 1.0e6 < n < 3.0e6, n  # "a tiny (~2M parameters)" U-Net
     flat = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params["unet"])}
-    for name in ["conv_in/kernel", "time_embedding/linear_1/kernel", "down_blocks_0/resnets_0/conv1/kernel",
-                 "down_blocks_0/downsamplers_0/conv/kernel", "down_blocks_2/attentions_0/proj_in/kernel",
-                 "down_blocks_2/attentions_0/transformer_blocks_0/attn1/to_q/kernel",
-                 "down_blocks_2/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel",
-                 "mid_block/attentions_0/transformer_blocks_0/attn1/to_out_0/bias",
-                 "up_blocks_0/resnets_1/conv_shortcut/kernel", "up_blocks_1/upsamplers_0/conv/kernel",
-                 "conv_norm_out/scale", "conv_out/kernel"]:
+    for name in [
+        "conv_in/kernel",
+        "time_embedding/linear_1/kernel",
+        "down_blocks_0/resnets_0/conv1/kernel",
+        "down_blocks_0/downsamplers_0/conv/kernel",
+        "down_blocks_2/attentions_0/proj_in/kernel",
+        "down_blocks_2/attentions_0/transformer_blocks_0/attn1/to_q/kernel",
+        "down_blocks_2/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel",
+        "mid_block/attentions_0/transformer_blocks_0/attn1/to_out_0/bias",
+        "up_blocks_0/resnets_1/conv_shortcut/kernel",
+        "up_blocks_1/upsamplers_0/conv/kernel",
+        "conv_norm_out/scale",
+        "conv_out/kernel",
+    ]:
         assert name in flat, name
 
 
 def test_sd15_sized_unet_has_860m_parameters():
     cfg = common.model(common.sd15_unet())
     module = unet_lib.UNet(cfg.unet)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 4)), jnp.zeros((1,)),
-                                                jnp.zeros((1, 77, 768))))
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 768)))
+    )
     n = unet_lib.count_params(shapes["params"])
     assert abs(n - 859_520_964) < 1e6, n  # SD 1.5's UNet2DConditionModel parameter count
 
@@ -57,7 +65,7 @@ def test_cross_attention_uses_context():
     ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
     params = layers.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), x, t, ctx))
     assert "attn2" in params["params"]["mid_block"]["attentions_0"]["transformer_blocks_0"]
-    apply = jax.jit(module.apply)   # one compile; eager apply dispatches (and compiles) op by op
+    apply = jax.jit(module.apply)  # one compile; eager apply dispatches (and compiles) op by op
     out1, out2 = apply(params, x, t, ctx), apply(params, x, t, ctx * 2.0)
     assert out1.shape == x.shape
     assert not np.allclose(out1, out2)
@@ -67,8 +75,10 @@ def test_cross_attention_uses_context():
 def test_adapted_model_equals_backbone_at_init_bit_for_bit(fusion):
     cfg = _model_cfg(fusion)
     module, params = _init(cfg)
-    params = {"unet": params["unet"],
-              "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])}
+    params = {
+        "unet": params["unet"],
+        "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"]),
+    }
     k1, k2 = jax.random.split(jax.random.PRNGKey(2))
     z = jax.random.normal(k1, (3, 16, 16, 3))
     cond = jax.random.normal(k2, (3, 16, 16, 3))
@@ -82,8 +92,10 @@ def test_adapted_model_equals_backbone_at_init_bit_for_bit(fusion):
     if fusion == "mix":
         opened["adapter"]["mu"] = jnp.asarray(0.5)
     else:
-        opened["adapter"]["controlnet_mid_block"]["kernel"] = jnp.ones_like(opened["adapter"]["controlnet_mid_block"]["kernel"]) * 0.01
-    moved = adapted_fn(opened)   # the same compiled program
+        opened["adapter"]["controlnet_mid_block"]["kernel"] = (
+            jnp.ones_like(opened["adapter"]["controlnet_mid_block"]["kernel"]) * 0.01
+        )
+    moved = adapted_fn(opened)  # the same compiled program
     assert not np.allclose(moved, backbone)
 
 
@@ -110,10 +122,17 @@ def test_bad_unet_config_errors_name_the_key():
 
 def test_remat_policies_change_nothing_but_memory():
     """unet.remat policies recompute activations in the backward pass: same outputs and gradients."""
+
     def cfg(remat):
         c = common.tiny_unet()
-        c.update(block_out_channels=(8,), down_block_types=("CrossAttnDownBlock2D",),
-                 up_block_types=("CrossAttnUpBlock2D",), norm_num_groups=4, cross_attention_dim=8, remat=remat)
+        c.update(
+            block_out_channels=(8,),
+            down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+            norm_num_groups=4,
+            cross_attention_dim=8,
+            remat=remat,
+        )
         return c
 
     rng = np.random.default_rng(0)
@@ -140,7 +159,8 @@ def test_remat_policies_change_nothing_but_memory():
         # The policy reaches the program: a checkpoint region with it; 'full' recomputes every convolution.
         jaxpr = str(jax.make_jaxpr(loss(remat))(params))
         assert f"policy={unet_lib.REMAT_POLICIES[policy]!r}" in jaxpr or (
-            policy == "full" and "policy=<function nothing_saveable" in jaxpr), policy
+            policy == "full" and "policy=<function nothing_saveable" in jaxpr
+        ), policy
         if policy == "full":
             assert n_convs(remat) > n_convs(plain)
     with pytest.raises(ValueError, match="model.unet.remat='some'"):
@@ -150,11 +170,11 @@ def test_remat_policies_change_nothing_but_memory():
 def test_attention_backend_choice(monkeypatch):
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "xla"  # this CPU
     monkeypatch.setattr(unet_lib.jax, "default_backend", lambda: "gpu")
-    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "cudnn"   # SD 1.5's 320-wide blocks
-    assert unet_lib.attention_backend("auto", jnp.bfloat16, 160) == "xla"    # 1280-wide: beyond cuDNN's 128
-    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 4096) == "cudnn"   # self-attention at 64x64
-    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 77) == "xla"       # CLIP's 77 tokens (H200 refusal)
-    assert unet_lib.attention_backend("auto", jnp.float32, 40) == "xla"      # flash attention needs half precision
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "cudnn"  # SD 1.5's 320-wide blocks
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 160) == "xla"  # 1280-wide: beyond cuDNN's 128
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 4096) == "cudnn"  # self-attention at 64x64
+    assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 77) == "xla"  # CLIP's 77 tokens (H200 refusal)
+    assert unet_lib.attention_backend("auto", jnp.float32, 40) == "xla"  # flash attention needs half precision
     assert unet_lib.attention_backend("xla", jnp.bfloat16, 40) == "xla"
     with pytest.raises(ValueError, match="model.unet.attention='flash'"):
         unet_lib.attention_backend("flash", jnp.bfloat16, 40)

@@ -21,8 +21,17 @@ EOS = VOCAB - 1
 
 def _torch_model(act: str, eos_token_id: int):
     cfg = transformers.CLIPTextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=SEQ, hidden_act=act, eos_token_id=eos_token_id, bos_token_id=VOCAB - 2, pad_token_id=1)
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=SEQ,
+        hidden_act=act,
+        eos_token_id=eos_token_id,
+        bos_token_id=VOCAB - 2,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     model = transformers.CLIPTextModel(cfg).eval()
     with torch.no_grad():  # larger than the default init, so that differences would show
@@ -34,19 +43,22 @@ def _torch_model(act: str, eos_token_id: int):
 def _ids():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB - 2, size=(4, SEQ))
-    ids[0, 5:] = EOS          # end token then padding with it
-    ids[1, -1] = EOS          # at the very end
-    ids[2, 3] = EOS           # a second one later: the first (or, legacy, argmax's first) counts
+    ids[0, 5:] = EOS  # end token then padding with it
+    ids[1, -1] = EOS  # at the very end
+    ids[2, 3] = EOS  # a second one later: the first (or, legacy, argmax's first) counts
     ids[2, 9] = EOS
-    ids[3, 0] = EOS           # at the start
+    ids[3, 0] = EOS  # at the start
     return ids
 
 
-@pytest.mark.parametrize("act,eos_id,layout", [
-    ("quick_gelu", EOS, "save_pretrained"),  # transformers 5 layout, float32
-    ("gelu", 2, "legacy_fp16"),               # legacy eos id (argmax pooling), text_model. prefix, position_ids, fp16 file
-    ("gelu", EOS, "bf16"),                    # bfloat16 weights
-])
+@pytest.mark.parametrize(
+    "act,eos_id,layout",
+    [
+        ("quick_gelu", EOS, "save_pretrained"),  # transformers 5 layout, float32
+        ("gelu", 2, "legacy_fp16"),  # legacy eos id (argmax pooling), text_model. prefix, position_ids, fp16 file
+        ("gelu", EOS, "bf16"),  # bfloat16 weights
+    ],
+)
 def test_parity_with_transformers(tmp_path, act, eos_id, layout):
     model = _torch_model(act, eos_id)
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -83,9 +95,18 @@ def test_parity_with_transformers(tmp_path, act, eos_id, layout):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         clip_text.load_text_encoder(str(tmp_path / "nowhere"))
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-                                                      "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                      "max_position_embeddings": 4}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 4,
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         clip_text.load_text_encoder(str(tmp_path))
     with pytest.raises(ValueError, match="hidden_act"):
@@ -107,7 +128,9 @@ def test_tokenizer_truncation_and_warning(tmp_path, caplog):
     assert ids.dtype == np.int32 and ids.shape == (2, 8)
     assert ids[0].tolist() == [bos, vocab["a</w>"], vocab["dog</w>"], eos] + [eos] * 4  # pad token is <|endoftext|>
     assert ids[1].tolist() == [bos] + [vocab["cat</w>"], vocab["dog</w>"]] * 3 + [eos]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == std_logging.WARNING and "prompt" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == std_logging.WARNING and "prompt" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "prompt 1 has 12 tokens" in warnings[0], warnings
 
     caplog.clear()

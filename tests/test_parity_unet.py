@@ -22,12 +22,22 @@ TOL = 1e-4
 
 # Tiny versions of the two SD families' U-Net configs.
 FAMILIES = {
-    "sd1": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, cross_attention_dim=24,
-                use_linear_projection=False),
-    "sd2": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-                cross_attention_dim=40, use_linear_projection=True),
+    "sd1": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        cross_attention_dim=24,
+        use_linear_projection=False,
+    ),
+    "sd2": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=40,
+        use_linear_projection=True,
+    ),
 }
 
 
@@ -43,8 +53,12 @@ def _randomise(model, seed):
 def _tiny_unet(family, seed=0):
     torch.manual_seed(seed)
     cfg = FAMILIES[family]
-    return _randomise(diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, **cfg), seed)
+    return _randomise(
+        diffusers.UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, **cfg
+        ),
+        seed,
+    )
 
 
 def _inputs(family, batch=2, size=16, seed=1):
@@ -97,8 +111,13 @@ def test_residual_adapter_matches_controlnet(tmp_path):
     unet_ref.save_pretrained(tmp_path / "unet")
     cn.save_pretrained(tmp_path / "controlnet")
     cfg, unet_params = diffusers_folder.load_unet(str(tmp_path / "unet"))
-    acfg = dict(fusion="residual", conditioning_embedding_out_channels=(8, 16), cond_channels=3,
-                input="sample_and_cond", mu_per_feature=False)
+    acfg = dict(
+        fusion="residual",
+        conditioning_embedding_out_channels=(8, 16),
+        cond_channels=3,
+        input="sample_and_cond",
+        mu_per_feature=False,
+    )
     import ml_collections as mlc
 
     model = adapter_lib.AdaptedUNet(cfg, mlc.ConfigDict(acfg))
@@ -107,14 +126,20 @@ def test_residual_adapter_matches_controlnet(tmp_path):
     import jax
 
     shapes = layers.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, t, cond, ctx))["params"])
-    adapter_params = diffusers_folder.load_params(str(tmp_path / "controlnet"), "diffusion_pytorch_model",
-                                                  shapes["adapter"], what="controlnet")
+    adapter_params = diffusers_folder.load_params(
+        str(tmp_path / "controlnet"), "diffusion_pytorch_model", shapes["adapter"], what="controlnet"
+    )
     params = {"unet": unet_params, "adapter": adapter_params}
     ours = np.asarray(jax.jit(model.apply)({"params": params}, sample, t, cond, ctx))
     with torch.no_grad():
         down, mid = cn(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx), _nchw(cond), return_dict=False)
-        want = unet_ref(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx),
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        want = unet_ref(
+            _nchw(sample),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
     want = want.numpy().transpose(0, 2, 3, 1)
     err = float(np.max(np.abs(ours - want)))
     print(f"residual adapter + unet vs ControlNetModel + UNet2DConditionModel: max abs diff {err:.2e}")
@@ -160,10 +185,18 @@ def _our_adapted(family, fusion, seed=0):
     import jax
     import ml_collections as mlc
 
-    cfg = diffusers_folder.unet_config_from_diffusers(dict(sample_size=16, in_channels=4, out_channels=4,
-                                                           layers_per_block=1, norm_num_groups=8, **FAMILIES[family]))
-    acfg = mlc.ConfigDict(dict(fusion=fusion, conditioning_embedding_out_channels=(8, 16), cond_channels=3,
-                               input="sample_and_cond", mu_per_feature=False))
+    cfg = diffusers_folder.unet_config_from_diffusers(
+        dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8, **FAMILIES[family])
+    )
+    acfg = mlc.ConfigDict(
+        dict(
+            fusion=fusion,
+            conditioning_embedding_out_channels=(8, 16),
+            cond_channels=3,
+            input="sample_and_cond",
+            mu_per_feature=False,
+        )
+    )
     model = adapter_lib.AdaptedUNet(cfg, acfg)
     sample, t, ctx = _inputs(family)
     cond = np.random.default_rng(5).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
@@ -181,7 +214,9 @@ def test_export_round_trips_into_diffusers(tmp_path):
     cfg, acfg, model, (sample, t, cond, ctx), params = _our_adapted("sd2", "residual")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    params = jax.tree_util.tree_unflatten(
+        treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)]
+    )
     written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
     assert set(written) == {"unet", "controlnet"}
     unet_pt = diffusers.UNet2DConditionModel.from_pretrained(written["unet"]).eval()
@@ -189,8 +224,13 @@ def test_export_round_trips_into_diffusers(tmp_path):
     ours = np.asarray(jax.jit(model.apply)({"params": params}, sample, t, cond, ctx))
     with torch.no_grad():
         down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx), _nchw(cond), return_dict=False)
-        want = unet_pt(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx),
-                       down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        want = unet_pt(
+            _nchw(sample),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
     err = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
     print(f"export round trip (sd2 family, residual adapter): max abs diff {err:.2e}")
     assert err <= TOL, err

@@ -19,9 +19,15 @@ from codi_jax.pretrained import convert, safetensors_io  # noqa: E402
 
 TOL = 1e-4
 TINY = dict(
-    in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-    norm_num_groups=8, sample_size=32,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
 )
 
 
@@ -125,13 +131,17 @@ def test_config_weights_mismatch_is_one_line(saved, tmp_path):
     config["block_out_channels"] = [32, 48]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
-    os.symlink(os.path.join(saved, "diffusion_pytorch_model.safetensors"), tmp_path / "diffusion_pytorch_model.safetensors")
+    os.symlink(
+        os.path.join(saved, "diffusion_pytorch_model.safetensors"), tmp_path / "diffusion_pytorch_model.safetensors"
+    )
     with pytest.raises(convert.ConversionError) as e:
         vae_lib.load_vae(str(tmp_path))
     msg = str(e.value)
     print(msg)
     assert "\n" not in msg
-    assert re.search(r"parameter \S+ has shape \([\d, ]+\) in the checkpoint but the model config expects \([\d, ]+\)", msg)
+    assert re.search(
+        r"parameter \S+ has shape \([\d, ]+\) in the checkpoint but the model config expects \([\d, ]+\)", msg
+    )
     assert "64" in msg and "48" in msg
 
 

@@ -11,8 +11,11 @@ from codi_jax.methods import progressive
 
 
 def _schedule(kind="cosine"):
-    return diffusion.make_schedule(mlc.ConfigDict(dict(kind=kind, num_timesteps=1000, logsnr_min=-10.0,
-                                                       logsnr_max=8.0, beta_start=0.00085, beta_end=0.012)))
+    return diffusion.make_schedule(
+        mlc.ConfigDict(
+            dict(kind=kind, num_timesteps=1000, logsnr_min=-10.0, logsnr_max=8.0, beta_start=0.00085, beta_end=0.012)
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", ["cosine", "scaled_linear"])
@@ -20,8 +23,10 @@ def _schedule(kind="cosine"):
 def test_step_grid_refines_the_sampler_grid(kind, n):
     schedule = _schedule(kind)
     t, mid, nxt = progressive.step_grid(schedule, n)
-    np.testing.assert_array_equal(t, diffusion.sampling_timesteps(schedule, n))   # the student's sampler grid
-    np.testing.assert_array_equal(np.sort(np.concatenate([t, mid]))[::-1], diffusion.sampling_timesteps(schedule, 2 * n))
+    np.testing.assert_array_equal(t, diffusion.sampling_timesteps(schedule, n))  # the student's sampler grid
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([t, mid]))[::-1], diffusion.sampling_timesteps(schedule, 2 * n)
+    )
     assert np.all(t > mid) and np.all(mid > nxt) and nxt[-1] == 0
 
 

@@ -16,9 +16,9 @@ from configs import repro, sr
 @pytest.mark.heavy(125)
 def test_reproduce_two_stage_baseline_and_report(tmp_path):
     rcfg = repro.get_config("smoke")
-    rcfg.common = (("eval.previews", False),)   # every run's (the TensorBoard previews: the sr end-to-end test's)
+    rcfg.common = (("eval.previews", False),)  # every run's (the TensorBoard previews: the sr end-to-end test's)
     workdir = str(tmp_path / "repro")
-    reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])     # 'gd' brings its finetune run first
+    reproduce.run_all(rcfg, workdir, seeds=[0], names=["gd"])  # 'gd' brings its finetune run first
     for name in ("finetune", "gd"):
         assert os.path.isfile(os.path.join(workdir, "seed0", name, "metrics.json")), name
         with open(os.path.join(workdir, "seed0", name, "wall.json")) as f:
@@ -36,8 +36,10 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
         assert row in text, row
     assert "(every run, `eval.previews=False`)" in text
     # Both runs name the shared teacher they started from, and the report says it is one teacher.
-    prints = {json.load(open(os.path.join(workdir, "seed0", n, "metrics.json")))["teacher_fingerprint"]
-              for n in ("finetune", "gd")}
+    prints = {
+        json.load(open(os.path.join(workdir, "seed0", n, "metrics.json")))["teacher_fingerprint"]
+        for n in ("finetune", "gd")
+    }
     assert len(prints) == 1 and f"same teacher (fingerprint {prints.pop()}" in text
     with open(os.path.join(workdir, "seed0", "gd", "config.json")) as f:
         assert json.load(f)["eval"]["previews"] is False
@@ -49,10 +51,11 @@ def test_reproduce_two_stage_baseline_and_report(tmp_path):
     # The runs side by side, read back from their grids: LR | bicubic | FT 2 | FT 2 | FT DPM 2 | GD-II | HR
     # (the smoke recipe's few-step count and the finetune run's largest are both 2); no CoDi-family run yet.
     from codi_jax.evaluation import grids
+
     cells = grids.read_cells(tmp_path / "docs" / "images" / "results_compare.png", 64)
     pictures = repro_report.run_pictures(os.path.join(workdir, "seed0", "gd"))
     assert cells.shape[:2] == (7, 4) and set(pictures) == {"lr", "bicubic", "hr", ("deterministic", 2)}
-    np.testing.assert_array_equal(cells[5, :, ::4, ::4], pictures[("deterministic", 2)])   # 16 px cells at 64
+    np.testing.assert_array_equal(cells[5, :, ::4, ::4], pictures[("deterministic", 2)])  # 16 px cells at 64
     np.testing.assert_array_equal(cells[-1, :, ::4, ::4], pictures["hr"])
     assert "finetuned DDIM at 2 and 2 steps" in text and "results_compare_ablations" not in text
 
@@ -68,7 +71,11 @@ def test_run_configs_follow_the_run_list():
     cfg = reproduce.run_config(rcfg, by_name["cm_frozen"], 2, "/w", "/t")
     assert (cfg.seed, cfg.teacher.checkpoint, cfg.finetune.checkpoint) == (2, "/t", "/w/seed2/finetune")
     assert (cfg.codi.init, cfg.codi.zs_predictor, cfg.codi.consistency_space, cfg.codi.guidance_weight) == (
-        "finetuned", "teacher", "x", 0.0)
+        "finetuned",
+        "teacher",
+        "x",
+        0.0,
+    )
     assert tuple(cfg.eval.steps) == (1, 2, 4)
     cfg = reproduce.run_config(rcfg, by_name["finetune"], 0, "/w", "/t")
     assert cfg.method == "finetune" and tuple(cfg.eval.steps) == (4, 8, 20, 50)
@@ -97,9 +104,11 @@ def test_bad_run_list():
 def test_teacher_fingerprint_tells_teachers_apart(tmp_path):
     import jax
     import jax.numpy as jnp
+
     from codi_jax import experiment
+
     params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones((4,), jnp.bfloat16)}}
-    assert experiment.params_fingerprint(params) == "59"   # 0+1+4+9+16+25 + 4
+    assert experiment.params_fingerprint(params) == "59"  # 0+1+4+9+16+25 + 4
     moved = jax.tree_util.tree_map(lambda x: x * (1 + 1e-3), params)
     assert experiment.params_fingerprint(moved) != experiment.params_fingerprint(params)
     # The report flags runs that started from different teachers, naming them.
@@ -112,12 +121,15 @@ def test_teacher_fingerprint_tells_teachers_apart(tmp_path):
     assert "same teacher (fingerprint 12.5" in line_of([0, 1])
     line = line_of([0, 1, 2])
     assert "2 different teachers" in line and "12.5: codi (seed 0), codi (seed 1); 13.1: codi (seed 2)" in line
-    assert line_of([3]) == ""   # no run: no line
+    assert line_of([3]) == ""  # no run: no line
 
 
 def test_wall_times_prefer_cleanly_timed_seeds():
     # Seed 0 was timed before CPU time was recorded (its wall time may include pauses).
-    assert repro_report.wall_summary([(9000.0, None, False), (800.0, 1200.0, True), (900.0, 1300.0, True)]) == (850.0, None)
+    assert repro_report.wall_summary([(9000.0, None, False), (800.0, 1200.0, True), (900.0, 1300.0, True)]) == (
+        850.0,
+        None,
+    )
     assert repro_report.wall_summary([(800.0, 1200.0, True), (900.0, 1400.0, True)]) == (850.0, 1300.0)
     assert repro_report.wall_summary([(9000.0, None, False)]) == (9000.0, None)
     # An interrupted, resumed run has its CPU time but is not a clean timing.
@@ -159,19 +171,23 @@ def test_ordering_checks_compare_paired_seeds():
     def row(psnr, seeds):
         return {"psnr": psnr, "ssim": [0.3] * len(seeds), "swd_mean": [0.2] * len(seeds), "seed": seeds}
 
-    rows = {("codi", "codi_4step"): row([21.0, 20.0, 21.5], [0, 1, 2]),
-            ("finetune", "finetune_4step"): row([20.5, 20.5], [0, 2]),     # seed 1 not finished
-            ("gd", "gd_4step"): row([19.0], [0])}
+    rows = {
+        ("codi", "codi_4step"): row([21.0, 20.0, 21.5], [0, 1, 2]),
+        ("finetune", "finetune_4step"): row([20.5, 20.5], [0, 2]),  # seed 1 not finished
+        ("gd", "gd_4step"): row([19.0], [0]),
+    }
     lines = {ln.split(":")[0]: ln for ln in repro_report.ordering_checks(rcfg, rows)}
     ft = lines["- CoDi 4 steps vs finetuned, DDIM 4 steps (paper"]
-    assert "PSNR 21.25 vs 20.5 (CoDi better; better on 2 of 2 seeds)" in ft    # means over seeds 0 and 2
-    assert "SSIM 0.3 vs 0.3 (CoDi worse; better on 0 of 2 seeds)" in ft     # a tie is not a win
+    assert "PSNR 21.25 vs 20.5 (CoDi better; better on 2 of 2 seeds)" in ft  # means over seeds 0 and 2
+    assert "SSIM 0.3 vs 0.3 (CoDi worse; better on 0 of 2 seeds)" in ft  # a tie is not a win
     gd = lines["- CoDi 4 steps vs GD-II 4 steps (paper"]
-    assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd       # one paired seed: no tally
-    assert not any("CM-II" in k for k in lines)                          # not finished: no line
+    assert "PSNR 21 vs 19 (CoDi better)" in gd and "seeds" not in gd  # one paired seed: no tally
+    assert not any("CM-II" in k for k in lines)  # not finished: no line
     ablations = repro_report.ablation_checks(rcfg, {**rows, ("t_per_batch", "codi_4step"): row([21.2], [0])})
-    assert ablations == ["- CoDi 4 steps vs one t per batch (the paper's choice) (paper: ahead of one t per sample): "
-                         "PSNR 21 vs 21.2 (CoDi worse); SSIM 0.3 vs 0.3 (CoDi worse); SWD 0.2 vs 0.2 (CoDi worse)"]
+    assert ablations == [
+        "- CoDi 4 steps vs one t per batch (the paper's choice) (paper: ahead of one t per sample): "
+        "PSNR 21 vs 21.2 (CoDi worse); SSIM 0.3 vs 0.3 (CoDi worse); SWD 0.2 vs 0.2 (CoDi worse)"
+    ]
 
 
 def test_eta_uses_each_runs_time_on_the_seeds_that_finished_it(tmp_path):
@@ -185,10 +201,10 @@ def test_eta_uses_each_runs_time_on_the_seeds_that_finished_it(tmp_path):
         (d / "wall.json").write_text(json.dumps(dict(wall_s=wall, cpu_s=2 * wall, **extra)))
 
     todo = [(s, by_name[n]) for s in (0, 1) for n in ("finetune", "codi", "gd")]
-    assert reproduce.estimate_left(str(tmp_path), todo) is None           # nothing timed yet
+    assert reproduce.estimate_left(str(tmp_path), todo) is None  # nothing timed yet
     finished(0, "finetune", 900.0)
     finished(0, "codi", 700.0)
-    finished(0, "gd", 5000.0, interrupted=1)                              # not a clean timing: ignored
+    finished(0, "gd", 5000.0, interrupted=1)  # not a clean timing: ignored
     # Left: seed 1's runs; gd has no clean time, so the mean of the cleanly timed runs (800).
     assert reproduce.estimate_left(str(tmp_path), todo) == pytest.approx(900 + 700 + 800)
 
@@ -214,9 +230,11 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
     names = ["finetune", "gd", "cm", "pe_codi", "codi", "dx_huber"]
     with pytest.raises(reproduce.RunsFailed) as err:
         reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
-    assert ran == ["finetune", "pe_codi", "codi", "dx_huber"]          # gd and cm need the finetune run
+    assert ran == ["finetune", "pe_codi", "codi", "dx_huber"]  # gd and cm need the finetune run
     msg = str(err.value)
-    assert msg.startswith("4 of 6 runs failed: seed 0 finetune: ValueError: config codi.something: bad value in finetune;")
+    assert msg.startswith(
+        "4 of 6 runs failed: seed 0 finetune: ValueError: config codi.something: bad value in finetune;"
+    )
     assert "seed 0 gd: not run: seed 0's finetune run, which it starts from, failed" in msg
     assert "second line" not in msg
     trace = (tmp_path / "seed0" / "codi" / repro_report.ERROR_FILE).read_text()
@@ -226,9 +244,9 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch):
     repro_report.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
     assert "codi (seed 0, failed: `seed0/codi/error.txt`)" in out.read_text()
 
-    broken.clear()                                                      # fixed: the next attempt finishes
+    broken.clear()  # fixed: the next attempt finishes
     reproduce.run_all(rcfg, str(tmp_path), [0], names=names, teacher_checkpoint="/teacher")
     assert not (tmp_path / "seed0" / "codi" / repro_report.ERROR_FILE).exists()
     repro_report.write_report(rcfg, str(tmp_path), [0], str(out), "python -m codi_jax.reproduce --test")
     walls = [ln for ln in out.read_text().splitlines() if ln.startswith(("| codi |", "| pe_codi |"))]
-    assert walls[0].endswith("| 1 |") and walls[1].endswith("| 1 (0 timed in one go) |"), walls   # pe_codi, codi
+    assert walls[0].endswith("| 1 |") and walls[1].endswith("| 1 (0 timed in one go) |"), walls  # pe_codi, codi

@@ -24,8 +24,14 @@ def _env(devices):
 
 
 def _worker(args, devices, timeout=900):
-    return subprocess.Popen([sys.executable, "-m", "tests.sharding_worker", *args], cwd=ROOT, env=_env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.sharding_worker", *args],
+        cwd=ROOT,
+        env=_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc, timeout=900):
@@ -54,8 +60,13 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
         assert r[mesh]["max_param_diff"] < 1e-6, (mesh, r[mesh]["max_param_diff"])
     # The shardings the default rules ask for: batch over (data, fsdp); weights' input dims over fsdp
     # for params, EMA and Adam moments alike; nothing sharded on a pure data-parallel mesh.
-    assert r["8x1"]["specs"] == {"conv_kernel": "()", "conv_kernel_ema": "()", "conv_kernel_adam_mu": "()",
-                                 "qkv_kernel": "()", "image_batch": "('data',)"}
+    assert r["8x1"]["specs"] == {
+        "conv_kernel": "()",
+        "conv_kernel_ema": "()",
+        "conv_kernel_adam_mu": "()",
+        "qkv_kernel": "()",
+        "image_batch": "('data',)",
+    }
     fsdp_conv = "(None, None, 'fsdp')"
     for mesh, batch in (("1x8", "('fsdp',)"), ("2x4", "(('data', 'fsdp'),)")):
         specs = r[mesh]["specs"]
@@ -66,8 +77,19 @@ def test_one_codi_step_on_any_mesh_matches_one_device(tmp_path):
 @pytest.mark.heavy(125)
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
     port = _free_port()
-    two = [_worker(["train", str(tmp_path / "two"), str(tmp_path / f"two{i}.npz"),
-                    f"--coordinator=127.0.0.1:{port}", f"--process_id={i}"], devices=2) for i in range(2)]
+    two = [
+        _worker(
+            [
+                "train",
+                str(tmp_path / "two"),
+                str(tmp_path / f"two{i}.npz"),
+                f"--coordinator=127.0.0.1:{port}",
+                f"--process_id={i}",
+            ],
+            devices=2,
+        )
+        for i in range(2)
+    ]
     # The reference: one process with the same 4 devices' worth of mesh, reading both processes' data shares.
     one = _worker(["train", str(tmp_path / "one"), str(tmp_path / "one.npz"), "--single_reads=2"], devices=4)
     for p in two + [one]:
@@ -90,8 +112,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
 def test_a_dead_process_stops_the_others_with_an_error(tmp_path):
     port = _free_port()
     t0 = time.monotonic()
-    procs = [_worker(["die", f"--coordinator=127.0.0.1:{port}", f"--process_id={i}", "--heartbeat=10"], devices=1)
-             for i in range(2)]
+    procs = [
+        _worker(["die", f"--coordinator=127.0.0.1:{port}", f"--process_id={i}", "--heartbeat=10"], devices=1)
+        for i in range(2)
+    ]
     (rc1, _), (rc0, log0) = _finish(procs[1], 300), _finish(procs[0], 300)
     elapsed = time.monotonic() - t0
     assert rc1 == 3

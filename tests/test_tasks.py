@@ -28,7 +28,7 @@ def test_masks_cover_the_configured_ratio_and_are_binary(data_cfg):
     rng = np.random.default_rng(0)
     lo, hi = data_cfg.mask.hole_ratio
     kinds = {"box": 0, "free_form": 0}
-    for i in range(40):
+    for _ in range(40):
         m = tasks.random_mask(rng, 32, data_cfg.mask)
         assert m.shape == (32, 32) and set(np.unique(m)) <= {0.0, 1.0}
         assert lo <= m.mean() <= hi
@@ -40,15 +40,15 @@ def test_masks_cover_the_configured_ratio_and_are_binary(data_cfg):
     # A box is one filled rectangle: its rows and columns of ones are contiguous.
     box = tasks.box_mask(rng, 32, (0.3, 0.5))
     ys, xs = np.nonzero(box)
-    assert box[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+    assert box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
 
 
 def test_inpaint_record_hides_exactly_the_hole(data_cfg):
     b = pipeline.make_eval_batch(data_cfg, task="inpaint", num_examples=4, seed=0)
     img, cond, mask = b["image"], b["cond"], b["mask"]
     assert cond.shape == img.shape[:3] + (4,)
-    np.testing.assert_array_equal(cond[..., :3] * mask, 0.0)                     # the hole carries no pixels
-    np.testing.assert_allclose(cond[..., :3] * (1 - mask), img * (1 - mask))     # the rest is the image
+    np.testing.assert_array_equal(cond[..., :3] * mask, 0.0)  # the hole carries no pixels
+    np.testing.assert_allclose(cond[..., :3] * (1 - mask), img * (1 - mask))  # the rest is the image
     np.testing.assert_array_equal(cond[..., 3:], mask * 2 - 1)
 
 
@@ -100,7 +100,7 @@ def test_depth_scenes_are_exact(data_cfg):
     assert rgb[obj].mean(0).argmax() == 0 and rgb[~obj].mean(0).argmax() == 2
     cond = tasks.depth_condition(z)
     assert cond.max() == pytest.approx(1.0) and cond.min() == pytest.approx(-1.0)
-    assert cond[obj].mean() > cond[~obj].mean()     # near = bright
+    assert cond[obj].mean() > cond[~obj].mean()  # near = bright
     b = pipeline.make_eval_batch(data_cfg, task="depth", num_examples=4, seed=0)
     assert b["cond"].shape[-1] == 1 and b["prompt"].dtype == np.int32
     assert len(tasks.prompts(data_cfg, "depth")) == len(d.colours) ** 2 * len(d.shapes)
@@ -119,7 +119,7 @@ def test_hole_psnr_separates_inside_and_outside():
     mask = np.zeros((2, 8, 8, 1), np.float32)
     mask[:, :4] = 1
     out = ref.copy()
-    out[:, :4] = 0.2        # wrong only inside the hole: error 0.1 in [0, 1] units -> 20 dB
+    out[:, :4] = 0.2  # wrong only inside the hole: error 0.1 in [0, 1] units -> 20 dB
     m = evaluate.hole_psnr(out, ref, mask)
     assert m["psnr_hole"] == pytest.approx(20.0, abs=1e-4) and m["psnr_known"] == pytest.approx(100.0)
 
@@ -138,7 +138,7 @@ def test_tiny_text_encoder_tokens_and_cache(tmp_path, caplog):
     table = prompts.prompt_table(enc, ps, str(tmp_path), 10)
     assert table.shape == (3, config.text.tiny.max_length, config.text.tiny.width)
     assert not np.allclose(table[1], table[2]) and not np.allclose(table[0], table[1])
-    again = prompts.prompt_table(enc, ps, str(tmp_path), 10)     # from the cache file
+    again = prompts.prompt_table(enc, ps, str(tmp_path), 10)  # from the cache file
     np.testing.assert_array_equal(table, again)
     with pytest.raises(ValueError, match="text.max_cached_prompts=1"):
         prompts.prompt_table(enc, ps, None, 1)
@@ -172,6 +172,7 @@ def test_classifier_free_guidance_combines_two_passes():
 
     class Fake:
         """A 'network' whose output depends on the context: x_hat = z * mean(context)."""
+
         schedule = diffusion.make_schedule(depth_configs.get_config("smoke").schedule)
 
         def __call__(self, params, z, t, cond, context):
@@ -189,11 +190,14 @@ def test_classifier_free_guidance_combines_two_passes():
     np.testing.assert_allclose(e3, 0.5 + 3.0 * (2.0 - 0.5))
 
 
-@pytest.mark.parametrize("get_config,key,value,expected", [
-    (inpaint_configs.get_config, "model.adapter.cond_channels", 3, "task 'inpaint' has 4-channel conditions"),
-    (depth_configs.get_config, "model.unet.cross_attention_dim", None, "cross_attention_dim is None"),
-    (edit_configs.get_config, "text.dropout", 1.5, "text.dropout=1.5"),
-])
+@pytest.mark.parametrize(
+    "get_config,key,value,expected",
+    [
+        (inpaint_configs.get_config, "model.adapter.cond_channels", 3, "task 'inpaint' has 4-channel conditions"),
+        (depth_configs.get_config, "model.unet.cross_attention_dim", None, "cross_attention_dim is None"),
+        (edit_configs.get_config, "text.dropout", 1.5, "text.dropout=1.5"),
+    ],
+)
 def test_task_config_errors(get_config, key, value, expected):
     config = get_config("smoke")
     node, leaf = config, key.split(".")
@@ -213,6 +217,7 @@ def test_text_encoder_width_must_match_the_unet(tmp_path):
 
 def _write(path, arr):
     from PIL import Image
+
     Image.fromarray(arr).save(path)
     return str(path)
 
@@ -238,7 +243,7 @@ def test_sampling_inputs_from_files(tmp_path):
     _write(masks / "a.png", np.full((20, 20), 128, np.uint8))
     with pytest.raises(ValueError, match="not binary"):
         sample.conditions("inpaint", files, config, 16, str(masks))
-    sr = sample.conditions("sr", files, config, 16)             # LR at 16 / sr_scale, bicubic-upsampled
+    sr = sample.conditions("sr", files, config, 16)  # LR at 16 / sr_scale, bicubic-upsampled
     assert sr.shape == (1, 16, 16, 3)
     d = sample.conditions("depth", files, config, 16)
     assert d.shape == (1, 16, 16, 1) and d.min() == -1.0 and d.max() == 1.0
@@ -267,19 +272,25 @@ def _paired_cfg(task, **kw):
 
 def test_edit_jsonl_and_ip2p_layouts(tmp_path):
     import json
+
     photos = _photos(3)
     lines = []
     for i, p in enumerate(photos):
         _write(tmp_path / f"in{i}.png", p)
         _write(tmp_path / f"out{i}.png", 255 - p)
-        lines.append({"input": f"in{i}.png", "edited": f"out{i}.png",
-                      "instruction": "invert the colours" if i < 2 else "make it darker"})
+        lines.append(
+            {
+                "input": f"in{i}.png",
+                "edited": f"out{i}.png",
+                "instruction": "invert the colours" if i < 2 else "make it darker",
+            }
+        )
     (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     cfg = _paired_cfg("edit", source="edit_jsonl", pairs_file=str(tmp_path / "edits.jsonl"))
     experiment.validate_config(cfg)
     assert tasks.prompts(cfg.data, "edit") == ["invert the colours", "make it darker"]
-    b = pipeline.make_eval_batch(cfg.data, task="edit", num_examples=2, seed=0)     # the held-out last edit
-    np.testing.assert_allclose(b["image"], -b["cond"], atol=1e-5)                     # the inverted crop, aligned
+    b = pipeline.make_eval_batch(cfg.data, task="edit", num_examples=2, seed=0)  # the held-out last edit
+    np.testing.assert_allclose(b["image"], -b["cond"], atol=1e-5)  # the inverted crop, aligned
     assert list(b["prompt"]) == [1, 1]
     it = pipeline.make_train_iterator(cfg.data, task="edit", global_batch_size=4, seed=0)
     t = next(it)
@@ -310,6 +321,7 @@ def test_edit_jsonl_and_ip2p_layouts(tmp_path):
 
 def test_depth_folder_layout(tmp_path):
     import json
+
     (tmp_path / "images").mkdir()
     (tmp_path / "depth").mkdir()
     caps = []
@@ -325,7 +337,7 @@ def test_depth_folder_layout(tmp_path):
     assert b["cond"][0, 0, 0, 0] == pytest.approx(1.0) and b["cond"][0, 0, -1, 0] == pytest.approx(-1.0)
     assert tasks.prompts(cfg.data, "depth") == ["scene 0", "scene 1", "scene 2"] and b["prompt"][0] == 2
     os.remove(tmp_path / "depth" / "im1.npy")
-    cfg2 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="x")   # new cache key
+    cfg2 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="x")  # new cache key
     with pytest.raises(FileNotFoundError, match="no depth map depth/im1.npy or .png for images/im1.png"):
         tasks.prompts(cfg2.data, "depth")
     np.save(tmp_path / "depth" / "im1.npy", np.ones((5, 5), np.float32))
@@ -336,34 +348,51 @@ def test_depth_folder_layout(tmp_path):
 
 def test_missing_depth_maps_are_made_once_by_a_depth_model(tmp_path):
     import json
+
     import torch
     import transformers
+
     torch.manual_seed(0)
     dpt = tmp_path / "dpt"
-    cfg = transformers.DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48,
-                                 image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
-                                 neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    cfg = transformers.DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=48,
+        image_size=32,
+        patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )
     transformers.DPTForDepthEstimation(cfg).save_pretrained(dpt)
     transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dpt)
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     for i, p in enumerate(_photos(3)):
         _write(root / "images" / f"im{i}.png", p)
-    (root / "captions.jsonl").write_text("\n".join(json.dumps({"file": f"im{i}.png", "caption": "c"}) for i in range(3)))
+    (root / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"file": f"im{i}.png", "caption": "c"}) for i in range(3))
+    )
     cfg = _paired_cfg("depth", source="depth_folder", folder=str(root))
     cfg.data.depth.model_path = str(dpt)
     b = pipeline.make_eval_batch(cfg.data, task="depth", num_examples=1, seed=0)
     maps = sorted(os.listdir(root / "depth"))
     assert maps == ["im0.png", "im1.png", "im2.png"]
     from PIL import Image
+
     with Image.open(root / "depth" / "im0.png") as im:
         arr = np.asarray(im)
     assert arr.shape == (24, 28) and arr.dtype == np.uint16 and arr.max() == 65535 and arr.min() == 0
     assert b["cond"].shape == (1, 16, 16, 1)
     mtimes = [os.path.getmtime(root / "depth" / m) for m in maps]
     from codi_jax.data import depth_model
-    assert depth_model.estimate_missing(sorted(str(p) for p in (root / "images").iterdir()), str(root / "depth"),
-                                        str(dpt)) == []                       # cached: nothing to redo
+
+    assert (
+        depth_model.estimate_missing(sorted(str(p) for p in (root / "images").iterdir()), str(root / "depth"), str(dpt))
+        == []
+    )  # cached: nothing to redo
     assert mtimes == [os.path.getmtime(root / "depth" / m) for m in maps]
 
 
@@ -376,7 +405,7 @@ def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
     folder = str(sd_folder.make_tiny_sd(tmp_path / "sd"))
     config = edit_configs.get_config("")
     config.teacher.pretrained_path = folder
-    config.model.unet.cross_attention_dim = 32      # the tiny SD folder's width (the run takes it from the folder)
+    config.model.unet.cross_attention_dim = 32  # the tiny SD folder's width (the run takes it from the folder)
     table, negative = experiment.prompt_embeddings(config, str(tmp_path / "run"))
     words = tasks.prompts(config.data, "edit")
     assert table.shape[0] == 1 + len(words) and negative.shape == (1,) + table.shape[1:]
@@ -388,6 +417,7 @@ def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
 
 def test_keep_known_pastes_the_given_pixels_back(data_cfg):
     from codi_jax import sample
+
     b = pipeline.make_eval_batch(data_cfg, task="inpaint", num_examples=2, seed=0)
     noise = np.random.default_rng(0).uniform(-1, 1, b["image"].shape).astype(np.float32)
     out = sample.keep_known(noise, b["cond"])
@@ -424,6 +454,7 @@ def test_latent_loss_keeps_the_prompts_context():
 def _build_tfds(data_dir, name, features, examples):
     """A tiny tfds dataset in ArrayRecord files, written without TensorFlow (images as PNG bytes)."""
     import io
+
     import tensorflow_datasets as tfds
     from PIL import Image
 
@@ -444,20 +475,34 @@ def _build_tfds(data_dir, name, features, examples):
 
     # tfds names a builder after its class (CamelCase -> snake_case) and registers it once per process.
     camel = "".join(w.capitalize() for w in name.split("_"))
-    builder = type(camel, (tfds.core.GeneratorBasedBuilder,), dict(
-        VERSION=tfds.core.Version("1.0.0"), _info=_info, _split_generators=_split_generators,
-        _generate_examples=_generate_examples, __module__=__name__))
+    builder = type(
+        camel,
+        (tfds.core.GeneratorBasedBuilder,),
+        dict(
+            VERSION=tfds.core.Version("1.0.0"),
+            _info=_info,
+            _split_generators=_split_generators,
+            _generate_examples=_generate_examples,
+            __module__=__name__,
+        ),
+    )
     builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
 def test_tfds_edit_and_depth_datasets(tmp_path):
     import tensorflow_datasets as tfds
+
     photos = _photos(3)
-    _build_tfds(tmp_path, "tiny_edits", {
-        "original_image": tfds.features.Image(shape=(None, None, 3)),
-        "edited_image": tfds.features.Image(shape=(None, None, 3)),
-        "edit_prompt": tfds.features.Text()},
-        [{"original_image": p, "edited_image": 255 - p, "edit_prompt": "invert the colours"} for p in photos])
+    _build_tfds(
+        tmp_path,
+        "tiny_edits",
+        {
+            "original_image": tfds.features.Image(shape=(None, None, 3)),
+            "edited_image": tfds.features.Image(shape=(None, None, 3)),
+            "edit_prompt": tfds.features.Text(),
+        },
+        [{"original_image": p, "edited_image": 255 - p, "edit_prompt": "invert the colours"} for p in photos],
+    )
     cfg = _paired_cfg("edit", source="tfds")
     cfg.data.tfds.update(name="tiny_edits", data_dir=str(tmp_path))
     assert tasks.prompts(cfg.data, "edit") == ["invert the colours"]
@@ -466,12 +511,23 @@ def test_tfds_edit_and_depth_datasets(tmp_path):
     t = next(pipeline.make_train_iterator(cfg.data, task="edit", global_batch_size=2, seed=0))
     np.testing.assert_allclose(t["image"], -t["cond"], atol=1e-5)
 
-    _build_tfds(tmp_path, "tiny_depth", {
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "depth": tfds.features.Tensor(shape=(24, 28), dtype=np.float32),   # fixed: written without TensorFlow
-        "caption": tfds.features.Text()},
-        [{"image": p, "depth": np.linspace(1, 4, p.shape[1], dtype=np.float32)[None].repeat(p.shape[0], 0),
-          "caption": f"scene {i}"} for i, p in enumerate(photos)])
+    _build_tfds(
+        tmp_path,
+        "tiny_depth",
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "depth": tfds.features.Tensor(shape=(24, 28), dtype=np.float32),  # fixed: written without TensorFlow
+            "caption": tfds.features.Text(),
+        },
+        [
+            {
+                "image": p,
+                "depth": np.linspace(1, 4, p.shape[1], dtype=np.float32)[None].repeat(p.shape[0], 0),
+                "caption": f"scene {i}",
+            }
+            for i, p in enumerate(photos)
+        ],
+    )
     dcfg = _paired_cfg("depth", source="tfds")
     dcfg.data.tfds.update(name="tiny_depth", data_dir=str(tmp_path))
     d = pipeline.make_eval_batch(dcfg.data, task="depth", num_examples=1, seed=0)
@@ -488,10 +544,23 @@ def test_tfds_edit_and_depth_datasets(tmp_path):
 def test_sampling_command_bad_run_is_one_line(tmp_path):
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "codi_jax.sample", f"--run={tmp_path}/none", f"--inputs={tmp_path}",
-                          f"--out={tmp_path}/out"], cwd=root, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codi_jax.sample",
+            f"--run={tmp_path}/none",
+            f"--inputs={tmp_path}",
+            f"--out={tmp_path}/out",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "none: no config.json there" in lines[0], out.stderr[-2000:]

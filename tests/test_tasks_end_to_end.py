@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from codi_jax import experiment, sample
-from codi_jax.data import pipeline, tasks as task_data
+from codi_jax.data import pipeline
+from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate, job
 from configs import depth, edit, inpaint
 from configs import eval as eval_configs
@@ -46,7 +47,7 @@ def test_inpaint_smoke(tmp_path):
     assert report["metrics"]["input"]["psnr_known"] == pytest.approx(100.0)
     assert report["metrics"]["input"]["psnr_hole"] < 40
     assert report["task"] == "inpaint" and report["grid"].endswith("inpaint_grid.png")
-    assert _grid_columns(report, config.data.crop_size) == 4     # masked | CoDi 1 | CoDi 2 | target
+    assert _grid_columns(report, config.data.crop_size) == 4  # masked | CoDi 1 | CoDi 2 | target
 
     # The batch evaluation job on the inpainting run: the task's baseline and metrics, the same numbers.
     ecfg = eval_configs.get_config()
@@ -55,7 +56,7 @@ def test_inpaint_smoke(tmp_path):
     for key in ("input", "codi_1step"):
         for metric in ("psnr", "psnr_hole"):
             assert summary["metrics"][key][metric] == pytest.approx(report["metrics"][key][metric], abs=1e-3), key
-    assert Image.open(summary["grid"]).size[0] == 2 + 3 * (config.data.crop_size + 2)   # masked | CoDi 1 | target
+    assert Image.open(summary["grid"]).size[0] == 2 + 3 * (config.data.crop_size + 2)  # masked | CoDi 1 | target
     ecfg.guidance_scale = 2.0
     with pytest.raises(ValueError, match="task 'inpaint'\\) has no prompts to guide with"):
         job.run(ecfg, str(tmp_path / "eval2"))
@@ -73,20 +74,20 @@ def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     _finite_rows(report, ["codi_1step"])
     m = report["metrics"]["codi_1step"]
     assert 0.0 <= m["colour_acc_object"] <= 1.0 and 0.0 <= m["colour_acc_wall"] <= 1.0
-    assert "input" not in report["metrics"]                      # no baseline for depth
-    assert _grid_columns(report, config.data.crop_size) == 3     # depth | CoDi 1 | target
+    assert "input" not in report["metrics"]  # no baseline for depth
+    assert _grid_columns(report, config.data.crop_size) == 3  # depth | CoDi 1 | target
     caches = os.listdir(os.path.join(depth_dir, "cache"))
     assert any(f.startswith("prompts_") for f in caches) and "tiny_tokenizer" in caches
 
     ecfg = _smoke(edit)
     ecfg.codi.mode = "pe"
     ecfg.eval.steps = (1,)
-    ecfg.text.guidance_scale = 2.0    # classifier-free guidance: two passes a step
+    ecfg.text.guidance_scale = 2.0  # classifier-free guidance: two passes a step
     ecfg.teacher.checkpoint = depth_dir
     edit_dir = str(tmp_path / "edit")
     ereport = experiment.run(ecfg, edit_dir)
     _finite_rows(ereport, ["input", "codi_1step"])
-    assert not os.path.exists(os.path.join(edit_dir, "teacher"))   # the depth run's teacher was loaded
+    assert not os.path.exists(os.path.join(edit_dir, "teacher"))  # the depth run's teacher was loaded
     with open(os.path.join(edit_dir, "config.json")) as f:
         assert json.load(f)["text"]["guidance_scale"] == 2.0
 
@@ -99,11 +100,18 @@ def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     # The switched-in adapter reproduces its own run's evaluation (same conditions, prompts, guidance, seed,
     # batches); one sampler compile only (time).
     for name, cfg, rep in (("edit", ecfg, ereport),):
-        batch = pipeline.make_eval_batch(cfg.data, task=cfg.task, num_examples=cfg.eval.num_examples,
-                                         seed=cfg.eval.seed)
+        batch = pipeline.make_eval_batch(
+            cfg.data, task=cfg.task, num_examples=cfg.eval.num_examples, seed=cfg.eval.seed
+        )
         words = task_data.prompts(cfg.data, cfg.task)
-        x = s.sample(name, batch["cond"], [words[int(k)] for k in batch["prompt"]], steps=1,
-                     seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)
+        x = s.sample(
+            name,
+            batch["cond"],
+            [words[int(k)] for k in batch["prompt"]],
+            steps=1,
+            seed=cfg.eval.seed,
+            batch_size=cfg.eval.batch_size,
+        )
         assert x.shape == batch["image"].shape
         psnr = evaluate.all_metrics(x, batch["image"], cfg.eval)["psnr"]
         assert psnr == pytest.approx(rep["metrics"]["codi_1step"]["psnr"], abs=1e-3), name
@@ -115,7 +123,7 @@ def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
         s.sample("edit", batch["cond"], None, steps=1)
     with pytest.raises(ValueError, match="takes 3-channel conditions"):
         s.sample("edit", batch["cond"][..., :1], None, steps=1)
-    s.backbone = jax.tree_util.tree_map(lambda a: a + 1.0, s.backbone)     # another backbone
+    s.backbone = jax.tree_util.tree_map(lambda a: a + 1.0, s.backbone)  # another backbone
     s.fingerprint = sample.backbone_fingerprint(s.backbone)
     with pytest.raises(ValueError, match="trained against backbone"):
         s.add("edit2", edit_dir)

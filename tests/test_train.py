@@ -25,9 +25,16 @@ def _teacher_stage(config, workdir, num_steps):
         return {"unet": base.init_model_params(module, config.model, rng, config.data.crop_size)["unet"]}, {}
 
     return train.run_stage(
-        name="teacher", workdir=workdir, tcfg=tcfg,
+        name="teacher",
+        workdir=workdir,
+        tcfg=tcfg,
         loss_fn=functools.partial(pretrain.diffusion_loss, denoiser=denoiser, use_cond=False),
-        init_fn=init_fn, data_cfg=config.data, task="uncond", seed=0, mesh=sharding.make_mesh(config.mesh))
+        init_fn=init_fn,
+        data_cfg=config.data,
+        task="uncond",
+        seed=0,
+        mesh=sharding.make_mesh(config.mesh),
+    )
 
 
 def _params(state):
@@ -141,8 +148,10 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
     (l1a, l1b), whole = _one_codi_step(config, grad_accum_steps=1)
     (l2a, l2b), accum = _one_codi_step(config, grad_accum_steps=2)
     np.testing.assert_allclose([l2a, l2b], [l1a, l1b], rtol=1e-6)
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree_util.tree_leaves(whole["params"]), jax.tree_util.tree_leaves(whole["ema_params"])))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(whole["params"]), jax.tree_util.tree_leaves(whole["ema_params"]))
+    )
     assert moved > 1e-4
     for a, b in zip(jax.tree_util.tree_leaves(whole["params"]), jax.tree_util.tree_leaves(accum["params"])):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -160,26 +169,44 @@ def test_bfloat16_compute_keeps_float32_master_params():
     config = helpers.smoke_config()
     config.model.dtype = "bfloat16"
     (bf16, bf16_2), state = _one_codi_step(config)
-    dtypes = {x.dtype for k in ("params", "ema_params", "opt_state") for x in jax.tree_util.tree_leaves(state[k])
-              if np.issubdtype(x.dtype, np.floating)}
+    dtypes = {
+        x.dtype
+        for k in ("params", "ema_params", "opt_state")
+        for x in jax.tree_util.tree_leaves(state[k])
+        if np.issubdtype(x.dtype, np.floating)
+    }
     assert dtypes == {np.dtype(np.float32)}
     assert np.isfinite(bf16_2)
     assert abs(bf16 - f32) < 0.03 * abs(f32), (bf16, f32)
     assert bf16 != f32  # the compute really ran in bfloat16
 
 
-@pytest.mark.parametrize("other,expected", [
-    ({"params": {"unet": np.zeros((4, 3)), "adapter": np.zeros(2)}}, r"\['params'\]\['unet'\] has shape \(3, 3\), this config's model \(4, 3\)"),
-    ({"params": {"adapter": np.zeros(2)}}, r"holds \['params'\]\['unet'\] that this config's model lacks"),
-    ({"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2), "mu": np.zeros(())}}, r"lacks \['params'\]\['mu'\]"),
-])
+@pytest.mark.parametrize(
+    "other,expected",
+    [
+        (
+            {"params": {"unet": np.zeros((4, 3)), "adapter": np.zeros(2)}},
+            r"\['params'\]\['unet'\] has shape \(3, 3\), this config's model \(4, 3\)",
+        ),
+        ({"params": {"adapter": np.zeros(2)}}, r"holds \['params'\]\['unet'\] that this config's model lacks"),
+        (
+            {"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2), "mu": np.zeros(())}},
+            r"lacks \['params'\]\['mu'\]",
+        ),
+    ],
+)
 def test_checkpoint_of_another_model_or_method_is_named(tmp_path, other, expected):
     """A full-mode state restored as PE (no 'unet' among params), another size, or a missing leaf."""
     tcfg = helpers.smoke_config().codi.train
     mgr = train.checkpoint_manager(str(tmp_path / "ck"), tcfg)
     import orbax.checkpoint as ocp
-    mgr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
-        {"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2)}})))
+
+    mgr.save(
+        3,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2)}})
+        ),
+    )
     mgr.wait_until_finished()
     train.check_checkpoint_matches(mgr, 3, {"params": {"unet": np.zeros((3, 3)), "adapter": np.zeros(2)}})
     with pytest.raises(train.CheckpointMismatchError, match=expected):

@@ -41,16 +41,22 @@ def main(argv):
     backbone, adapter = _count(shapes["unet"]), _count(shapes["adapter"])
     n = _TASKS.value
     gb = lambda p: p * 4 / 1e9
-    print(f"backbone {backbone / 1e6:.1f}M params, adapter {adapter / 1e6:.1f}M "
-          f"({100 * adapter / (backbone + adapter):.1f}% of {(backbone + adapter) / 1e6:.1f}M), float32")
-    print(f"{n} tasks, separate full models: {gb(n * (backbone + adapter)):.2f} GB; "
-          f"one backbone + {n} adapters: {gb(backbone + n * adapter):.2f} GB "
-          f"(saves {gb((n - 1) * backbone):.2f} GB, {100 * (n - 1) * backbone / (n * (backbone + adapter)):.0f}%)")
+    print(
+        f"backbone {backbone / 1e6:.1f}M params, adapter {adapter / 1e6:.1f}M "
+        f"({100 * adapter / (backbone + adapter):.1f}% of {(backbone + adapter) / 1e6:.1f}M), float32"
+    )
+    print(
+        f"{n} tasks, separate full models: {gb(n * (backbone + adapter)):.2f} GB; "
+        f"one backbone + {n} adapters: {gb(backbone + n * adapter):.2f} GB "
+        f"(saves {gb((n - 1) * backbone):.2f} GB, {100 * (n - 1) * backbone / (n * (backbone + adapter)):.0f}%)"
+    )
     if _RUN.value:
         a = os.path.join(_RUN.value, "adapter", "adapter.safetensors")
         ck = os.path.join(_RUN.value, "codi", "checkpoints")
-        print(f"run {_RUN.value}: adapter file {os.path.getsize(a) / 1e6:.2f} MB; codi checkpoints "
-              f"(train state: params, EMA, Adam moments; all kept steps) {_dir_bytes(ck) / 1e6:.2f} MB")
+        print(
+            f"run {_RUN.value}: adapter file {os.path.getsize(a) / 1e6:.2f} MB; codi checkpoints "
+            f"(train state: params, EMA, Adam moments; all kept steps) {_dir_bytes(ck) / 1e6:.2f} MB"
+        )
 
 
 if __name__ == "__main__":

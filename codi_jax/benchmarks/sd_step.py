@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import common
 from codi_jax import diffusion, train
 from codi_jax.methods import base, codi
 from codi_jax.models import adapter as adapter_lib
+from configs import common
 
 _UNET = flags.DEFINE_enum("unet", "sd15", ["sd15", "tiny"], "U-Net size.")
 _LATENT = flags.DEFINE_integer("latent", 64, "Latent side (64 = 512 px for SD).")
@@ -73,10 +73,11 @@ def measure(batch_size: int) -> dict:
     loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=cfg)
     step = jax.jit(train.make_train_step(loss_fn, tx, lr, 0.9999), donate_argnums=(0,))
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.standard_normal((batch_size, side, side, 4)), jnp.float32),
-             "cond": jnp.asarray(rng.uniform(-1, 1, (batch_size, side * 8, side * 8, 3)), jnp.float32),
-             "context": jnp.asarray(rng.standard_normal((batch_size, 77, model_cfg.unet.cross_attention_dim)),
-                                    jnp.float32)}
+    batch = {
+        "image": jnp.asarray(rng.standard_normal((batch_size, side, side, 4)), jnp.float32),
+        "cond": jnp.asarray(rng.uniform(-1, 1, (batch_size, side * 8, side * 8, 3)), jnp.float32),
+        "context": jnp.asarray(rng.standard_normal((batch_size, 77, model_cfg.unet.cross_attention_dim)), jnp.float32),
+    }
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -89,16 +90,24 @@ def measure(batch_size: int) -> dict:
     jax.block_until_ready(m["loss"])
     step_s = (time.perf_counter() - t0) / _STEPS.value
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-    return {"batch_size": batch_size, "compile_s": round(compile_s, 2), "step_s": round(step_s, 4),
-            "images_per_s": round(batch_size / step_s, 2), "trainable_params": int(n_params),
-            "flops_per_step": flops, "peak_bytes": _peak_bytes(), "loss": float(m["loss"])}
+    return {
+        "batch_size": batch_size,
+        "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 4),
+        "images_per_s": round(batch_size / step_s, 2),
+        "trainable_params": int(n_params),
+        "flops_per_step": flops,
+        "peak_bytes": _peak_bytes(),
+        "loss": float(m["loss"]),
+    }
 
 
 def _sd_schedule():
     import ml_collections as mlc
 
-    return diffusion.make_schedule(mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000,
-                                                       beta_start=0.00085, beta_end=0.012)))
+    return diffusion.make_schedule(
+        mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
+    )
 
 
 def main(argv):
@@ -108,9 +117,17 @@ def main(argv):
         row = measure(b)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "unet": _UNET.value,
-              "latent": _LATENT.value, "dtype": _DTYPE.value, "fusion": _FUSION.value, "remat": _REMAT.value,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "unet": _UNET.value,
+        "latent": _LATENT.value,
+        "dtype": _DTYPE.value,
+        "fusion": _FUSION.value,
+        "remat": _REMAT.value,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(report, f, indent=2)

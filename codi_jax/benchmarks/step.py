@@ -66,13 +66,19 @@ _OUT = flags.DEFINE_string("out", "", "Write the report as JSON here.")
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
 PEAK_FLOPS = (
-    ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
 )
-CODI_OVER_PLAIN_GOAL = 1.4     # step-time ratio the issue asks for (theory 4/3)
-DDIM_OVER_FEW_GOAL = 11.0      # DDIM-50 latency over 4-step latency
-TORCH_OVER_OURS_GOAL = 1.0     # ours no slower than diffusers on the CPU
-FEW_STEPS_REF = 4              # the few-step count the DDIM ratio divides by
+CODI_OVER_PLAIN_GOAL = 1.4  # step-time ratio the issue asks for (theory 4/3)
+DDIM_OVER_FEW_GOAL = 11.0  # DDIM-50 latency over 4-step latency
+TORCH_OVER_OURS_GOAL = 1.0  # ours no slower than diffusers on the CPU
+FEW_STEPS_REF = 4  # the few-step count the DDIM ratio divides by
 
 
 def peak_flops(device_kind: str):
@@ -99,27 +105,29 @@ class _Setup:
 
     def __init__(self, config):
         if config.teacher.get("pretrained_path"):
-            raise ValueError("the benchmark uses random weights of the config's shapes: leave "
-                             "config.teacher.pretrained_path empty")
+            raise ValueError(
+                "the benchmark uses random weights of the config's shapes: leave config.teacher.pretrained_path empty"
+            )
         self.config = config
         self.schedule = diffusion.make_schedule(config.schedule)
         self.prediction = "eps" if config.model.prediction == "auto" else config.model.prediction
         self.module = base.make_module(config.model)
         b = config.codi.boundary
-        self.wrapped = base.Denoiser(self.module, self.schedule, self.prediction,
-                                     (b.sigma_data, b.time_scale) if b.enabled else None)
+        self.wrapped = base.Denoiser(
+            self.module, self.schedule, self.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
+        )
         self.plain = base.Denoiser(self.module, self.schedule, self.prediction)
         unet = config.model.unet
         # Pixel-space models denoise images of the condition's size; latent ones (no VAE here)
         # latents 2^(stride-2 convs of the condition embedding) times smaller.
         n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
-        factor = 1 if unet.in_channels == 3 else 2 ** n_down
+        factor = 1 if unet.in_channels == 3 else 2**n_down
         self.cond_side = config.data.crop_size
         self.side = self.cond_side // factor
         self.channels = unet.in_channels
         self.cond_channels = config.model.adapter.cond_channels
         self.context_dim = unet.cross_attention_dim
-        self.context_tokens = 77 if factor > 1 else 4   # SD's prompt length; a few tokens for pixel models
+        self.context_tokens = 77 if factor > 1 else 4  # SD's prompt length; a few tokens for pixel models
 
     @functools.cached_property
     def boxed_shapes(self):
@@ -156,8 +164,10 @@ class _Setup:
         """Random numpy inputs: image (x or latents), cond, context (cross-attention models only)."""
         rng = np.random.default_rng(seed)
         cond_shape = (batch, self.cond_side, self.cond_side, self.cond_channels)
-        out = {"image": rng.standard_normal((batch, self.side, self.side, self.channels)).astype(np.float32),
-               "cond": rng.uniform(-1, 1, cond_shape).astype(np.float32)}
+        out = {
+            "image": rng.standard_normal((batch, self.side, self.side, self.channels)).astype(np.float32),
+            "cond": rng.uniform(-1, 1, cond_shape).astype(np.float32),
+        }
         if self.context_dim is not None:
             out["context"] = rng.standard_normal((batch, self.context_tokens, self.context_dim)).astype(np.float32)
         return out
@@ -200,11 +210,18 @@ def _step_row(name, stats, times, loss, batch_size, peak):
     tflops = flops / step_s / 1e12 if flops else None
     mem, source = _peak_memory(stats)
     return {
-        "name": name, "compile_s": stats["compile_s"], "step_s": step_s, "step_s_min": min(times),
-        "step_s_all": times, "images_per_s_per_device": batch_size / step_s / devices,
-        "flops_per_step_per_device": flops, "tflops_per_s_per_device": tflops,
+        "name": name,
+        "compile_s": stats["compile_s"],
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "step_s_all": times,
+        "images_per_s_per_device": batch_size / step_s / devices,
+        "flops_per_step_per_device": flops,
+        "tflops_per_s_per_device": tflops,
         "mfu": tflops * 1e12 / peak if (tflops is not None and peak) else None,
-        "peak_memory_bytes": mem, "peak_memory_source": source, "loss": loss,
+        "peak_memory_bytes": mem,
+        "peak_memory_source": source,
+        "loss": loss,
         "compiled_memory": {k: v for k, v in stats.items() if k.endswith("_in_bytes")},
     }
 
@@ -234,9 +251,12 @@ def bench_train(setup: _Setup, batch_size: int, steps: int, warmup: int, log=pri
     }
     compiled = {}
     for name, loss_fn in losses.items():
-        step_jit = jax.jit(train.make_train_step(loss_fn, tx, lr, tcfg.ema_decay, tcfg.ema_warmup, accum),
-                           in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
-                           out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+        step_jit = jax.jit(
+            train.make_train_step(loss_fn, tx, lr, tcfg.ema_decay, tcfg.ema_warmup, accum),
+            in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         compiled[name] = train.compile_step(step_jit, state, batch, mesh, rules, name=f"bench_{name}")
     peak = peak_flops(jax.devices()[0].device_kind)
     rows = {}
@@ -248,14 +268,22 @@ def bench_train(setup: _Setup, batch_size: int, steps: int, warmup: int, log=pri
         log(f"  {name}: compiled in {stats['compile_s']:.1f} s, median step {1e3 * rows[name]['step_s']:.1f} ms")
     fl = [rows[k]["flops_per_step_per_device"] for k in ("codi", "plain")]
     out = {
-        "batch_size": batch_size, "grad_accum_steps": accum, "codi_mode": c.mode, "zs_predictor": c.zs_predictor,
-        "timed_steps": steps, "warmup_steps": warmup, "plain": rows["plain"], "codi": rows["codi"],
+        "batch_size": batch_size,
+        "grad_accum_steps": accum,
+        "codi_mode": c.mode,
+        "zs_predictor": c.zs_predictor,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "plain": rows["plain"],
+        "codi": rows["codi"],
         "codi_over_plain_step": _ratio(rows["codi"]["step_s"], rows["plain"]["step_s"]),
         "codi_over_plain_flops": _ratio(*fl),
-        "goal_codi_over_plain_step_max": CODI_OVER_PLAIN_GOAL, "theory_codi_over_plain": 4 / 3,
+        "goal_codi_over_plain_step_max": CODI_OVER_PLAIN_GOAL,
+        "theory_codi_over_plain": 4 / 3,
         "peak_flops_per_device": peak,
-        "mfu_note": ("against the dense bf16 peak of " + jax.devices()[0].device_kind) if peak else
-                    f"no peak FLOP/s known for device kind {jax.devices()[0].device_kind!r}: MFU is null",
+        "mfu_note": ("against the dense bf16 peak of " + jax.devices()[0].device_kind)
+        if peak
+        else f"no peak FLOP/s known for device kind {jax.devices()[0].device_kind!r}: MFU is null",
     }
     if accum > 1:
         out["flops_note"] = "grad_accum_steps > 1: XLA's cost analysis counts the scanned loss once, not per microbatch"
@@ -279,8 +307,9 @@ def _time_sampler(fn, args, reps: int):
     return first, times
 
 
-def bench_sampling(setup: _Setup, params, sample_batch: int, sample_steps, ddim_steps: int, reps: int,
-                   log=print) -> dict:
+def bench_sampling(
+    setup: _Setup, params, sample_batch: int, sample_steps, ddim_steps: int, reps: int, log=print
+) -> dict:
     x = setup.inputs(sample_batch, seed=1)
     shape = (sample_batch, setup.side, setup.side, setup.channels)
     rng = jax.random.PRNGKey(0)
@@ -289,12 +318,20 @@ def bench_sampling(setup: _Setup, params, sample_batch: int, sample_steps, ddim_
     for name, denoiser, n in runs:
         fn = sampling.make_sampler(denoiser, n, "deterministic")
         first, times = _time_sampler(fn, (params, rng, shape, x["cond"], x.get("context")), reps)
-        rows[name] = {"steps": n, "ms": _median_ms(times), "ms_min": 1e3 * min(times),
-                      "first_call_s": first, "ms_all": [1e3 * t for t in times]}
+        rows[name] = {
+            "steps": n,
+            "ms": _median_ms(times),
+            "ms_min": 1e3 * min(times),
+            "first_call_s": first,
+            "ms_all": [1e3 * t for t in times],
+        }
         log(f"  {name}: {rows[name]['ms']:.2f} ms")
     ref = rows.get(f"step{FEW_STEPS_REF}")
     return {
-        "sample_batch": sample_batch, "reps": reps, "sampler": "deterministic", "rows": rows,
+        "sample_batch": sample_batch,
+        "reps": reps,
+        "sampler": "deterministic",
+        "rows": rows,
         "ddim_name": f"ddim{ddim_steps}",
         f"ddim{ddim_steps}_over_step{FEW_STEPS_REF}": _ratio(rows[f"ddim{ddim_steps}"]["ms"], ref and ref["ms"]),
         "goal_ddim50_over_step4_min": DDIM_OVER_FEW_GOAL,
@@ -323,12 +360,26 @@ def _step_coefficients(denoiser: base.Denoiser, num_steps: int):
     a, s = (np.asarray(v, np.float64) for v in denoiser.schedule.alpha_sigma(jnp.asarray(ts)))
     a_n, s_n = (np.asarray(v, np.float64) for v in denoiser.schedule.alpha_sigma(jnp.asarray(nxt)))
     if denoiser.boundary is not None:
-        c_skip, c_out = (np.asarray(v, np.float64) for v in diffusion.boundary_scalings(
-            jnp.asarray(ts), sigma_data=denoiser.boundary[0], time_scale=denoiser.boundary[1]))
+        c_skip, c_out = (
+            np.asarray(v, np.float64)
+            for v in diffusion.boundary_scalings(
+                jnp.asarray(ts), sigma_data=denoiser.boundary[0], time_scale=denoiser.boundary[1]
+            )
+        )
     else:
         c_skip, c_out = np.zeros(len(ts)), np.ones(len(ts))
-    return [dict(t=int(ts[i]), a=float(a[i]), s=float(s[i]), c_skip=float(c_skip[i]), c_out=float(c_out[i]),
-                 a_next=float(a_n[i]), s_next=float(s_n[i])) for i in range(len(ts))]
+    return [
+        dict(
+            t=int(ts[i]),
+            a=float(a[i]),
+            s=float(s[i]),
+            c_skip=float(c_skip[i]),
+            c_out=float(c_out[i]),
+            a_next=float(a_n[i]),
+            s_next=float(s_n[i]),
+        )
+        for i in range(len(ts))
+    ]
 
 
 def _torch_sampler(torch, unet, controlnet, prediction: str, boundary: bool):
@@ -342,8 +393,14 @@ def _torch_sampler(torch, unet, controlnet, prediction: str, boundary: bool):
             for c in coefs:
                 t = torch.full((batch,), c["t"], dtype=torch.int64)
                 down, mid = controlnet(z, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
-                out = unet(z, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid, return_dict=False)[0]
+                out = unet(
+                    z,
+                    t,
+                    encoder_hidden_states=context,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                    return_dict=False,
+                )[0]
                 a, s = c["a"], c["s"]
                 if prediction == "v":
                     x, eps = a * z - s * out, a * out + s * z
@@ -362,11 +419,13 @@ def _torch_sampler(torch, unet, controlnet, prediction: str, boundary: bool):
 
 def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int, log=print) -> dict:
     if jax.default_backend() != "cpu":
-        return {"skipped": f"the PyTorch comparison runs on the CPU backend only (JAX backend is "
-                           f"{jax.default_backend()!r}; torch here is a CPU build)"}
+        return {
+            "skipped": f"the PyTorch comparison runs on the CPU backend only (JAX backend is "
+            f"{jax.default_backend()!r}; torch here is a CPU build)"
+        }
     try:
-        import torch
         import diffusers
+        import torch
     except ImportError as e:
         return {"skipped": f"torch / diffusers not importable ({e}); install the test extras: pip install -e '.[test]'"}
     from codi_jax.pretrained import export
@@ -376,8 +435,9 @@ def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int
     # Every tensor non-zero (default init zeroes ControlNet's convs), so that the outputs compare all weights.
     params = setup.init_params(jax.random.PRNGKey(cfg.seed), jitter=0.02)
     with tempfile.TemporaryDirectory() as tmp:
-        written = export.export_diffusers(os.path.join(tmp, "out"), cfg.model.unet, params, cfg.model.adapter,
-                                          sample_size=setup.side)
+        written = export.export_diffusers(
+            os.path.join(tmp, "out"), cfg.model.unet, params, cfg.model.adapter, sample_size=setup.side
+        )
         unet = diffusers.UNet2DConditionModel.from_pretrained(written["unet"], low_cpu_mem_usage=False).eval()
         controlnet = diffusers.ControlNetModel.from_pretrained(written["controlnet"], low_cpu_mem_usage=False).eval()
     x = setup.inputs(sample_batch, seed=2)
@@ -418,24 +478,35 @@ def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int
         row["max_abs_diff"] = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
         row["output_max_abs"] = float(np.max(np.abs(ours)))
         rows[f"step{n}"] = row
-        log(f"  {n} steps: ours {row['ours_ms']:.2f} ms, torch {row['torch_ms']:.2f} ms ({threads} threads)"
+        log(
+            f"  {n} steps: ours {row['ours_ms']:.2f} ms, torch {row['torch_ms']:.2f} ms ({threads} threads)"
             + (f", {row['torch_1thread_ms']:.2f} ms (1 thread)" if "torch_1thread_ms" in row else "")
-            + f", max |diff| {row['max_abs_diff']:.1e}")
+            + f", max |diff| {row['max_abs_diff']:.1e}"
+        )
     torch.set_num_threads(threads)
     return {
-        "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
-        "torch_threads": threads, "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "xla_threads": "XLA CPU default (one per core)", "sample_batch": sample_batch, "reps": reps,
-        "model": {"fusion": "residual", "adapter_input": "sample_and_cond",
-                  "cross_attention_dim": cfg.model.unet.cross_attention_dim,
-                  "context_shape": list(x["context"].shape), "dtype": "float32",
-                  "params": int(sum(v.size for v in jax.tree_util.tree_leaves(params)))},
+        "xla_threads": "XLA CPU default (one per core)",
+        "sample_batch": sample_batch,
+        "reps": reps,
+        "model": {
+            "fusion": "residual",
+            "adapter_input": "sample_and_cond",
+            "cross_attention_dim": cfg.model.unet.cross_attention_dim,
+            "context_shape": list(x["context"].shape),
+            "dtype": "float32",
+            "params": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
+        },
         "note": "same weights (exported to diffusers folders), same z_T, timesteps and update; the torch "
-                "loop is ControlNetModel + UNet2DConditionModel under torch.inference_mode, timed at the CPU "
-                "count of threads (torch_ms) and at 1 thread (torch_1thread_ms: OpenMP's spin-waits make "
-                "torch much slower with all cores on a machine that other processes share)",
-        "rows": rows, "goal_torch_over_ours_min": TORCH_OVER_OURS_GOAL,
+        "loop is ControlNetModel + UNet2DConditionModel under torch.inference_mode, timed at the CPU "
+        "count of threads (torch_ms) and at 1 thread (torch_1thread_ms: OpenMP's spin-waits make "
+        "torch much slower with all cores on a machine that other processes share)",
+        "rows": rows,
+        "goal_torch_over_ours_min": TORCH_OVER_OURS_GOAL,
     }
 
 
@@ -443,9 +514,22 @@ def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int
 # Report
 
 
-def run(config, *, batch_size: int | None = None, sample_batch: int = 1, steps: int = 10, warmup: int = 2,
-        reps: int = 5, sample_steps=(1, 2, 4, 8), ddim_steps: int = 50, with_torch: bool = True,
-        torch_steps=None, threads: int | None = None, out: str = "", log=print) -> dict:
+def run(
+    config,
+    *,
+    batch_size: int | None = None,
+    sample_batch: int = 1,
+    steps: int = 10,
+    warmup: int = 2,
+    reps: int = 5,
+    sample_steps=(1, 2, 4, 8),
+    ddim_steps: int = 50,
+    with_torch: bool = True,
+    torch_steps=None,
+    threads: int | None = None,
+    out: str = "",
+    log=print,
+) -> dict:
     """All three parts on `config`; returns the report (and writes it as JSON to `out` if given)."""
     t_start = time.perf_counter()
     log = functools.partial(_timed, log, t_start)
@@ -454,15 +538,27 @@ def run(config, *, batch_size: int | None = None, sample_batch: int = 1, steps: 
     sample_steps = tuple(int(n) for n in sample_steps)
     dev = jax.devices()[0]
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device_kind": dev.device_kind,
-        "backend": jax.default_backend(), "device_count": jax.device_count(), "process_count": jax.process_count(),
-        "jax_version": jax.__version__, "config_variant": config.variant,
-        "host": {"cpu_count": os.cpu_count(), "load_average_at_start": _loadavg(),
-                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "model": {"dtype": config.model.dtype, "prediction": setup.prediction, "fusion": config.model.adapter.fusion,
-                  "adapter_input": config.model.adapter.input, "sample_shape": [setup.side, setup.side, setup.channels],
-                  "cond_shape": [setup.cond_side, setup.cond_side, setup.cond_channels],
-                  "block_out_channels": list(config.model.unet.block_out_channels)},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device_kind": dev.device_kind,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax_version": jax.__version__,
+        "config_variant": config.variant,
+        "host": {
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": _loadavg(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        },
+        "model": {
+            "dtype": config.model.dtype,
+            "prediction": setup.prediction,
+            "fusion": config.model.adapter.fusion,
+            "adapter_input": config.model.adapter.input,
+            "sample_shape": [setup.side, setup.side, setup.channels],
+            "cond_shape": [setup.cond_side, setup.cond_side, setup.cond_channels],
+            "block_out_channels": list(config.model.unet.block_out_channels),
+        },
     }
     log(f"train steps (batch {batch_size}):")
     report["train"], params = bench_train(setup, batch_size, steps, warmup, log)
@@ -508,54 +604,80 @@ def _fmt(v, spec):
 def format_table(report: dict) -> str:
     tr, sa, to = report["train"], report["sampling"], report["torch"]
     host = report["host"]
-    lines = [f"{report['config_variant'] or 'paper'} config, {report['device_count']} x {report['device_kind']} "
-             f"({report['backend']}), jax {report['jax_version']}, {report['date']}",
-             f"host: {host['cpu_count']} CPUs, load average {host['load_average_at_start']} at start, "
-             f"{host['load_average_at_end']} at the end", "",
-             f"Train step, global batch {tr['batch_size']} ({tr['timed_steps']} timed steps, median):",
-             f"{'':6s} {'compile s':>9s} {'step ms':>9s} {'img/s/dev':>9s} {'GFLOP/dev':>9s} {'TFLOP/s/dev':>11s} "
-             f"{'MFU':>6s} {'peak MiB':>9s}"]
+    lines = [
+        f"{report['config_variant'] or 'paper'} config, {report['device_count']} x {report['device_kind']} "
+        f"({report['backend']}), jax {report['jax_version']}, {report['date']}",
+        f"host: {host['cpu_count']} CPUs, load average {host['load_average_at_start']} at start, "
+        f"{host['load_average_at_end']} at the end",
+        "",
+        f"Train step, global batch {tr['batch_size']} ({tr['timed_steps']} timed steps, median):",
+        f"{'':6s} {'compile s':>9s} {'step ms':>9s} {'img/s/dev':>9s} {'GFLOP/dev':>9s} {'TFLOP/s/dev':>11s} "
+        f"{'MFU':>6s} {'peak MiB':>9s}",
+    ]
     for name in ("plain", "codi"):
         r = tr[name]
         mem = r["peak_memory_bytes"]
-        lines.append(f"{name:6s} {r['compile_s']:9.1f} {1e3 * r['step_s']:9.2f} {r['images_per_s_per_device']:9.1f} "
-                     f"{_fmt(r['flops_per_step_per_device'] and r['flops_per_step_per_device'] / 1e9, '9.3f')} "
-                     f"{_fmt(r['tflops_per_s_per_device'], '11.4f')} {_fmt(r['mfu'], '6.1%')} "
-                     f"{_fmt(mem and mem / 2**20, '9.1f')}")
-    lines += [f"peak memory: {tr['codi']['peak_memory_source']}", f"MFU: {tr['mfu_note']}",
-              f"codi / plain: step time {_fmt(tr['codi_over_plain_step'], '.3f')} (goal <= {CODI_OVER_PLAIN_GOAL}, "
-              f"theory 4/3), FLOPs {_fmt(tr['codi_over_plain_flops'], '.3f')}", "",
-              f"Sampling latency, batch {sa['sample_batch']} (median of {sa['reps']}):"]
+        lines.append(
+            f"{name:6s} {r['compile_s']:9.1f} {1e3 * r['step_s']:9.2f} {r['images_per_s_per_device']:9.1f} "
+            f"{_fmt(r['flops_per_step_per_device'] and r['flops_per_step_per_device'] / 1e9, '9.3f')} "
+            f"{_fmt(r['tflops_per_s_per_device'], '11.4f')} {_fmt(r['mfu'], '6.1%')} "
+            f"{_fmt(mem and mem / 2**20, '9.1f')}"
+        )
+    lines += [
+        f"peak memory: {tr['codi']['peak_memory_source']}",
+        f"MFU: {tr['mfu_note']}",
+        f"codi / plain: step time {_fmt(tr['codi_over_plain_step'], '.3f')} (goal <= {CODI_OVER_PLAIN_GOAL}, "
+        f"theory 4/3), FLOPs {_fmt(tr['codi_over_plain_flops'], '.3f')}",
+        "",
+        f"Sampling latency, batch {sa['sample_batch']} (median of {sa['reps']}):",
+    ]
     for name, r in sa["rows"].items():
         lines.append(f"{name:8s} {r['ms']:9.2f} ms   (first call {r['first_call_s']:.1f} s)")
     key = f"{sa['ddim_name']}_over_step{FEW_STEPS_REF}"
-    lines += [f"{sa['ddim_name']} / step{FEW_STEPS_REF}: {_fmt(sa[key], '.2f')} (goal >= {DDIM_OVER_FEW_GOAL}"
-              f" for ddim50)", ""]
+    lines += [
+        f"{sa['ddim_name']} / step{FEW_STEPS_REF}: {_fmt(sa[key], '.2f')} (goal >= {DDIM_OVER_FEW_GOAL} for ddim50)",
+        "",
+    ]
     if "skipped" in to:
         lines.append(f"PyTorch comparison skipped: {to['skipped']}")
     else:
-        lines += [f"Against diffusers {to['diffusers_version']} / torch {to['torch_version']}, batch "
-                  f"{to['sample_batch']}, median of {to['reps']} (torch at {to['torch_threads']} threads and at 1):",
-                  f"{'steps':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch1 ms':>9s} {'torch/ours':>10s} "
-                  f"{'torch1/ours':>11s} {'max |diff|':>10s}"]
+        lines += [
+            f"Against diffusers {to['diffusers_version']} / torch {to['torch_version']}, batch "
+            f"{to['sample_batch']}, median of {to['reps']} (torch at {to['torch_threads']} threads and at 1):",
+            f"{'steps':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch1 ms':>9s} {'torch/ours':>10s} "
+            f"{'torch1/ours':>11s} {'max |diff|':>10s}",
+        ]
         for r in to["rows"].values():
-            lines.append(f"{r['steps']:5d} {r['ours_ms']:9.2f} {r['torch_ms']:9.2f} "
-                         f"{_fmt(r.get('torch_1thread_ms'), '9.2f')} {r['torch_over_ours']:10.2f} "
-                         f"{_fmt(r.get('torch_1thread_over_ours'), '11.2f')} {r['max_abs_diff']:10.1e}")
+            lines.append(
+                f"{r['steps']:5d} {r['ours_ms']:9.2f} {r['torch_ms']:9.2f} "
+                f"{_fmt(r.get('torch_1thread_ms'), '9.2f')} {r['torch_over_ours']:10.2f} "
+                f"{_fmt(r.get('torch_1thread_over_ours'), '11.2f')} {r['max_abs_diff']:10.1e}"
+            )
         best = min(r["torch_best_over_ours"] for r in to["rows"].values())
-        lines.append(f"torch/ours at torch's faster thread count, lowest over step counts: {best:.2f} "
-                     f"(goal >= {TORCH_OVER_OURS_GOAL})")
+        lines.append(
+            f"torch/ours at torch's faster thread count, lowest over step counts: {best:.2f} "
+            f"(goal >= {TORCH_OVER_OURS_GOAL})"
+        )
     return "\n".join(lines)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report = run(_CONFIG.value, batch_size=_BATCH.value or None, sample_batch=_SAMPLE_BATCH.value,
-                 steps=_STEPS.value, warmup=_WARMUP.value, reps=_REPS.value,
-                 sample_steps=[int(v) for v in _SAMPLE_STEPS.value], ddim_steps=_DDIM_STEPS.value,
-                 torch_steps=[int(v) for v in _TORCH_STEPS.value] or None,
-                 with_torch=_TORCH.value, threads=_THREADS.value or None, out=_OUT.value)
+    report = run(
+        _CONFIG.value,
+        batch_size=_BATCH.value or None,
+        sample_batch=_SAMPLE_BATCH.value,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        reps=_REPS.value,
+        sample_steps=[int(v) for v in _SAMPLE_STEPS.value],
+        ddim_steps=_DDIM_STEPS.value,
+        torch_steps=[int(v) for v in _TORCH_STEPS.value] or None,
+        with_torch=_TORCH.value,
+        threads=_THREADS.value or None,
+        out=_OUT.value,
+    )
     print()
     print(format_table(report))
     if _OUT.value:

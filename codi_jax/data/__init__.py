@@ -2,11 +2,15 @@
 
 from codi_jax.data.degradation import bicubic_upsample, degrade
 from codi_jax.data.pipeline import make_eval_batch, make_train_iterator
-from codi_jax.data.sources import (EMBEDDED_IMAGE_NAMES, EmbeddedImageSource,
-                                   FolderImageSource, make_source)
+from codi_jax.data.sources import EMBEDDED_IMAGE_NAMES, EmbeddedImageSource, FolderImageSource, make_source
 
 __all__ = [
-    'EMBEDDED_IMAGE_NAMES', 'EmbeddedImageSource', 'FolderImageSource',
-    'bicubic_upsample', 'degrade', 'make_eval_batch', 'make_source',
-    'make_train_iterator',
+    "EMBEDDED_IMAGE_NAMES",
+    "EmbeddedImageSource",
+    "FolderImageSource",
+    "bicubic_upsample",
+    "degrade",
+    "make_eval_batch",
+    "make_source",
+    "make_train_iterator",
 ]

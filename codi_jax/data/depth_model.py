@@ -19,14 +19,20 @@ from PIL import Image
 
 def estimate_missing(image_files, depth_dir: str, model_path: str) -> list[str]:
     """Write depth/<stem>.png for every image lacking a map; returns the written paths."""
-    todo = [f for f in image_files
-            if not any(os.path.isfile(os.path.join(depth_dir, os.path.splitext(os.path.basename(f))[0] + ext))
-                       for ext in (".npy", ".png"))]
+    todo = [
+        f
+        for f in image_files
+        if not any(
+            os.path.isfile(os.path.join(depth_dir, os.path.splitext(os.path.basename(f))[0] + ext))
+            for ext in (".npy", ".png")
+        )
+    ]
     if not todo:
         return []
     if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(f"config data.depth.model_path={model_path!r}: no config.json (a transformers "
-                                "depth-estimation folder)")
+        raise FileNotFoundError(
+            f"config data.depth.model_path={model_path!r}: no config.json (a transformers depth-estimation folder)"
+        )
     try:
         import torch
         import transformers
@@ -40,9 +46,10 @@ def estimate_missing(image_files, depth_dir: str, model_path: str) -> list[str]:
         with Image.open(path) as im:
             rgb = im.convert("RGB")
         with torch.no_grad():
-            pred = model(**processor(images=rgb, return_tensors="pt")).predicted_depth   # [1, h, w] inverse depth
-            pred = torch.nn.functional.interpolate(pred[:, None], size=(rgb.height, rgb.width), mode="bicubic",
-                                                   align_corners=False)[0, 0].numpy()
+            pred = model(**processor(images=rgb, return_tensors="pt")).predicted_depth  # [1, h, w] inverse depth
+            pred = torch.nn.functional.interpolate(
+                pred[:, None], size=(rgb.height, rgb.width), mode="bicubic", align_corners=False
+            )[0, 0].numpy()
         lo, hi = float(pred.min()), float(pred.max())
         scaled = np.round((pred - lo) / max(hi - lo, 1e-12) * 65535.0).astype(np.uint16)
         out = os.path.join(depth_dir, os.path.splitext(os.path.basename(path))[0] + ".png")

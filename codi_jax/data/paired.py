@@ -107,7 +107,7 @@ def _edit_rows(data_config) -> list[tuple[str, str, str, str]]:
             firsts = sorted(glob.glob(os.path.join(d, "*_0.*")))
             if not firsts:
                 raise FileNotFoundError(f"{d}: no <seed>_0 input image")
-            stem, ext = firsts[0][:-len("_0" + os.path.splitext(firsts[0])[1])], os.path.splitext(firsts[0])[1]
+            stem, ext = firsts[0][: -len("_0" + os.path.splitext(firsts[0])[1])], os.path.splitext(firsts[0])[1]
             rows.append((sample, firsts[0], f"{stem}_1{ext}", text.strip()))
     if not rows:
         raise ValueError(f"data.source={data_config.source!r}: no edits found")
@@ -121,8 +121,9 @@ def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
     cap_path = os.path.join(root, "captions.jsonl")
     if not os.path.isfile(cap_path):
         raise FileNotFoundError(f"data.folder: {cap_path} does not exist (one caption per image)")
-    if data_config.get("depth_model_path"):   # maps made once by a depth model (codi_jax/data/depth_model.py)
+    if data_config.get("depth_model_path"):  # maps made once by a depth model (codi_jax/data/depth_model.py)
         from codi_jax.data import depth_model
+
         depth_model.estimate_missing(images, os.path.join(root, "depth"), data_config.depth_model_path)
     captions = {}
     with open(cap_path) as f:
@@ -146,6 +147,7 @@ def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
 @functools.lru_cache(maxsize=8)
 def _rows(data_config_json: str):
     from ml_collections import ConfigDict
+
     dc = ConfigDict(json.loads(data_config_json))
     rows = _depth_rows(dc) if dc.source == "depth_folder" else _edit_rows(dc)
     return sorted(rows), sorted({r[3] for r in rows})
@@ -165,19 +167,23 @@ def _tfds_split(data_config, split: str):
     name = t.eval_split if split == "eval" and t.eval_split else t.train_split
     try:
         ds = tfds.data_source(t.name, split=name, data_dir=t.data_dir or None)
-    except Exception as e:   # tfds raises many kinds for a missing dataset / split
-        raise FileNotFoundError(f"data.tfds: cannot open {t.name!r} split {name!r} in {t.data_dir!r}: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # tfds raises many kinds for a missing dataset / split
+        raise FileNotFoundError(
+            f"data.tfds: cannot open {t.name!r} split {name!r} in {t.data_dir!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return [ds[i] for i in range(len(ds))]
 
 
 @functools.lru_cache(maxsize=4)
 def _tfds_records(data_config_json: str, task: str):
     from ml_collections import ConfigDict
+
     dc = ConfigDict(json.loads(data_config_json))
     keys = dc.tfds.features
-    a_key, b_key, text_key = ((keys.input, keys.edited, keys.instruction) if task == "edit"
-                              else (keys.image, keys.depth, keys.caption))
+    a_key, b_key, text_key = (
+        (keys.input, keys.edited, keys.instruction) if task == "edit" else (keys.image, keys.depth, keys.caption)
+    )
     splits = {"train": _tfds_split(dc, "train")}
     if dc.tfds.eval_split:
         splits["eval"] = _tfds_split(dc, "eval")
@@ -195,13 +201,17 @@ def _tfds_records(data_config_json: str, task: str):
             b = np.asarray(r[b_key])
             if task == "depth":
                 b = b[..., 0] if b.ndim == 3 else b
-                b = (1.0 / np.maximum(b.astype(np.float32), 1e-6) if np.issubdtype(b.dtype, np.floating)
-                     else b.astype(np.float32))
+                b = (
+                    1.0 / np.maximum(b.astype(np.float32), 1e-6)
+                    if np.issubdtype(b.dtype, np.floating)
+                    else b.astype(np.float32)
+                )
             else:
                 b = sources.to_rgb_uint8(b)
             if b.shape[:2] != a.shape[:2]:
-                raise ValueError(f"data.tfds: {dc.tfds.name} {split} example {i}: {b_key} is {b.shape[:2]}, "
-                                 f"{a_key} {a.shape[:2]}")
+                raise ValueError(
+                    f"data.tfds: {dc.tfds.name} {split} example {i}: {b_key} is {b.shape[:2]}, {a_key} {a.shape[:2]}"
+                )
             rows.append((f"{split}{i:08d}", a, b, text))
         out[split] = rows
     prompts = sorted({r[3] for rows in out.values() for r in rows})
@@ -209,13 +219,18 @@ def _tfds_records(data_config_json: str, task: str):
 
 
 def _tfds_of(data_config, task: str):
-    return _tfds_records(json.dumps({"tfds": data_config.tfds.to_dict(), "image_downscale": data_config.image_downscale}),
-                         task)
+    return _tfds_records(
+        json.dumps({"tfds": data_config.tfds.to_dict(), "image_downscale": data_config.image_downscale}), task
+    )
 
 
 def _rows_of(data_config):
-    keys = {"source": data_config.source, "folder": data_config.folder, "pairs_file": data_config.get("pairs_file", ""),
-            "depth_model_path": data_config.depth.get("model_path", "") if "depth" in data_config else ""}
+    keys = {
+        "source": data_config.source,
+        "folder": data_config.folder,
+        "pairs_file": data_config.get("pairs_file", ""),
+        "depth_model_path": data_config.depth.get("model_path", "") if "depth" in data_config else "",
+    }
     return _rows(json.dumps(keys))
 
 
@@ -229,8 +244,10 @@ def _hold_out(rows, fraction: float, split: str, what: str):
     """The train rows, or the last ceil(fraction * N) rows held out for evaluation."""
     k = math.ceil(fraction * len(rows))
     if k < 1 or k >= len(rows):
-        raise ValueError(f"{what} has {len(rows)} records; data.eval_fraction={fraction} must leave at least one "
-                         "for eval and one for training")
+        raise ValueError(
+            f"{what} has {len(rows)} records; data.eval_fraction={fraction} must leave at least one "
+            "for eval and one for training"
+        )
     return rows[:-k] if split == "train" else rows[-k:]
 
 
@@ -262,17 +279,22 @@ class PairedSource:
         splits, prompts = _tfds_of(data_config, task)
         if data_config.tfds.eval_split:
             rows = splits[split]
-        else:   # no eval split: hold out the last records of the train split
-            rows = _hold_out(splits["train"], data_config.eval_fraction, split, "data.tfds (or set data.tfds.eval_split)")
+        else:  # no eval split: hold out the last records of the train split
+            rows = _hold_out(
+                splits["train"], data_config.eval_fraction, split, "data.tfds (or set data.tfds.eval_split)"
+            )
         index = {p: i for i, p in enumerate(prompts)}
         factor = data_config.image_downscale
         self.keys = tuple(r[0] for r in rows)
         self._records = []
-        for key, a, b, text in rows:
+        for _key, a, b, text in rows:
             if factor != 1:
                 a = sources.downscale(a, factor)
-                b = (sources.downscale(b, factor) if b.dtype == np.uint8 else
-                     np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX)))
+                b = (
+                    sources.downscale(b, factor)
+                    if b.dtype == np.uint8
+                    else np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX))
+                )
             self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
         self._repr = f"PairedSource('tfds', {data_config.tfds.name!r}, {split!r}, {self.keys!r})"
 

@@ -21,157 +21,187 @@ import numpy as np
 
 from codi_jax.data import degradation, sources, tasks
 
-TASKS = ('uncond', 'sr', 'inpaint', 'depth', 'edit')
+TASKS = ("uncond", "sr", "inpaint", "depth", "edit")
 _MIN_SHUFFLE_LEN = 1 << 16  # performance constant, see make_train_dataset
 
 
 def to_signed(img: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] or float [0, 1] -> float32 [-1, 1]."""
-  x = np.asarray(img, np.float32)
-  if np.asarray(img).dtype == np.uint8:
-    x = x / 255.0
-  return np.clip(x * 2.0 - 1.0, -1.0, 1.0)
+    """uint8 [0, 255] or float [0, 1] -> float32 [-1, 1]."""
+    x = np.asarray(img, np.float32)
+    if np.asarray(img).dtype == np.uint8:
+        x = x / 255.0
+    return np.clip(x * 2.0 - 1.0, -1.0, 1.0)
 
 
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator
-                ) -> np.ndarray:
-  """Random size x size crop; images smaller than that are upscaled first."""
-  h, w = img.shape[:2]
-  if min(h, w) < size:  # only possible with tiny folder images
-    f = size / min(h, w)
-    img = degradation.bicubic_upsample(
-        img, (max(size, round(h * f)), max(size, round(w * f))))
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Random size x size crop; images smaller than that are upscaled first."""
     h, w = img.shape[:2]
-  y = int(rng.integers(h - size + 1))
-  x = int(rng.integers(w - size + 1))
-  return img[y:y + size, x:x + size]
+    if min(h, w) < size:  # only possible with tiny folder images
+        f = size / min(h, w)
+        img = degradation.bicubic_upsample(img, (max(size, round(h * f)), max(size, round(w * f))))
+        h, w = img.shape[:2]
+    y = int(rng.integers(h - size + 1))
+    x = int(rng.integers(w - size + 1))
+    return img[y : y + size, x : x + size]
 
 
 def _check(data_config, task: str) -> None:
-  if task not in TASKS:
-    raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
-  if task == 'sr' and data_config.crop_size % data_config.sr_scale:
-    raise ValueError(f'data.crop_size={data_config.crop_size} must be '
-                     f'divisible by data.sr_scale={data_config.sr_scale}.')
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    if task == "sr" and data_config.crop_size % data_config.sr_scale:
+        raise ValueError(
+            f"data.crop_size={data_config.crop_size} must be divisible by data.sr_scale={data_config.sr_scale}."
+        )
 
 
-def make_example(img: np.ndarray, rng: np.random.Generator, *, task: str,
-                 crop_size: int, flip: bool, sr_scale: int = 4,
-                 deg_config=None, usm_config=None, data_config=None
-                 ) -> dict[str, np.ndarray]:
-  """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
-  the other tasks' records from `tasks.MAKERS` (they read `data_config`), or
-  from a paired dataset's record (a dict: `codi_jax.data.paired`)."""
-  if isinstance(img, dict):
-    return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size,
-                                     flip=flip)
-  crop = random_crop(img, crop_size, rng)
-  if flip and rng.random() < 0.5:
-    crop = crop[:, ::-1]
-  if task == 'uncond':
-    return {'image': to_signed(crop)}
-  if task in tasks.MAKERS:
-    return tasks.MAKERS[task](np.ascontiguousarray(crop), rng, data_config)
-  hr = crop.astype(np.float32) / 255.0
-  if usm_config is not None:
-    # Real-ESRGAN degrades and supervises with the sharpened GT.
-    hr = degradation.usm_sharpen_from_config(hr, usm_config)
-  lr = degradation.degrade(hr, deg_config, scale=sr_scale, rng=rng)
-  cond = degradation.bicubic_upsample(lr, crop_size)
-  return {'image': to_signed(hr), 'cond': to_signed(cond),
-          'lr': to_signed(lr)}
+def make_example(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    task: str,
+    crop_size: int,
+    flip: bool,
+    sr_scale: int = 4,
+    deg_config=None,
+    usm_config=None,
+    data_config=None,
+) -> dict[str, np.ndarray]:
+    """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
+    the other tasks' records from `tasks.MAKERS` (they read `data_config`), or
+    from a paired dataset's record (a dict: `codi_jax.data.paired`)."""
+    if isinstance(img, dict):
+        return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size, flip=flip)
+    crop = random_crop(img, crop_size, rng)
+    if flip and rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    if task == "uncond":
+        return {"image": to_signed(crop)}
+    if task in tasks.MAKERS:
+        return tasks.MAKERS[task](np.ascontiguousarray(crop), rng, data_config)
+    hr = crop.astype(np.float32) / 255.0
+    if usm_config is not None:
+        # Real-ESRGAN degrades and supervises with the sharpened GT.
+        hr = degradation.usm_sharpen_from_config(hr, usm_config)
+    lr = degradation.degrade(hr, deg_config, scale=sr_scale, rng=rng)
+    cond = degradation.bicubic_upsample(lr, crop_size)
+    return {"image": to_signed(hr), "cond": to_signed(cond), "lr": to_signed(lr)}
 
 
 class _TrainTransform:
-  """Picklable random-map callable (needed when worker_count > 0)."""
+    """Picklable random-map callable (needed when worker_count > 0)."""
 
-  def __init__(self, data_config, task: str):
-    self.task = task
-    self.crop_size = int(data_config.crop_size)
-    self.flip = bool(data_config.random_flip)
-    self.sr_scale = int(data_config.sr_scale)
-    self.deg = data_config.degradation
-    self.usm = data_config.usm if data_config.usm_sharpen_gt else None
-    self.data_config = data_config
+    def __init__(self, data_config, task: str):
+        self.task = task
+        self.crop_size = int(data_config.crop_size)
+        self.flip = bool(data_config.random_flip)
+        self.sr_scale = int(data_config.sr_scale)
+        self.deg = data_config.degradation
+        self.usm = data_config.usm if data_config.usm_sharpen_gt else None
+        self.data_config = data_config
 
-  def __call__(self, img: np.ndarray, rng: np.random.Generator):
-    return make_example(img, rng, task=self.task, crop_size=self.crop_size,
-                        flip=self.flip, sr_scale=self.sr_scale,
-                        deg_config=self.deg, usm_config=self.usm,
-                        data_config=self.data_config)
+    def __call__(self, img: np.ndarray, rng: np.random.Generator):
+        return make_example(
+            img,
+            rng,
+            task=self.task,
+            crop_size=self.crop_size,
+            flip=self.flip,
+            sr_scale=self.sr_scale,
+            deg_config=self.deg,
+            usm_config=self.usm,
+            data_config=self.data_config,
+        )
 
-  def __repr__(self) -> str:
-    return f'_TrainTransform(task={self.task!r})'
-
-
-def make_train_dataset(data_config, *, task: str, global_batch_size: int,
-                       seed: int, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """The training IterDataset behind `make_train_iterator`."""
-  _check(data_config, task)
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible '
-                     f'by process_count={process_count}.')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in '
-                     f'[0, {process_count}).')
-  sources.check_disjoint(data_config)
-  src = sources.make_source(data_config, 'train', task)
-  # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
-  # so shuffle blocks of >= 2**16 records (k copies of the images, each
-  # image exactly k times per block) and repeat the block forever.
-  copies = -(-_MIN_SHUFFLE_LEN // len(src))
-  ds = grain.MapDataset.source(src).repeat(copies).seed(seed).shuffle()
-  ds = ds.repeat()
-  ds = ds.random_map(_TrainTransform(data_config, task))
-  ds = ds[process_index::process_count]
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  # Bounded prefetch: grain's default (16 threads x 500 elements) would
-  # compute hundreds of batches ahead and starve the training step.
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(data_config.get('read_threads', 1)),
-      prefetch_buffer_size=int(data_config.get('prefetch_batches', 2))))
-  workers = int(data_config.get('worker_count', 0))
-  if workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it_ds
+    def __repr__(self) -> str:
+        return f"_TrainTransform(task={self.task!r})"
 
 
-def make_train_iterator(data_config, *, task: str, global_batch_size: int,
-                        seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, checkpointable iterator over this process's training batches.
+def make_train_dataset(
+    data_config, *, task: str, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+    """The training IterDataset behind `make_train_iterator`."""
+    _check(data_config, task)
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    sources.check_disjoint(data_config)
+    src = sources.make_source(data_config, "train", task)
+    # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
+    # so shuffle blocks of >= 2**16 records (k copies of the images, each
+    # image exactly k times per block) and repeat the block forever.
+    copies = -(-_MIN_SHUFFLE_LEN // len(src))
+    ds = grain.MapDataset.source(src).repeat(copies).seed(seed).shuffle()
+    ds = ds.repeat()
+    ds = ds.random_map(_TrainTransform(data_config, task))
+    ds = ds[process_index::process_count]
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    # Bounded prefetch: grain's default (16 threads x 500 elements) would
+    # compute hundreds of batches ahead and starve the training step.
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=int(data_config.get("read_threads", 1)),
+            prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)),
+        )
+    )
+    workers = int(data_config.get("worker_count", 0))
+    if workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it_ds
 
-  Yields dicts with leading dim global_batch_size // process_count (see the
-  module docstring for keys). Deterministic given `seed`; supports
-  `get_state()` / `set_state()` and grain's orbax CheckpointSave/Restore.
-  """
-  return iter(make_train_dataset(
-      data_config, task=task, global_batch_size=global_batch_size, seed=seed,
-      process_index=process_index, process_count=process_count))
+
+def make_train_iterator(
+    data_config, *, task: str, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Infinite, checkpointable iterator over this process's training batches.
+
+    Yields dicts with leading dim global_batch_size // process_count (see the
+    module docstring for keys). Deterministic given `seed`; supports
+    `get_state()` / `set_state()` and grain's orbax CheckpointSave/Restore.
+    """
+    return iter(
+        make_train_dataset(
+            data_config,
+            task=task,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
 
 
-def make_eval_batch(data_config, *, task: str, num_examples: int, seed: int, split: str = 'eval',
-                    min_images: int = 1) -> dict[str, np.ndarray]:
-  """Fixed batch from the held-out eval images (or `split`'s; same keys as training).
+def make_eval_batch(
+    data_config, *, task: str, num_examples: int, seed: int, split: str = "eval", min_images: int = 1
+) -> dict[str, np.ndarray]:
+    """Fixed batch from the held-out eval images (or `split`'s; same keys as training).
 
-  Example i uses eval image i % N, a crop position and degradation drawn from
-  a Generator seeded by (seed, i), no flip, `data.eval_degradation`, and USM
-  only if `data.eval_usm_sharpen_gt`.
-  """
-  _check(data_config, task)
-  sources.check_disjoint(data_config)
-  src = sources.make_source(data_config, split, task)
-  if len(src) < max(min_images, 1):
-    raise ValueError(f'data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked '
-                     '(eval min_images)')
-  usm = data_config.usm if data_config.get('eval_usm_sharpen_gt') else None
-  examples = []
-  for i in range(num_examples):
-    rng = np.random.default_rng([seed, i])
-    examples.append(make_example(
-        src[i % len(src)], rng, task=task, crop_size=data_config.crop_size,
-        flip=False, sr_scale=data_config.sr_scale,
-        deg_config=data_config.eval_degradation, usm_config=usm,
-        data_config=data_config))
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    Example i uses eval image i % N, a crop position and degradation drawn from
+    a Generator seeded by (seed, i), no flip, `data.eval_degradation`, and USM
+    only if `data.eval_usm_sharpen_gt`.
+    """
+    _check(data_config, task)
+    sources.check_disjoint(data_config)
+    src = sources.make_source(data_config, split, task)
+    if len(src) < max(min_images, 1):
+        raise ValueError(
+            f"data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked (eval min_images)"
+        )
+    usm = data_config.usm if data_config.get("eval_usm_sharpen_gt") else None
+    examples = []
+    for i in range(num_examples):
+        rng = np.random.default_rng([seed, i])
+        examples.append(
+            make_example(
+                src[i % len(src)],
+                rng,
+                task=task,
+                crop_size=data_config.crop_size,
+                flip=False,
+                sr_scale=data_config.sr_scale,
+                deg_config=data_config.eval_degradation,
+                usm_config=usm,
+                data_config=data_config,
+            )
+        )
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

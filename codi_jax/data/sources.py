@@ -18,284 +18,319 @@ from absl import logging
 from PIL import Image, ImageOps
 
 _RESAMPLE = {
-    'box': Image.Resampling.BOX,
-    'area': Image.Resampling.BOX,
-    'bicubic': Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "area": Image.Resampling.BOX,
+    "bicubic": Image.Resampling.BICUBIC,
 }
 
 # File suffixes treated as images in a folder source (lower case).
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff',
-                    '.webp', '.ppm', '.pgm', '.pbm', '.pnm')
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
-  def load():
-    import skimage.data  # lazy: importing skimage costs ~0.5 s
-    return getattr(skimage.data, name)()
-  return load
+    def load():
+        import skimage.data  # lazy: importing skimage costs ~0.5 s
+
+        return getattr(skimage.data, name)()
+
+    return load
 
 
 def _sklearn(name: str) -> Callable[[], np.ndarray]:
-  def load():
-    from sklearn.datasets import load_sample_image
-    return load_sample_image(f'{name}.jpg')
-  return load
+    def load():
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+
+    return load
 
 
 # Name -> loader. skimage's `cat` is the same photo as `chelsea`, so only
 # `chelsea` is offered (a held-out image could otherwise leak into training).
 _EMBEDDED: dict[str, Callable[[], np.ndarray]] = {
-    **{n: _skimage(n) for n in (
-        'astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field',
-        'immunohistochemistry', 'retina', 'colorwheel', 'logo',
-        # grayscale, replicated to RGB
-        'grass', 'gravel', 'brick', 'camera', 'moon', 'coins', 'clock',
-        'cell', 'page', 'text')},
-    'china': _sklearn('china'),
-    'flower': _sklearn('flower'),
+    **{
+        n: _skimage(n)
+        for n in (
+            "astronaut",
+            "chelsea",
+            "coffee",
+            "rocket",
+            "hubble_deep_field",
+            "immunohistochemistry",
+            "retina",
+            "colorwheel",
+            "logo",
+            # grayscale, replicated to RGB
+            "grass",
+            "gravel",
+            "brick",
+            "camera",
+            "moon",
+            "coins",
+            "clock",
+            "cell",
+            "page",
+            "text",
+        )
+    },
+    "china": _sklearn("china"),
+    "flower": _sklearn("flower"),
 }
 EMBEDDED_IMAGE_NAMES = tuple(sorted(_EMBEDDED))
 
 
 def to_rgb_uint8(img: np.ndarray | Image.Image) -> np.ndarray:
-  """Any gray/RGB/RGBA/palette image -> uint8 [H, W, 3] (alpha over white)."""
-  if isinstance(img, Image.Image):
-    if img.mode in ('RGBA', 'LA', 'PA') or (
-        img.mode == 'P' and 'transparency' in img.info):
-      img = img.convert('RGBA')
-    elif img.mode not in ('RGB', 'L'):
-      img = img.convert('RGB')
-    img = np.asarray(img)
-  arr = np.asarray(img)
-  if arr.dtype != np.uint8:
-    if np.issubdtype(arr.dtype, np.floating):  # assume [0, 1] floats
-      arr = np.clip(np.round(arr * 255.0), 0, 255)
-    arr = arr.astype(np.uint8)
-  if arr.ndim == 2:
-    arr = arr[..., None]
-  if arr.shape[-1] == 4:  # composite on white so transparent areas are white
-    a = arr[..., 3:].astype(np.float32) / 255.0
-    rgb = arr[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
-    arr = np.round(rgb).astype(np.uint8)
-  elif arr.shape[-1] == 2:  # gray + alpha
-    a = arr[..., 1:].astype(np.float32) / 255.0
-    arr = np.round(arr[..., :1] * a + 255.0 * (1.0 - a)).astype(np.uint8)
-  if arr.shape[-1] == 1:
-    arr = np.repeat(arr, 3, axis=-1)
-  if arr.ndim != 3 or arr.shape[-1] != 3:
-    raise ValueError(f'Unsupported image shape {arr.shape}.')
-  return np.ascontiguousarray(arr)
+    """Any gray/RGB/RGBA/palette image -> uint8 [H, W, 3] (alpha over white)."""
+    if isinstance(img, Image.Image):
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+        elif img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        img = np.asarray(img)
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):  # assume [0, 1] floats
+            arr = np.clip(np.round(arr * 255.0), 0, 255)
+        arr = arr.astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 4:  # composite on white so transparent areas are white
+        a = arr[..., 3:].astype(np.float32) / 255.0
+        rgb = arr[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+        arr = np.round(rgb).astype(np.uint8)
+    elif arr.shape[-1] == 2:  # gray + alpha
+        a = arr[..., 1:].astype(np.float32) / 255.0
+        arr = np.round(arr[..., :1] * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"Unsupported image shape {arr.shape}.")
+    return np.ascontiguousarray(arr)
 
 
-def downscale(img: np.ndarray, factor: float, resample: str = 'box'
-              ) -> np.ndarray:
-  """Shrinks an uint8 RGB image by `factor` (>= 1) with PIL resampling."""
-  if factor == 1:
-    return img
-  if factor < 1:
-    raise ValueError(f'data.image_downscale must be >= 1, got {factor}.')
-  if resample not in _RESAMPLE:
-    raise ValueError(f'data.downscale_resample must be one of '
-                     f'{sorted(_RESAMPLE)}, got {resample!r}.')
-  h, w = img.shape[:2]
-  size = (max(1, round(w / factor)), max(1, round(h / factor)))
-  return np.asarray(Image.fromarray(img).resize(size, _RESAMPLE[resample]))
+def downscale(img: np.ndarray, factor: float, resample: str = "box") -> np.ndarray:
+    """Shrinks an uint8 RGB image by `factor` (>= 1) with PIL resampling."""
+    if factor == 1:
+        return img
+    if factor < 1:
+        raise ValueError(f"data.image_downscale must be >= 1, got {factor}.")
+    if resample not in _RESAMPLE:
+        raise ValueError(f"data.downscale_resample must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+    h, w = img.shape[:2]
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    return np.asarray(Image.fromarray(img).resize(size, _RESAMPLE[resample]))
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-  a.setflags(write=False)  # records are shared; transforms must copy
-  return a
+    a.setflags(write=False)  # records are shared; transforms must copy
+    return a
 
 
 @functools.lru_cache(maxsize=64)
 def _load_embedded(name: str, factor: float, resample: str) -> np.ndarray:
-  # Cached: eval batches and repeated iterator construction reuse the arrays.
-  return _readonly(downscale(to_rgb_uint8(_EMBEDDED[name]()), factor,
-                             resample))
+    # Cached: eval batches and repeated iterator construction reuse the arrays.
+    return _readonly(downscale(to_rgb_uint8(_EMBEDDED[name]()), factor, resample))
 
 
 class _InMemoryImageSource:
-  """Random-access source of uint8 [H, W, 3] arrays."""
+    """Random-access source of uint8 [H, W, 3] arrays."""
 
-  _images: list[np.ndarray]
+    _images: list[np.ndarray]
 
-  def __len__(self) -> int:
-    return len(self._images)
+    def __len__(self) -> int:
+        return len(self._images)
 
-  def __getitem__(self, index: int) -> np.ndarray:
-    return self._images[index]
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._images[index]
 
-  @property
-  def images(self) -> list[np.ndarray]:
-    return list(self._images)
+    @property
+    def images(self) -> list[np.ndarray]:
+        return list(self._images)
 
 
 class EmbeddedImageSource(_InMemoryImageSource):
-  """Images bundled with scikit-image / scikit-learn, selected by name."""
+    """Images bundled with scikit-image / scikit-learn, selected by name."""
 
-  def __init__(self, names: Sequence[str], *, downscale_factor: float = 1,
-               resample: str = 'box', config_key: str = 'data.train_images'):
-    names = tuple(names)
-    unknown = [n for n in names if n not in _EMBEDDED]
-    if unknown:
-      raise ValueError(
-          f'Unknown image name(s) {unknown} in {config_key}; valid names: '
-          f'{", ".join(EMBEDDED_IMAGE_NAMES)}.')
-    if not names:
-      raise ValueError(f'{config_key} is empty.')
-    if len(set(names)) != len(names):
-      raise ValueError(f'{config_key} lists an image twice: {list(names)}.')
-    self.names = names
-    self.downscale_factor = downscale_factor
-    self.resample = resample
-    self.num_skipped = 0
-    self._images = [_load_embedded(n, downscale_factor, resample)
-                    for n in names]
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        downscale_factor: float = 1,
+        resample: str = "box",
+        config_key: str = "data.train_images",
+    ):
+        names = tuple(names)
+        unknown = [n for n in names if n not in _EMBEDDED]
+        if unknown:
+            raise ValueError(
+                f"Unknown image name(s) {unknown} in {config_key}; valid names: {', '.join(EMBEDDED_IMAGE_NAMES)}."
+            )
+        if not names:
+            raise ValueError(f"{config_key} is empty.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{config_key} lists an image twice: {list(names)}.")
+        self.names = names
+        self.downscale_factor = downscale_factor
+        self.resample = resample
+        self.num_skipped = 0
+        self._images = [_load_embedded(n, downscale_factor, resample) for n in names]
 
-  @property
-  def keys(self) -> tuple[str, ...]:
-    """Identities used for the train/eval disjointness check."""
-    return self.names
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Identities used for the train/eval disjointness check."""
+        return self.names
 
-  def __repr__(self) -> str:
-    # Stable across runs (no ids): grain checkpoints may record it.
-    return (f'EmbeddedImageSource(names={list(self.names)!r}, '
-            f'downscale_factor={self.downscale_factor!r}, '
-            f'resample={self.resample!r})')
+    def __repr__(self) -> str:
+        # Stable across runs (no ids): grain checkpoints may record it.
+        return (
+            f"EmbeddedImageSource(names={list(self.names)!r}, "
+            f"downscale_factor={self.downscale_factor!r}, "
+            f"resample={self.resample!r})"
+        )
 
 
-def list_image_files(path: str, config_key: str = 'data.folder'
-                     ) -> list[str]:
-  """Image files directly inside `path`, sorted by name."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'Image folder not found: {path!r} ({config_key}).')
-  return sorted(
-      os.path.join(path, f) for f in os.listdir(path)
-      if not f.startswith('.') and os.path.splitext(f)[1].lower()
-      in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(path, f)))
+def list_image_files(path: str, config_key: str = "data.folder") -> list[str]:
+    """Image files directly inside `path`, sorted by name."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Image folder not found: {path!r} ({config_key}).")
+    return sorted(
+        os.path.join(path, f)
+        for f in os.listdir(path)
+        if not f.startswith(".")
+        and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        and os.path.isfile(os.path.join(path, f))
+    )
 
 
 def file_digest(data: bytes) -> str:
-  return hashlib.sha1(data).hexdigest()
+    return hashlib.sha1(data).hexdigest()
 
 
 class FolderImageSource(_InMemoryImageSource):
-  """All decodable image files of a local directory (or a given file list)."""
+    """All decodable image files of a local directory (or a given file list)."""
 
-  def __init__(self, path: str, *, files: Sequence[str] | None = None,
-               downscale_factor: float = 1, resample: str = 'box',
-               config_key: str = 'data.folder'):
-    self.path = os.path.abspath(path)
-    if files is None:
-      files = list_image_files(self.path, config_key)
-    self.downscale_factor = downscale_factor
-    self.resample = resample
-    self.files: list[str] = []
-    self.digests: list[str] = []
-    self._images = []
-    skipped = []
-    for f in files:
-      try:
-        with open(f, 'rb') as fh:
-          data = fh.read()
-        with Image.open(io.BytesIO(data)) as im:
-          im.load()  # forces a full decode so truncated files fail here
-          im = ImageOps.exif_transpose(im)
-          arr = to_rgb_uint8(im)
-      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        skipped.append(os.path.basename(f))
-        continue
-      self.files.append(f)
-      self.digests.append(file_digest(data))
-      self._images.append(
-          _readonly(downscale(arr, downscale_factor, resample)))
-    self.num_skipped = len(skipped)
-    self.skipped_files = tuple(skipped)
-    if skipped:
-      logging.warning('Skipped %d undecodable image file(s) in %s: %s',
-                      len(skipped), self.path, ', '.join(skipped))
-    if not self._images:
-      raise ValueError(f'No decodable images in {self.path!r} ({config_key}).')
+    def __init__(
+        self,
+        path: str,
+        *,
+        files: Sequence[str] | None = None,
+        downscale_factor: float = 1,
+        resample: str = "box",
+        config_key: str = "data.folder",
+    ):
+        self.path = os.path.abspath(path)
+        if files is None:
+            files = list_image_files(self.path, config_key)
+        self.downscale_factor = downscale_factor
+        self.resample = resample
+        self.files: list[str] = []
+        self.digests: list[str] = []
+        self._images = []
+        skipped = []
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    data = fh.read()
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()  # forces a full decode so truncated files fail here
+                    im = ImageOps.exif_transpose(im)
+                    arr = to_rgb_uint8(im)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                skipped.append(os.path.basename(f))
+                continue
+            self.files.append(f)
+            self.digests.append(file_digest(data))
+            self._images.append(_readonly(downscale(arr, downscale_factor, resample)))
+        self.num_skipped = len(skipped)
+        self.skipped_files = tuple(skipped)
+        if skipped:
+            logging.warning(
+                "Skipped %d undecodable image file(s) in %s: %s", len(skipped), self.path, ", ".join(skipped)
+            )
+        if not self._images:
+            raise ValueError(f"No decodable images in {self.path!r} ({config_key}).")
 
-  @property
-  def keys(self) -> tuple[str, ...]:
-    """Content digests used for the train/eval disjointness check."""
-    return tuple(self.digests)
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Content digests used for the train/eval disjointness check."""
+        return tuple(self.digests)
 
-  def __repr__(self) -> str:
-    names = [os.path.basename(f) for f in self.files]
-    return (f'FolderImageSource(path={self.path!r}, files={names!r}, '
-            f'downscale_factor={self.downscale_factor!r}, '
-            f'resample={self.resample!r})')
+    def __repr__(self) -> str:
+        names = [os.path.basename(f) for f in self.files]
+        return (
+            f"FolderImageSource(path={self.path!r}, files={names!r}, "
+            f"downscale_factor={self.downscale_factor!r}, "
+            f"resample={self.resample!r})"
+        )
 
 
 def _folder_split(data_config) -> tuple[list[str], list[str]]:
-  """(train files, eval files) for source='folder'."""
-  train = list_image_files(data_config.folder)
-  if data_config.get('eval_folder', ''):
-    return train, list_image_files(data_config.eval_folder,
-                                   'data.eval_folder')
-  k = math.ceil(data_config.eval_fraction * len(train))
-  if k < 1 or k >= len(train):
+    """(train files, eval files) for source='folder'."""
+    train = list_image_files(data_config.folder)
+    if data_config.get("eval_folder", ""):
+        return train, list_image_files(data_config.eval_folder, "data.eval_folder")
+    k = math.ceil(data_config.eval_fraction * len(train))
+    if k < 1 or k >= len(train):
+        raise ValueError(
+            f"data.folder {data_config.folder!r} has {len(train)} image files; "
+            f"data.eval_fraction={data_config.eval_fraction} must leave at least "
+            "one for eval and one for training (or set data.eval_folder)."
+        )
+    return train[:-k], train[-k:]
+
+
+def make_source(data_config, split: str, task: str = ""):
+    """Builds the train or eval source described by `data_config`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+    kw = dict(downscale_factor=data_config.image_downscale, resample=data_config.get("downscale_resample", "box"))
+    if data_config.source == "embedded":
+        key = f"data.{split}_images"
+        names = data_config.train_images if split == "train" else (data_config.eval_images)
+        return EmbeddedImageSource(names, config_key=key, **kw)
+    if data_config.source == "folder":
+        if not data_config.folder:
+            raise ValueError("data.folder must be set when data.source='folder'.")
+        train, evl = _folder_split(data_config)
+        if split == "train":
+            return FolderImageSource(data_config.folder, files=train, **kw)
+        path = data_config.get("eval_folder", "") or data_config.folder
+        key = "data.eval_folder" if data_config.get("eval_folder") else ("data.folder")
+        return FolderImageSource(path, files=evl, config_key=key, **kw)
+    from codi_jax.data import paired  # records of paired datasets (editing triplets, depth pairs)
+
+    if data_config.source in paired.PAIRED_SOURCES:
+        return paired.PairedSource(data_config, split, task)
     raise ValueError(
-        f'data.folder {data_config.folder!r} has {len(train)} image files; '
-        f'data.eval_fraction={data_config.eval_fraction} must leave at least '
-        'one for eval and one for training (or set data.eval_folder).')
-  return train[:-k], train[-k:]
-
-
-def make_source(data_config, split: str, task: str = ''):
-  """Builds the train or eval source described by `data_config`."""
-  if split not in ('train', 'eval'):
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-  kw = dict(downscale_factor=data_config.image_downscale,
-            resample=data_config.get('downscale_resample', 'box'))
-  if data_config.source == 'embedded':
-    key = f'data.{split}_images'
-    names = data_config.train_images if split == 'train' else (
-        data_config.eval_images)
-    return EmbeddedImageSource(names, config_key=key, **kw)
-  if data_config.source == 'folder':
-    if not data_config.folder:
-      raise ValueError("data.folder must be set when data.source='folder'.")
-    train, evl = _folder_split(data_config)
-    if split == 'train':
-      return FolderImageSource(data_config.folder, files=train, **kw)
-    path = data_config.get('eval_folder', '') or data_config.folder
-    key = 'data.eval_folder' if data_config.get('eval_folder') else (
-        'data.folder')
-    return FolderImageSource(path, files=evl, config_key=key, **kw)
-  from codi_jax.data import paired  # records of paired datasets (editing triplets, depth pairs)
-  if data_config.source in paired.PAIRED_SOURCES:
-    return paired.PairedSource(data_config, split, task)
-  raise ValueError(f"data.source must be 'embedded', 'folder' or one of "
-                   f"{paired.PAIRED_SOURCES}, got {data_config.source!r}.")
+        f"data.source must be 'embedded', 'folder' or one of {paired.PAIRED_SOURCES}, got {data_config.source!r}."
+    )
 
 
 def check_disjoint(data_config) -> None:
-  """Raises ValueError if any eval image is also a training image."""
-  if data_config.source == 'embedded':
-    overlap = sorted(set(data_config.train_images)
-                     & set(data_config.eval_images))
-    if overlap:
-      raise ValueError(f'data.train_images and data.eval_images overlap: '
-                       f'{overlap}; eval images must be held out.')
-    return
-  if data_config.source not in ('embedded', 'folder'):
-    return  # paired datasets: the split is by record, disjoint by construction
-  if data_config.source == 'folder':
-    train, evl = _folder_split(data_config)
-    if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):
-      raise ValueError('data.folder and data.eval_folder share image files.')
-    # Same content under different names also counts as overlap.
-    def digests(files):
-      out = {}
-      for f in files:
-        with open(f, 'rb') as fh:
-          out[file_digest(fh.read())] = os.path.basename(f)
-      return out
-    dt, de = digests(train), digests(evl)
-    common = sorted(de[d] for d in set(dt) & set(de))
-    if common:
-      raise ValueError(f'Eval images duplicate training images in '
-                       f'data.folder: {common}.')
+    """Raises ValueError if any eval image is also a training image."""
+    if data_config.source == "embedded":
+        overlap = sorted(set(data_config.train_images) & set(data_config.eval_images))
+        if overlap:
+            raise ValueError(
+                f"data.train_images and data.eval_images overlap: {overlap}; eval images must be held out."
+            )
+        return
+    if data_config.source not in ("embedded", "folder"):
+        return  # paired datasets: the split is by record, disjoint by construction
+    if data_config.source == "folder":
+        train, evl = _folder_split(data_config)
+        if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):
+            raise ValueError("data.folder and data.eval_folder share image files.")
+
+        # Same content under different names also counts as overlap.
+        def digests(files):
+            out = {}
+            for f in files:
+                with open(f, "rb") as fh:
+                    out[file_digest(fh.read())] = os.path.basename(f)
+            return out
+
+        dt, de = digests(train), digests(evl)
+        common = sorted(de[d] for d in set(dt) & set(de))
+        if common:
+            raise ValueError(f"Eval images duplicate training images in data.folder: {common}.")

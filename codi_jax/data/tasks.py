@@ -42,7 +42,7 @@ def box_mask(rng: np.random.Generator, size: int, side_range) -> np.ndarray:
     h, w = (max(1, int(round(size * rng.uniform(*side_range)))) for _ in range(2))
     y, x = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
     m = np.zeros((size, size), np.float32)
-    m[y:y + h, x:x + w] = 1.0
+    m[y : y + h, x : x + w] = 1.0
     return m
 
 
@@ -98,7 +98,9 @@ def check_mask(mask: np.ndarray, image_shape, what: str = "mask") -> np.ndarray:
     if m.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D mask, got shape {np.asarray(mask).shape}")
     if m.shape != tuple(image_shape[:2]):
-        raise ValueError(f"{what}: mask is {m.shape[0]}x{m.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}")
+        raise ValueError(
+            f"{what}: mask is {m.shape[0]}x{m.shape[1]} but the image is {image_shape[0]}x{image_shape[1]}"
+        )
     values = np.unique(m)
     if set(values.tolist()) <= {0, 1}:
         return m.astype(np.float32)[..., None]
@@ -178,7 +180,7 @@ def render_scene(texture: np.ndarray, rng: np.random.Generator, dcfg, size: int,
     Returns (rgb [S,S,3] in [0, 1], z [S,S] depth, object mask [S,S] bool)."""
     obj_colour, shape, wall_colour = caption
     palette = {k: np.asarray(v, np.float32) for k, v in dcfg.palette.items()}
-    u = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0    # [-1, 1] image-plane coords
+    u = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0  # [-1, 1] image-plane coords
     yy, xx = np.meshgrid(u, u, indexing="ij")
     z0 = rng.uniform(*dcfg.wall_depth)
     a, b = rng.uniform(-dcfg.wall_tilt, dcfg.wall_tilt, 2)
@@ -196,7 +198,7 @@ def render_scene(texture: np.ndarray, rng: np.random.Generator, dcfg, size: int,
         shade = np.clip(normal @ (light / np.linalg.norm(light)), 0.0, 1.0) * 0.7 + 0.3
     elif shape == "box":
         inside = (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
-        z_obj = np.where(inside, zc - r + 0.15 * (xx - cx), np.inf)   # a slightly turned front face
+        z_obj = np.where(inside, zc - r + 0.15 * (xx - cx), np.inf)  # a slightly turned front face
         shade = np.full_like(xx, 0.85)
     else:
         raise ValueError(f"config data.depth.shapes has {shape!r}; shapes are 'sphere' and 'box'")
@@ -226,8 +228,12 @@ def make_depth_example(crop: np.ndarray, rng: np.random.Generator, data_config) 
     captions = depth_captions(dcfg)
     k = int(rng.integers(len(captions)))
     rgb, z, obj = render_scene(crop, rng, dcfg, crop.shape[0], captions[k])
-    return {"image": _signed(rgb), "cond": depth_condition(z), "prompt": np.int32(k),
-            "object_mask": obj[..., None].astype(np.float32)}
+    return {
+        "image": _signed(rgb),
+        "cond": depth_condition(z),
+        "prompt": np.int32(k),
+        "object_mask": obj[..., None].astype(np.float32),
+    }
 
 
 def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_size: int, flip: bool) -> dict:
@@ -238,7 +244,7 @@ def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_
     if min(h, w) < crop_size:
         raise ValueError(f"a record's image is {h}x{w}, smaller than data.crop_size={crop_size}")
     y, x = int(rng.integers(h - crop_size + 1)), int(rng.integers(w - crop_size + 1))
-    a, b = a[y:y + crop_size, x:x + crop_size], b[y:y + crop_size, x:x + crop_size]
+    a, b = a[y : y + crop_size, x : x + crop_size], b[y : y + crop_size, x : x + crop_size]
     if flip and rng.random() < 0.5:
         a, b = a[:, ::-1], b[:, ::-1]
     prompt = np.int32(rec["prompt"])
@@ -252,6 +258,7 @@ def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_
 def prompts(data_config, task: str) -> list[str]:
     """The task's prompt list; a record's 'prompt' is an index into it."""
     from codi_jax.data import paired
+
     if data_config.source in paired.PAIRED_SOURCES:
         return paired.dataset_prompts(data_config, task)
     if task == "edit":

@@ -32,21 +32,29 @@ def vision_config_from_transformers(d: dict) -> ml_collections.ConfigDict:
     act = d.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"CLIP vision config: hidden_act={act!r} is not supported")
-    return ml_collections.ConfigDict(dict(
-        hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
-        num_hidden_layers=int(d["num_hidden_layers"]), num_attention_heads=int(d["num_attention_heads"]),
-        image_size=int(d["image_size"]), patch_size=int(d["patch_size"]), num_channels=int(d.get("num_channels", 3)),
-        hidden_act=act, layer_norm_eps=float(d.get("layer_norm_eps", 1e-5))))
+    return ml_collections.ConfigDict(
+        dict(
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            image_size=int(d["image_size"]),
+            patch_size=int(d["patch_size"]),
+            num_channels=int(d.get("num_channels", 3)),
+            hidden_act=act,
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+        )
+    )
 
 
 class CLIPVisionTransformer(nn.Module):
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, pixel_values):   # NHWC, normalised
+    def __call__(self, pixel_values):  # NHWC, normalised
         cfg = self.cfg
         emb = EmbeddingsBlock(cfg, name="embeddings")(pixel_values)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm")(emb)   # transformers' spelling
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="pre_layrnorm")(emb)  # transformers' spelling
         n = x.shape[1]
         x = clip_text.CLIPEncoder(cfg, name="encoder")(x, jnp.ones((1, 1, n, n), jnp.bool_))
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="post_layernorm")(x[:, 0])
@@ -59,19 +67,22 @@ class EmbeddingsBlock(nn.Module):
     def __call__(self, pixel_values):
         cfg = self.cfg
         p = cfg.patch_size
-        patches = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", use_bias=False,
-                          name="patch_embedding")(pixel_values)
+        patches = nn.Conv(cfg.hidden_size, (p, p), (p, p), padding="VALID", use_bias=False, name="patch_embedding")(
+            pixel_values
+        )
         b = patches.shape[0]
         patches = patches.reshape(b, -1, cfg.hidden_size)
         cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.hidden_size)), patches], axis=1)
         pos = nn.Embed((cfg.image_size // p) ** 2 + 1, cfg.hidden_size, name="position_embedding")(
-            jnp.arange(x.shape[1]))
+            jnp.arange(x.shape[1])
+        )
         return x + pos[None]
 
 
 class CLIPEmbedder(nn.Module):
     """(pixel_values NHWC, input_ids) -> (image_embeds, text_embeds), both projected, not normalised."""
+
     text_cfg: ml_collections.ConfigDict
     vision_cfg: ml_collections.ConfigDict
     projection_dim: int
@@ -100,7 +111,7 @@ def preprocess(images, image_size: int):
     nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
     x = jax.image.resize(x, (n, nh, nw, c), "bicubic", antialias=True)
     top, left = (nh - image_size) // 2, (nw - image_size) // 2
-    x = x[:, top:top + image_size, left:left + image_size]
+    x = x[:, top : top + image_size, left : left + image_size]
     return (x - CLIP_MEAN) / CLIP_STD
 
 
@@ -110,8 +121,10 @@ class CLIPScorer:
     def __init__(self, folder: str):
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP folder {folder!r}: no config.json (a transformers CLIPModel folder, e.g. "
-                                    "openai/clip-vit-large-patch14 saved with save_pretrained)")
+            raise FileNotFoundError(
+                f"CLIP folder {folder!r}: no config.json (a transformers CLIPModel folder, e.g. "
+                "openai/clip-vit-large-patch14 saved with save_pretrained)"
+            )
         with open(path) as f:
             d = json.load(f)
         if "vision_config" not in d or "text_config" not in d:
@@ -123,11 +136,19 @@ class CLIPScorer:
         self.module = CLIPEmbedder(self.text_cfg, self.vision_cfg, int(d.get("projection_dim", 512)))
         state = diffusers_folder.load_weights(diffusers_folder.weights_path(folder, "model"))
         size = self.vision_cfg.image_size
-        target = jax.eval_shape(lambda: self.module.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-            jnp.zeros((1, self.text_cfg.max_position_embeddings), jnp.int32)))["params"]
-        params = convert.torch_to_flax(state, target, what="CLIP", ignore=(
-            "logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"))
+        target = jax.eval_shape(
+            lambda: self.module.init(
+                jax.random.PRNGKey(0),
+                jnp.zeros((1, size, size, 3)),
+                jnp.zeros((1, self.text_cfg.max_position_embeddings), jnp.int32),
+            )
+        )["params"]
+        params = convert.torch_to_flax(
+            state,
+            target,
+            what="CLIP",
+            ignore=("logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"),
+        )
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.tokenizer = clip_text.load_tokenizer(folder)
         self._images = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=CLIPEmbedder.embed_images))

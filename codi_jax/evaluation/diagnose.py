@@ -36,8 +36,9 @@ from codi_jax.evaluation import evaluate, job, metrics
 DENOISE_T = (1, 10, 40, 100, 200, 400, 600, 800, 950)
 
 
-def denoiser_stats(denoiser, params, x, cond=None, *, timesteps=DENOISE_T, seed: int = 0,
-                   batch_size: int = 16) -> list[dict]:
+def denoiser_stats(
+    denoiser, params, x, cond=None, *, timesteps=DENOISE_T, seed: int = 0, batch_size: int = 16
+) -> list[dict]:
     """Per t: the network's x_hat on z_t = alpha_t x + sigma_t eps (one eps draw, `seed`) against
     `x`: x_mse, identity_mse (of z_t / alpha_t), eps_energy (E eps_hat^2 / E eps^2), eps_corr, and
     for images the high-frequency ratio of x_hat (clipped to [-1, 1]) to x."""
@@ -55,11 +56,14 @@ def denoiser_stats(denoiser, params, x, cond=None, *, timesteps=DENOISE_T, seed:
             xh, eh = call(params, z[sl], jnp.full((z[sl].shape[0],), float(t)), None if cond is None else cond[sl])
             xs.append(np.asarray(xh)), es.append(np.asarray(eh))
         x_hat, eps_hat = np.concatenate(xs), np.concatenate(es)
-        row = {"t": int(t), "sigma_over_alpha": sigma / alpha,
-               "x_mse": float(np.mean((x_hat - x) ** 2)),
-               "identity_mse": float(np.mean((z / alpha - x) ** 2)),
-               "eps_energy": float(np.mean(eps_hat ** 2) / np.mean(eps ** 2)),
-               "eps_corr": float(np.sum(eps_hat * eps) / np.sqrt(np.sum(eps_hat ** 2) * np.sum(eps ** 2)))}
+        row = {
+            "t": int(t),
+            "sigma_over_alpha": sigma / alpha,
+            "x_mse": float(np.mean((x_hat - x) ** 2)),
+            "identity_mse": float(np.mean((z / alpha - x) ** 2)),
+            "eps_energy": float(np.mean(eps_hat**2) / np.mean(eps**2)),
+            "eps_corr": float(np.sum(eps_hat * eps) / np.sqrt(np.sum(eps_hat**2) * np.sum(eps**2))),
+        }
         if x.ndim == 4:
             row["x_hf_ratio"] = float(metrics.high_frequency_ratio(np.clip(x_hat, -1, 1), x))
         out.append(row)
@@ -73,14 +77,22 @@ def path_points(num_steps: int, points: int = 10) -> list[int]:
     return sorted({*range(0, num_steps, stride), num_steps - 1})
 
 
-def sample_path(denoiser, params, cond, *, num_steps: int, shape, seed: int, batch_size: int,
-                eps_scale: float = 1.0, context=None) -> np.ndarray:
+def sample_path(
+    denoiser, params, cond, *, num_steps: int, shape, seed: int, batch_size: int, eps_scale: float = 1.0, context=None
+) -> np.ndarray:
     """DDIM-`num_steps` x_hat at every step, [n, steps, *shape], with the evaluation's noise
     (`evaluate.sample_batches` with PRNGKey(seed)): the last step is the evaluation's sample."""
     fn = sampling.make_sampler(denoiser, num_steps, "deterministic", eps_scale=eps_scale, trajectory=True)
-    return evaluate.sample_batches(lambda *a: jnp.moveaxis(fn(*a), 0, 1), params, cond,
-                                   rng=jax.random.PRNGKey(seed), n=cond.shape[0], batch_size=batch_size,
-                                   one_shape=tuple(shape), context=context)
+    return evaluate.sample_batches(
+        lambda *a: jnp.moveaxis(fn(*a), 0, 1),
+        params,
+        cond,
+        rng=jax.random.PRNGKey(seed),
+        n=cond.shape[0],
+        batch_size=batch_size,
+        one_shape=tuple(shape),
+        context=context,
+    )
 
 
 def path_metrics(traj: np.ndarray, ref, timesteps, points: int = 10) -> list[dict]:
@@ -88,53 +100,84 @@ def path_metrics(traj: np.ndarray, ref, timesteps, points: int = 10) -> list[dic
     out = []
     for i in path_points(traj.shape[1], points):
         m = metrics.evaluate_batch(np.clip(traj[:, i], -1.0, 1.0), ref)
-        out.append({"step": i + 1, "t": int(timesteps[i]), "psnr": m["psnr"], "ssim": m["ssim"],
-                    "swd_mean": m["swd_mean"], "hf_ratio": m["hf_ratio"]})
+        out.append(
+            {
+                "step": i + 1,
+                "t": int(timesteps[i]),
+                "psnr": m["psnr"],
+                "ssim": m["ssim"],
+                "swd_mean": m["swd_mean"],
+                "hf_ratio": m["hf_ratio"],
+            }
+        )
     return out
 
 
-def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_dir: str = "",
-             log=print) -> dict:
+def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_dir: str = "", log=print) -> dict:
     """The three views for a finished run (see the module doc); returns the report."""
     config = job.read_run_config(run_dir)
     if config.task in task_data.PROMPT_TASKS:
-        raise ValueError(f"run {run_dir}: task {config.task!r} samples with text prompts; diagnose takes "
-                         "image-conditioned tasks (sr, inpaint)")
+        raise ValueError(
+            f"run {run_dir}: task {config.task!r} samples with text prompts; diagnose takes "
+            "image-conditioned tasks (sr, inpaint)"
+        )
     if config.teacher.get("pretrained_path"):
-        raise ValueError(f"run {run_dir}: a latent-space run (teacher.pretrained_path is set); diagnose takes "
-                         "pixel-space runs")
+        raise ValueError(
+            f"run {run_dir}: a latent-space run (teacher.pretrained_path is set); diagnose takes pixel-space runs"
+        )
     if not steps or not eps_scales or min(steps) < 1 or min(eps_scales) <= 0:
-        raise ValueError(f"--steps={list(steps)} and --eps_scales={list(eps_scales)}: each needs values, "
-                         "steps >= 1 and scales > 0")
+        raise ValueError(
+            f"--steps={list(steps)} and --eps_scales={list(eps_scales)}: each needs values, steps >= 1 and scales > 0"
+        )
     model = experiment.build_model(config, cache_dir or os.path.join(run_dir, "diagnose_cache"))
     params, _, step = job.restore_final(model.config, run_dir, model=model)
     den = model.method_denoiser
     ecfg = config.eval
     batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=ecfg.num_examples, seed=ecfg.seed)
     hr, cond = np.asarray(batch["image"]), batch["cond"]
-    report = {"run": os.path.abspath(run_dir), "method": config.method, "step": int(step),
-              "num_examples": int(hr.shape[0])}
+    report = {
+        "run": os.path.abspath(run_dir),
+        "method": config.method,
+        "step": int(step),
+        "num_examples": int(hr.shape[0]),
+    }
     log(f"diagnose: {run_dir} (method {config.method}, step {step}), {hr.shape[0]} held-out crops")
     report["denoiser"] = denoiser_stats(den, params, hr, cond, seed=ecfg.seed, batch_size=ecfg.batch_size)
-    log("\nDenoiser on held-out z_t = alpha x + sigma eps:\n\n"
+    log(
+        "\nDenoiser on held-out z_t = alpha x + sigma eps:\n\n"
         "| t | sigma/alpha | x_hat MSE | z/alpha MSE | eps_hat energy | corr(eps_hat, eps) | x_hat HF ratio |\n"
-        "|---|---|---|---|---|---|---|")
+        "|---|---|---|---|---|---|---|"
+    )
     for r in report["denoiser"]:
-        log(f"| {r['t']} | {r['sigma_over_alpha']:.3g} | {r['x_mse']:.4g} | {r['identity_mse']:.4g} | "
-            f"{r['eps_energy']:.3f} | {r['eps_corr']:.3f} | {r.get('x_hf_ratio', float('nan')):.3f} |")
+        log(
+            f"| {r['t']} | {r['sigma_over_alpha']:.3g} | {r['x_mse']:.4g} | {r['identity_mse']:.4g} | "
+            f"{r['eps_energy']:.3f} | {r['eps_corr']:.3f} | {r.get('x_hf_ratio', float('nan')):.3f} |"
+        )
     report["paths"] = {}
     for n in steps:
         for c in eps_scales:
-            traj = sample_path(den, params, cond, num_steps=n, shape=model.space.shape, seed=ecfg.seed,
-                               batch_size=ecfg.batch_size, eps_scale=c)
+            traj = sample_path(
+                den,
+                params,
+                cond,
+                num_steps=n,
+                shape=model.space.shape,
+                seed=ecfg.seed,
+                batch_size=ecfg.batch_size,
+                eps_scale=c,
+            )
             ts = np.asarray(diffusion.sampling_timesteps(den.schedule, n))
             rows = path_metrics(traj, hr, ts)
             report["paths"][f"ddim{n}_eps{c:g}"] = rows
-            log(f"\nDDIM {n} steps, eps_hat x {c:g}: x_hat along the path\n\n"
-                "| step | t | PSNR | SSIM | SWD | HF ratio |\n|---|---|---|---|---|---|")
+            log(
+                f"\nDDIM {n} steps, eps_hat x {c:g}: x_hat along the path\n\n"
+                "| step | t | PSNR | SSIM | SWD | HF ratio |\n|---|---|---|---|---|---|"
+            )
             for r in rows:
-                log(f"| {r['step']} | {r['t']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['swd_mean']:.4f} | "
-                    f"{r['hf_ratio']:.3f} |")
+                log(
+                    f"| {r['step']} | {r['t']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['swd_mean']:.4f} | "
+                    f"{r['hf_ratio']:.3f} |"
+                )
     return report
 
 

@@ -13,7 +13,6 @@ from absl import logging
 from codi_jax import sampling
 from codi_jax.evaluation import grids, metrics
 
-
 METHOD_LABELS = {"codi": "CoDi", "finetune": "finetuned", "gd": "GD"}
 
 
@@ -24,7 +23,11 @@ def result_key(method: str, sampler: str, num_steps: int) -> str:
 
 def column_label(method: str, sampler: str, num_steps: int) -> str:
     name = METHOD_LABELS.get(method, method)
-    return f"{name} {num_steps}" if sampler == "deterministic" else f"{name} {sampling.SAMPLER_LABELS[sampler]} {num_steps}"
+    return (
+        f"{name} {num_steps}"
+        if sampler == "deterministic"
+        else f"{name} {sampling.SAMPLER_LABELS[sampler]} {num_steps}"
+    )
 
 
 def check_metric_weights(ecfg) -> None:
@@ -32,9 +35,11 @@ def check_metric_weights(ecfg) -> None:
     of a run, not after its training."""
     if ecfg.get("fid_weights"):
         from codi_jax.evaluation import inception
+
         inception.feature_fn(ecfg.fid_weights)
     if ecfg.get("lpips_weights"):
         from codi_jax.evaluation import lpips
+
         lpips.distance_fn(ecfg.lpips_weights)
     if ecfg.get("clip_model"):
         clip_scorer(ecfg.clip_model)
@@ -43,6 +48,7 @@ def check_metric_weights(ecfg) -> None:
 @functools.lru_cache(maxsize=2)
 def clip_scorer(folder: str):
     from codi_jax.evaluation import clip_score
+
     return clip_score.CLIPScorer(folder)
 
 
@@ -50,13 +56,14 @@ def prompt_metrics(samples, batch, ecfg, data_cfg, task: str, batch_size: int = 
     """CLIP score (Table 2's text-image agreement) of samples against their prompts, where the eval
     config names a CLIP model (`eval.clip_model`) and the task has prompts."""
     from codi_jax.data import tasks as task_data
+
     if not ecfg.get("clip_model") or task not in task_data.PROMPT_TASKS or data_cfg is None:
         return {}
     words = task_data.prompts(data_cfg, task)
     texts = [words[int(k)] for k in np.asarray(batch["prompt"])]
     scorer = clip_scorer(ecfg.clip_model)
     x = np.asarray(samples)
-    scores = [scorer.score(x[i:i + batch_size], texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    scores = [scorer.score(x[i : i + batch_size], texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     return {"clip_score": float(np.mean(np.concatenate(scores)))}
 
 
@@ -65,14 +72,16 @@ def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
     names their weights (`eval.fid_weights`, `eval.lpips_weights`). FID over a few dozen images is
     biased high (covariances of rank < 2048): compare it between methods on the same crops only."""
     out = metrics.evaluate_batch(samples, ref)
-    chunks = lambda x: [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    chunks = lambda x: [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
     if ecfg.get("fid_weights"):
         from codi_jax.evaluation import frechet, inception
+
         feats = inception.feature_fn(ecfg.fid_weights)
         f = lambda x: np.concatenate([np.asarray(feats(c)) for c in chunks(np.asarray(x))])
         out["fid"] = frechet.frechet_distance_of_features(f(samples), f(ref))
     if ecfg.get("lpips_weights"):
         from codi_jax.evaluation import lpips
+
         dist = lpips.distance_fn(ecfg.lpips_weights)
         pairs = zip(chunks(np.asarray(samples)), chunks(np.asarray(ref)))
         out["lpips"] = float(np.mean(np.concatenate([np.asarray(dist(a, b)) for a, b in pairs])))
@@ -93,7 +102,7 @@ def sample_batches(fn, params, cond, *, rng, n, batch_size, one_shape, context=N
     for i in range(0, n if limit is None else limit, batch_size):
         sl = slice(i, min(i + batch_size, n))
         m = sl.stop - sl.start
-        ctx = None if context is None else jax.tree_util.tree_map(lambda c: _rows(c, sl, m), context)
+        ctx = None if context is None else jax.tree_util.tree_map(lambda c, sl=sl, m=m: _rows(c, sl, m), context)
         x = fn(params, jax.random.fold_in(rng, i), (m,) + one_shape, cond[sl] if cond is not None else None, ctx)
         outs.append(np.asarray(to_pixels(x) if to_pixels is not None else x))
     return np.concatenate(outs)
@@ -122,7 +131,7 @@ def task_views(task: str, batch: dict) -> tuple[dict, list, str]:
 
 def hole_psnr(samples, ref, mask) -> dict:
     """PSNR (on [0, 1] images) inside the hole and outside it, per image, then the mean."""
-    err = np.square((np.asarray(samples) - np.asarray(ref)) / 2.0)   # [-1, 1] -> [0, 1] units
+    err = np.square((np.asarray(samples) - np.asarray(ref)) / 2.0)  # [-1, 1] -> [0, 1] units
 
     def psnr(w):
         mse = np.sum(err * w, axis=(1, 2, 3)) / np.maximum(np.sum(w, axis=(1, 2, 3)) * err.shape[-1], 1.0)
@@ -138,6 +147,7 @@ def caption_colour_accuracy(samples, batch, dcfg) -> dict:
     the fraction of examples where that is the caption's colour. Texture and shading change
     brightness, so colours are compared as chromaticity (rgb / sum)."""
     from codi_jax.data import tasks as task_data
+
     captions = task_data.depth_captions(dcfg)
     names = list(dcfg.palette.keys())
     pal = np.asarray([dcfg.palette[k] for k in names], np.float32)
@@ -146,8 +156,10 @@ def caption_colour_accuracy(samples, batch, dcfg) -> dict:
     hits = {"object": [], "wall": []}
     for i, k in enumerate(np.asarray(batch["prompt"])):
         obj_colour, _, wall_colour = captions[int(k)]
-        for part, w, want in (("object", batch["object_mask"][i], obj_colour),
-                              ("wall", 1.0 - batch["object_mask"][i], wall_colour)):
+        for part, w, want in (
+            ("object", batch["object_mask"][i], obj_colour),
+            ("wall", 1.0 - batch["object_mask"][i], wall_colour),
+        ):
             mean = np.sum(x[i] * w, axis=(0, 1)) / max(float(np.sum(w)), 1.0)
             nearest = names[int(np.argmin(np.sum(np.square(chroma(pal) - chroma(mean)), -1)))]
             hits[part].append(nearest == want)
@@ -162,9 +174,24 @@ def task_metrics(task: str, samples, batch: dict, data_cfg) -> dict:
     return {}
 
 
-def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, task: str = "sr", data_cfg=None,
-                  teacher=None, teacher_params=None, extra: dict | None = None, sample_shape=None, context=None,
-                  teacher_context=None, to_pixels=None, method: str = "codi") -> dict:
+def evaluate_task(
+    *,
+    denoiser,
+    params,
+    eval_batch: dict,
+    ecfg,
+    out_dir: str,
+    task: str = "sr",
+    data_cfg=None,
+    teacher=None,
+    teacher_params=None,
+    extra: dict | None = None,
+    sample_shape=None,
+    context=None,
+    teacher_context=None,
+    to_pixels=None,
+    method: str = "codi",
+) -> dict:
     """Sample the held-out batch with every sampler in `ecfg.samplers` at every step count in
     `ecfg.steps`; compare with the task's baseline (`task_views`). Rows are named by
     `result_key(method, sampler, steps)`; each has `metrics.evaluate_batch`'s metrics (+ FID/LPIPS
@@ -193,8 +220,9 @@ def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, tas
     one_shape = tuple(sample_shape) if sample_shape is not None else hr.shape[1:]
 
     def run(fn, p, c, limit=n, ctx=context):
-        return sample_batches(fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=ctx,
-                              to_pixels=to_pixels, limit=limit)
+        return sample_batches(
+            fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=ctx, to_pixels=to_pixels, limit=limit
+        )
 
     for sampler in ecfg.samplers:
         for num_steps in ecfg.steps:
@@ -205,8 +233,10 @@ def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, tas
             compile_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             samples = run(fn, params, cond)
-            timings[key] = {"compile_and_first_batch_s": round(compile_s, 3),
-                            "sample_s_per_image": round((time.perf_counter() - t0) / n, 5)}
+            timings[key] = {
+                "compile_and_first_batch_s": round(compile_s, 3),
+                "sample_s_per_image": round((time.perf_counter() - t0) / n, 5),
+            }
             results[key] = all_metrics(samples, hr, ecfg)
             results[key].update(task_metrics(task, samples, eval_batch, data_cfg))
             results[key].update(prompt_metrics(samples, eval_batch, ecfg, data_cfg, task))
@@ -220,10 +250,18 @@ def evaluate_task(*, denoiser, params, eval_batch: dict, ecfg, out_dir: str, tas
 
     columns.append((ref_label, hr))
     k = min(ecfg.grid_examples, n)
-    grid_path = grids.save_grid(os.path.join(out_dir, "grids", f"{task}_grid.png"),
-                                [(name, as_rgb(x[:k])) for name, x in columns])
-    report = {"task": task, "num_examples": int(n), "method": method, "samplers": list(ecfg.samplers),
-              "metrics": results, "timings": timings, "grid": str(grid_path)}
+    grid_path = grids.save_grid(
+        os.path.join(out_dir, "grids", f"{task}_grid.png"), [(name, as_rgb(x[:k])) for name, x in columns]
+    )
+    report = {
+        "task": task,
+        "num_examples": int(n),
+        "method": method,
+        "samplers": list(ecfg.samplers),
+        "metrics": results,
+        "timings": timings,
+        "grid": str(grid_path),
+    }
     if extra:
         report.update(extra)
     return report

@@ -28,8 +28,9 @@ def frechet_distance(mu_a, sigma_a, mu_b, sigma_b) -> float:
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     sigma_a, sigma_b = np.atleast_2d(sigma_a).astype(np.float64), np.atleast_2d(sigma_b).astype(np.float64)
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape or sigma_a.shape != mu_a.shape * 2:
-        raise ValueError(f"mismatched statistics: means {mu_a.shape} / {mu_b.shape}, covariances "
-                         f"{sigma_a.shape} / {sigma_b.shape}")
+        raise ValueError(
+            f"mismatched statistics: means {mu_a.shape} / {mu_b.shape}, covariances {sigma_a.shape} / {sigma_b.shape}"
+        )
     root_a = _sqrt_psd(sigma_a)
     cross = np.linalg.eigvalsh(root_a @ sigma_b @ root_a)
     tr_sqrt = float(np.sum(np.sqrt(np.clip(cross, 0.0, None))))

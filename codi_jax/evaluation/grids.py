@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -41,7 +41,7 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> Tuple[int, int]:
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return right - left, bottom - top
 
@@ -79,9 +79,7 @@ def _resize_nearest(batch: np.ndarray, height: int) -> np.ndarray:
         f = height // h
         return np.repeat(np.repeat(batch, f, axis=1), f, axis=2)
     new_w = max(1, int(round(w * height / h)))
-    return np.stack(
-        [np.asarray(Image.fromarray(im).resize((new_w, height), Image.Resampling.NEAREST)) for im in batch]
-    )
+    return np.stack([np.asarray(Image.fromarray(im).resize((new_w, height), Image.Resampling.NEAREST)) for im in batch])
 
 
 def _fit_label(draw, label: str, width: int, font) -> str:
@@ -95,9 +93,9 @@ def _fit_label(draw, label: str, width: int, font) -> str:
 
 def save_grid(
     path,
-    columns: Sequence[Tuple[str, np.ndarray]],
+    columns: Sequence[tuple[str, np.ndarray]],
     *,
-    upscale_to: Optional[int] = None,
+    upscale_to: int | None = None,
 ) -> pathlib.Path:
     """Writes a labelled image grid PNG and returns its path.
 
@@ -163,5 +161,14 @@ def read_cells(path, cell: int) -> np.ndarray:
     rows, extra_h = divmod(height - y_first, cell + GUTTER)
     if extra_w or extra_h or not cols or not rows:
         raise ValueError(f"{path}: {width}x{height} px is not a grid of {cell} px cells (another crop size?)")
-    return np.stack([np.stack([image[y_first + r * (cell + GUTTER):][:cell, GUTTER + c * (cell + GUTTER):][:, :cell]
-                               for r in range(rows)]) for c in range(cols)])
+    return np.stack(
+        [
+            np.stack(
+                [
+                    image[y_first + r * (cell + GUTTER) :][:cell, GUTTER + c * (cell + GUTTER) :][:, :cell]
+                    for r in range(rows)
+                ]
+            )
+            for c in range(cols)
+        ]
+    )

@@ -23,9 +23,11 @@ import numpy as np
 from codi_jax.evaluation import weights
 
 FEATURE_DIM = 2048
-WEIGHTS_HELP = ("the standard FID weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                "pt_inception-2015-12-05-6726825d.pth)")
+WEIGHTS_HELP = (
+    "the standard FID weights are pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+    "(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth)"
+)
 
 
 class BasicConv(nn.Module):
@@ -111,12 +113,15 @@ class InceptionE(nn.Module):
         row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
         b1 = BasicConv(320, name="branch1x1")(x)
         b3 = BasicConv(384, name="branch3x3_1")(x)
-        b3 = jnp.concatenate([BasicConv(384, **row, name="branch3x3_2a")(b3),
-                              BasicConv(384, **col, name="branch3x3_2b")(b3)], axis=-1)
+        b3 = jnp.concatenate(
+            [BasicConv(384, **row, name="branch3x3_2a")(b3), BasicConv(384, **col, name="branch3x3_2b")(b3)], axis=-1
+        )
         bd = BasicConv(448, name="branch3x3dbl_1")(x)
         bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([BasicConv(384, **row, name="branch3x3dbl_3a")(bd),
-                              BasicConv(384, **col, name="branch3x3dbl_3b")(bd)], axis=-1)
+        bd = jnp.concatenate(
+            [BasicConv(384, **row, name="branch3x3dbl_3a")(bd), BasicConv(384, **col, name="branch3x3dbl_3b")(bd)],
+            axis=-1,
+        )
         pooled = _max_pool(x, stride=1, pad=1) if self.max_pool_branch else _avg_pool(x)
         bp = BasicConv(192, name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -127,7 +132,7 @@ class FIDInceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        x = (jnp.clip(images.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0   # pytorch-fid's input range [0, 1]
+        x = (jnp.clip(images.astype(jnp.float32), -1.0, 1.0) + 1.0) / 2.0  # pytorch-fid's input range [0, 1]
         x = jax.image.resize(x, (x.shape[0], 299, 299, x.shape[-1]), "bilinear", antialias=False)
         x = 2.0 * x - 1.0
         x = BasicConv(32, (3, 3), (2, 2), name="Conv2d_1a_3x3")(x)

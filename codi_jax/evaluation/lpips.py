@@ -27,8 +27,10 @@ ALEX_CONVS = ((0, 64, 11, 4, 2), (3, 192, 5, 1, 2), (6, 384, 3, 1, 1), (8, 256, 
 _POOL_BEFORE = (3, 6)
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 SCALE = np.array([0.458, 0.448, 0.450], np.float32)
-WEIGHTS_HELP = ("LPIPS needs torchvision's AlexNet weights (alexnet-owt-7be5be79.pth) and the lpips package's "
-                "weights/v0.1/alex.pth (pip install lpips), given as 'alexnet.pth,alex.pth'")
+WEIGHTS_HELP = (
+    "LPIPS needs torchvision's AlexNet weights (alexnet-owt-7be5be79.pth) and the lpips package's "
+    "weights/v0.1/alex.pth (pip install lpips), given as 'alexnet.pth,alex.pth'"
+)
 
 
 class LPIPS(nn.Module):
@@ -42,8 +44,11 @@ class LPIPS(nn.Module):
         for k, (idx, feat, kernel, stride, pad) in enumerate(ALEX_CONVS):
             if idx in _POOL_BEFORE:
                 x = nn.max_pool(x, (3, 3), (2, 2))
-            x = nn.relu(nn.Conv(feat, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                                name=f"conv{idx}")(x))
+            x = nn.relu(
+                nn.Conv(feat, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), name=f"conv{idx}")(
+                    x
+                )
+            )
             f = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)) + 1e-10)
             diff = jnp.square(f[:n] - f[n:])
             w = self.param(f"lin{k}", nn.initializers.ones, (feat,))
@@ -57,15 +62,17 @@ def variables_from_torch_state(state: dict) -> dict:
     for name, value in state.items():
         value = np.asarray(value, np.float32)
         parts = name.split(".")
-        if parts[0] == "net" and parts[1].startswith("slice"):       # lpips: net.slice2.3.weight
+        if parts[0] == "net" and parts[1].startswith("slice"):  # lpips: net.slice2.3.weight
             idx, leaf = int(parts[2]), parts[3]
-        elif parts[0] == "features":                                 # torchvision: features.3.weight
+        elif parts[0] == "features":  # torchvision: features.3.weight
             idx, leaf = int(parts[1]), parts[2]
-        elif parts[0][:3] == "lin" and parts[0][3:].isdigit() and parts[-1] == "weight":  # lin2.model.1.weight [1, C, 1, 1]
+        elif (
+            parts[0][:3] == "lin" and parts[0][3:].isdigit() and parts[-1] == "weight"
+        ):  # lin2.model.1.weight [1, C, 1, 1]
             params[parts[0]] = value.reshape(-1)
             continue
         else:
-            continue   # scaling_layer buffers (fixed constants here), 'lins.k' duplicates, classifier
+            continue  # scaling_layer buffers (fixed constants here), 'lins.k' duplicates, classifier
         if idx not in {c[0] for c in ALEX_CONVS}:
             continue
         conv = params.setdefault(f"conv{idx}", {})

@@ -22,7 +22,6 @@ Metrics
 from __future__ import annotations
 
 import functools
-from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +170,7 @@ def _pyr_up(x: jax.Array, shape) -> jax.Array:
     return 4.0 * _blur5(z)
 
 
-def _level_sizes(height: int, width: int, levels: int) -> List[tuple]:
+def _level_sizes(height: int, width: int, levels: int) -> list[tuple]:
     sizes = [(height, width)]
     for _ in range(levels - 1):
         h, w = sizes[-1]
@@ -180,7 +179,7 @@ def _level_sizes(height: int, width: int, levels: int) -> List[tuple]:
 
 
 @functools.partial(jax.jit, static_argnames=("levels",))
-def laplacian_pyramid(x, levels: int) -> List[jax.Array]:
+def laplacian_pyramid(x, levels: int) -> list[jax.Array]:
     """Laplacian pyramid of NHWC images, finest level first.
 
     Level i < levels-1 holds the band-pass detail G_i - up(G_{i+1}); the last
@@ -309,7 +308,7 @@ def laplacian_swd(
     num_projections: int = 128,
     num_repeats: int = 4,
     seed: int = 0,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Per-level sliced Wasserstein distance between patch distributions.
 
     Following the SWD of Karras et al. (ProGAN): build a Laplacian pyramid of
@@ -390,7 +389,7 @@ def evaluate_batch(
     swd_patches_per_image: int = 64,
     swd_num_projections: int = 128,
     seed: int = 0,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """All metrics for a paired batch of NHWC images in [-1, 1].
 
     Returns python floats: 'psnr' and 'ssim' (batch means, on [0, 1] images),

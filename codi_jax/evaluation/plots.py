@@ -11,9 +11,9 @@ def metrics_vs_steps(series: dict, path: str, title: str = "") -> str:
     """series: {label: [(steps, {metric: value}), ...]}; one line per label with >= 2 points
     (a single point is drawn as a marker). Writes a PNG with PSNR and SWD side by side."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib import ticker
 
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))

@@ -14,13 +14,18 @@ import shutil
 
 import numpy as np
 
-from codi_jax.evaluation import grids as grids_lib, plots
+from codi_jax.evaluation import grids as grids_lib
+from codi_jax.evaluation import plots
 
-METRICS = (("psnr", "PSNR", "higher"), ("ssim", "SSIM", "higher"), ("swd_mean", "SWD", "lower"),
-           ("hf_ratio", "HF ratio", "1 = HR"))
+METRICS = (
+    ("psnr", "PSNR", "higher"),
+    ("ssim", "SSIM", "higher"),
+    ("swd_mean", "SWD", "lower"),
+    ("hf_ratio", "HF ratio", "1 = HR"),
+)
 
 
-ERROR_FILE = "error.txt"   # a failed run's traceback, in its run dir (removed when it is tried again)
+ERROR_FILE = "error.txt"  # a failed run's traceback, in its run dir (removed when it is tried again)
 
 
 def wall_file(run_dir):
@@ -50,7 +55,7 @@ def collect(rcfg, workdir: str, seeds):
                 teachers.setdefault(report["teacher_fingerprint"], []).append(f"{run.name} (seed {seed})")
             for key, vals in report["metrics"].items():
                 if key == "bicubic" and seed in bicubic_seeds:
-                    continue   # the same crops in every run: one bicubic row per seed
+                    continue  # the same crops in every run: one bicubic row per seed
                 if key == "bicubic":
                     bicubic_seeds.add(seed)
                 target = bicubic if key == "bicubic" else rows.setdefault((run.name, key), {})
@@ -66,19 +71,23 @@ def teacher_line(teachers: dict) -> str:
     """collect()'s {teacher fingerprint: [runs that started from it]} as one line for the report ('' where
     no run recorded a fingerprint)."""
     if len(teachers) == 1:
-        return (f"Every finished run started from the same teacher (fingerprint {next(iter(teachers))}: the sum "
-                "of its squared weights).")
+        return (
+            f"Every finished run started from the same teacher (fingerprint {next(iter(teachers))}: the sum "
+            "of its squared weights)."
+        )
     if teachers:
         parts = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in teachers.items())
-        return (f"**The runs started from {len(teachers)} different teachers** (fingerprints, the sum of each "
-                f"teacher's squared weights: {parts}); the differences between them include the teachers'.")
+        return (
+            f"**The runs started from {len(teachers)} different teachers** (fingerprints, the sum of each "
+            f"teacher's squared weights: {parts}); the differences between them include the teachers'."
+        )
     return ""
 
 
 def parse_key(key: str):
     """'finetune_dpmpp_2m_4step' -> ('dpmpp_2m', 4); 'codi_4step' -> ('deterministic', 4)."""
     body, steps = key.rsplit("_", 1)
-    n = int(steps[:-len("step")])
+    n = int(steps[: -len("step")])
     method, _, sampler = body.partition("_")
     return (sampler or "deterministic"), n
 
@@ -93,6 +102,7 @@ def _fmt(values, metric):
 
 def _row_label(run, key):
     from codi_jax import sampling
+
     sampler, n = parse_key(key)
     label = run.label if sampler == "deterministic" else f"{run.label} + {sampling.SAMPLER_LABELS[sampler]}"
     if run.name == "finetune" and sampler == "deterministic":
@@ -107,8 +117,11 @@ def table(rcfg, rows, section, bicubic=None, steps_filter=None):
     head = "| Method | steps | " + " | ".join(f"{name} ({better})" for _, name, better in METRICS) + " | seeds |"
     lines = [head, "|" + "---|" * (len(METRICS) + 3)]
     if bicubic:
-        lines.append("| bicubic upsampling | - | " + " | ".join(_fmt(bicubic[m], m) for m, _, _ in METRICS) +
-                     f" | {len(bicubic['psnr'])} |")
+        lines.append(
+            "| bicubic upsampling | - | "
+            + " | ".join(_fmt(bicubic[m], m) for m, _, _ in METRICS)
+            + f" | {len(bicubic['psnr'])} |"
+        )
     for run in rcfg.runs:
         if run.section != section:
             continue
@@ -118,8 +131,11 @@ def table(rcfg, rows, section, bicubic=None, steps_filter=None):
             label, n = _row_label(run, key)
             if steps_filter is not None and n not in steps_filter:
                 continue
-            lines.append(f"| {label} | {n} | " + " | ".join(_fmt(vals[m], m) for m, _, _ in METRICS) +
-                         f" | {len(vals['psnr'])} |")
+            lines.append(
+                f"| {label} | {n} | "
+                + " | ".join(_fmt(vals[m], m) for m, _, _ in METRICS)
+                + f" | {len(vals['psnr'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -139,26 +155,38 @@ def _four(rcfg):
 def ordering_checks(rcfg, rows):
     """Table 2: the paper's expected ordering at 4 steps, checked on each metric (not forced)."""
     four = _four(rcfg)
-    return _comparisons(rows, four, [
-        ("finetuned, DDIM 50 steps (paper: CoDi 4 steps about equal)", "finetune", "finetune_50step"),
-        (f"finetuned, DDIM {four} steps (paper: CoDi ahead)", "finetune", f"finetune_{four}step"),
-        (f"finetuned + DPM-Solver++ {four} steps", "finetune", f"finetune_dpmpp_2m_{four}step"),
-        (f"CM-II {four} steps (paper: CoDi ahead)", "cm", f"codi_{four}step"),
-        (f"CM-II (frozen) {four} steps (paper: CoDi ahead)", "cm_frozen", f"codi_{four}step"),
-        (f"GD-II {four} steps (paper: CoDi ahead)", "gd", f"gd_{four}step")])
+    return _comparisons(
+        rows,
+        four,
+        [
+            ("finetuned, DDIM 50 steps (paper: CoDi 4 steps about equal)", "finetune", "finetune_50step"),
+            (f"finetuned, DDIM {four} steps (paper: CoDi ahead)", "finetune", f"finetune_{four}step"),
+            (f"finetuned + DPM-Solver++ {four} steps", "finetune", f"finetune_dpmpp_2m_{four}step"),
+            (f"CM-II {four} steps (paper: CoDi ahead)", "cm", f"codi_{four}step"),
+            (f"CM-II (frozen) {four} steps (paper: CoDi ahead)", "cm_frozen", f"codi_{four}step"),
+            (f"GD-II {four} steps (paper: CoDi ahead)", "gd", f"gd_{four}step"),
+        ],
+    )
 
 
 def ablation_checks(rcfg, rows):
     """Table 3 / Fig. 7 / d_x: CoDi at 4 steps against each variant at 4 steps."""
     four = _four(rcfg)
-    expected = {"no_pf_ode": "paper: behind CoDi", "no_noise_consistency": "paper: behind CoDi",
-                "no_guidance": "paper: behind CoDi", "random_init": "paper: far behind CoDi",
-                "t_per_batch": "paper: ahead of one t per sample"}
-    def text(r):   # Table 3's "- X" rows read "without X" here
+    expected = {
+        "no_pf_ode": "paper: behind CoDi",
+        "no_noise_consistency": "paper: behind CoDi",
+        "no_guidance": "paper: behind CoDi",
+        "random_init": "paper: far behind CoDi",
+        "t_per_batch": "paper: ahead of one t per sample",
+    }
+
+    def text(r):  # Table 3's "- X" rows read "without X" here
         label = "without " + r.label[2:] if r.label.startswith("- ") else r.label
         return f"{label} ({expected[r.name]})" if r.name in expected else label
-    return _comparisons(rows, four, [(text(r), r.name, f"codi_{four}step")
-                                     for r in rcfg.runs if r.section in ("table3", "fig7", "dx")])
+
+    return _comparisons(
+        rows, four, [(text(r), r.name, f"codi_{four}step") for r in rcfg.runs if r.section in ("table3", "fig7", "dx")]
+    )
 
 
 def _comparisons(rows, four, comparisons):
@@ -204,23 +232,38 @@ def plot_steps(rcfg, rows, path, sections=("table2",), reference=()):
 # (column label, run, sampler, steps); steps "few" is the few-step count of the ordering checks (4),
 # "most" the run's largest evaluated step count.
 COMPARISONS = {
-    "results_compare.png": (True, [
-        ("FT {n}", "finetune", "deterministic", "few"), ("FT {n}", "finetune", "deterministic", "most"),
-        ("FT DPM {n}", "finetune", "dpmpp_2m", "few"), ("GD-II", "gd", "deterministic", "few"),
-        ("CM-II", "cm", "deterministic", "few"), ("CM-II fr.", "cm_frozen", "deterministic", "few"),
-        ("PE-CoDi", "pe_codi", "deterministic", "few"), ("CoDi", "codi", "deterministic", "few")]),
-    "results_compare_ablations.png": (False, [
-        ("CoDi", "codi", "deterministic", "few"), ("-PF-ODE", "no_pf_ode", "deterministic", "few"),
-        ("-noise c.", "no_noise_consistency", "deterministic", "few"), ("-guid.", "no_guidance", "deterministic", "few"),
-        ("rand. init", "random_init", "deterministic", "few"), ("t/batch", "t_per_batch", "deterministic", "few"),
-        ("Huber", "dx_huber", "deterministic", "few")]),
+    "results_compare.png": (
+        True,
+        [
+            ("FT {n}", "finetune", "deterministic", "few"),
+            ("FT {n}", "finetune", "deterministic", "most"),
+            ("FT DPM {n}", "finetune", "dpmpp_2m", "few"),
+            ("GD-II", "gd", "deterministic", "few"),
+            ("CM-II", "cm", "deterministic", "few"),
+            ("CM-II fr.", "cm_frozen", "deterministic", "few"),
+            ("PE-CoDi", "pe_codi", "deterministic", "few"),
+            ("CoDi", "codi", "deterministic", "few"),
+        ],
+    ),
+    "results_compare_ablations.png": (
+        False,
+        [
+            ("CoDi", "codi", "deterministic", "few"),
+            ("-PF-ODE", "no_pf_ode", "deterministic", "few"),
+            ("-noise c.", "no_noise_consistency", "deterministic", "few"),
+            ("-guid.", "no_guidance", "deterministic", "few"),
+            ("rand. init", "random_init", "deterministic", "few"),
+            ("t/batch", "t_per_batch", "deterministic", "few"),
+            ("Huber", "dx_huber", "deterministic", "few"),
+        ],
+    ),
 }
 COMPARISON_CAPTIONS = {
     "results_compare.png": "LR | bicubic | finetuned DDIM at {few} and {most} steps, DPM-Solver++ at {few} | GD-II | "
-                           "CM-II | CM-II frozen | PE-CoDi | CoDi (the distilled models at {few} steps) | HR",
+    "CM-II | CM-II frozen | PE-CoDi | CoDi (the distilled models at {few} steps) | HR",
     "results_compare_ablations.png": "LR | CoDi | without distilling the PF-ODE | without noise consistency | "
-                                     "without conditional guidance | random initialisation | one t per batch | "
-                                     "d_x pseudo-Huber (all at {few} steps) | HR",
+    "without conditional guidance | random initialisation | one t per batch | "
+    "d_x pseudo-Huber (all at {few} steps) | HR",
 }
 
 
@@ -233,8 +276,10 @@ def run_pictures(run_dir: str) -> dict:
     cells = grids_lib.read_cells(os.path.join(run_dir, "grids", "sr_grid.png"), cfg["data"]["crop_size"])
     entries = [(s, int(n)) for s in ev["samplers"] for n in ev["steps"]]
     if len(cells) not in (len(entries) + 3, len(entries) + 4):
-        raise ValueError(f"{run_dir}: its grid has {len(cells)} columns; its config.json's evaluation "
-                         f"({len(entries)} entries) makes {len(entries) + 3} or {len(entries) + 4}")
+        raise ValueError(
+            f"{run_dir}: its grid has {len(cells)} columns; its config.json's evaluation "
+            f"({len(entries)} entries) makes {len(entries) + 3} or {len(entries) + 4}"
+        )
     out = {"lr": cells[0], "bicubic": cells[1], "hr": cells[-1]}
     out.update({e: cells[2 + i] for i, e in enumerate(entries)})
     return out
@@ -253,7 +298,7 @@ def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell:
         if run not in pictures:
             try:
                 pictures[run] = run_pictures(run_dir)
-            except (OSError, ValueError) as e:   # no config.json or grid (an older run's folder): left out
+            except (OSError, ValueError) as e:  # no config.json or grid (an older run's folder): left out
                 print(f"report: {name} leaves out {run_dir}: {e}")
                 pictures[run] = {}
         counts = sorted(e[1] for e in pictures[run] if isinstance(e, tuple) and e[0] == sampler)
@@ -263,7 +308,7 @@ def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell:
             chosen.append((label.format(n=n), pictures[run][(sampler, n)]))
     if not chosen:
         return None, ""
-    first = next(p for p in pictures.values() if p)   # the inputs and HR: the same crops in every run
+    first = next(p for p in pictures.values() if p)  # the inputs and HR: the same crops in every run
     inputs = [("LR", first["lr"])] + ([("bicubic", first["bicubic"])] if with_bicubic else [])
     path = grids_lib.save_grid(path, inputs + chosen + [("HR", first["hr"])], upscale_to=cell)
     return str(path), COMPARISON_CAPTIONS[name].format(few=few, most=most)
@@ -275,8 +320,13 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
     plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
-    ablation_plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps_ablations.png"),
-                               sections=("table3", "fig7", "dx"), reference=("codi",))
+    ablation_plot = plot_steps(
+        rcfg,
+        rows,
+        os.path.join(img_dir, "results_steps_ablations.png"),
+        sections=("table3", "fig7", "dx"),
+        reference=("codi",),
+    )
     figures = [comparison_figure(rcfg, workdir, seeds[0], name, os.path.join(img_dir, name)) for name in COMPARISONS]
     grids = []
     for name in ("finetune", "codi"):
@@ -293,18 +343,28 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     teacher_wall = None
     if teacher["trained_here"] and os.path.exists(wall_file(teacher["dir"])):
         teacher_wall = read_times(wall_file(teacher["dir"]))[0]
-    teacher_note = (f"Shared teacher: pretrained by this command in {teacher_wall} s." if teacher["trained_here"] else
-                    f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
-                    "stage of the same recipe made earlier; its time is not in the total).")
+    teacher_note = (
+        f"Shared teacher: pretrained by this command in {teacher_wall} s."
+        if teacher["trained_here"]
+        else f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
+        "stage of the same recipe made earlier; its time is not in the total)."
+    )
     common = "".join(f", `{k}={v!r}`" for k, v in teacher.get("common", ()))
     common = f" (every run{common})" if common else ""
-    notes = os.path.join(out_dir, "results-notes.md")   # hand-written next to the report (docs/)
+    notes = os.path.join(out_dir, "results-notes.md")  # hand-written next to the report (docs/)
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
-    missing = [f"{r.name} (seed {s}" + (f", failed: `seed{s}/{r.name}/{ERROR_FILE}`)"
-                                      if os.path.exists(os.path.join(workdir, f"seed{s}", r.name, ERROR_FILE)) else ")")
-               for s in seeds for r in rcfg.runs
-               if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))]
+    missing = [
+        f"{r.name} (seed {s}"
+        + (
+            f", failed: `seed{s}/{r.name}/{ERROR_FILE}`)"
+            if os.path.exists(os.path.join(workdir, f"seed{s}", r.name, ERROR_FILE))
+            else ")"
+        )
+        for s in seeds
+        for r in rcfg.runs
+        if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))
+    ]
     md = [
         "# Results: the paper's super-resolution comparisons at tiny scale",
         "",
@@ -318,11 +378,25 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "(1 is right, < 1 blurry). FID and LPIPS (docs/metrics.md) need weight files that cannot be downloaded "
         "on this machine, and on 32 px crops they would not mean much.",
         "",
-        *([f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
-           "command again resumes them.", ""] if missing else []),
+        *(
+            [
+                f"**Partial**: {len(missing)} runs have not finished: {', '.join(missing)}. Running the same "
+                "command again resumes them.",
+                "",
+            ]
+            if missing
+            else []
+        ),
         *([line, ""] if (line := teacher_line(teachers)) else []),
-        *([f"Why some of these differ from the paper, and what was measured to find out: "
-           f"[results-notes.md]({rel(notes)}).", ""] if os.path.exists(notes) else []),
+        *(
+            [
+                f"Why some of these differ from the paper, and what was measured to find out: "
+                f"[results-notes.md]({rel(notes)}).",
+                "",
+            ]
+            if os.path.exists(notes)
+            else []
+        ),
         "## Table 2: super-resolution",
         "",
         table(rcfg, rows, "table2", bicubic),
@@ -353,23 +427,39 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "## Quality against sampling steps",
         "",
         *([f"![metrics against steps]({rel(plot)})", ""] if plot else ["(no run with two step counts yet)", ""]),
-        *(["The ablations against CoDi:", "", f"![ablations against steps]({rel(ablation_plot)})", ""]
-          if ablation_plot else []),
+        *(
+            ["The ablations against CoDi:", "", f"![ablations against steps]({rel(ablation_plot)})", ""]
+            if ablation_plot
+            else []
+        ),
         "",
     ]
     for path, caption in figures:
         if path:
-            md += [f"Held-out crops, seed {seeds[0]}, the runs side by side: {caption}.", "",
-                   f"![{os.path.basename(path)}]({rel(path)})", ""]
+            md += [
+                f"Held-out crops, seed {seeds[0]}, the runs side by side: {caption}.",
+                "",
+                f"![{os.path.basename(path)}]({rel(path)})",
+                "",
+            ]
     for name, path in grids:
-        md += [f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):", "",
-               f"![{name} grid]({rel(path)})", ""]
-    md += ["## Wall times", "",
-           teacher_note + " Per run (training + evaluation, summed over resumptions), mean over seeds. CPU s "
-           "is the process's CPU time (both cores: up to twice the wall time); unlike wall time it leaves out "
-           "time the run was paused or the machine spent on other jobs. '-': the run finished before CPU time "
-           "was recorded, and its wall time includes any pause.", "",
-           "| run | wall s | CPU s | seeds |", "|---|---|---|---|"]
+        md += [
+            f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):",
+            "",
+            f"![{name} grid]({rel(path)})",
+            "",
+        ]
+    md += [
+        "## Wall times",
+        "",
+        teacher_note + " Per run (training + evaluation, summed over resumptions), mean over seeds. CPU s "
+        "is the process's CPU time (both cores: up to twice the wall time); unlike wall time it leaves out "
+        "time the run was paused or the machine spent on other jobs. '-': the run finished before CPU time "
+        "was recorded, and its wall time includes any pause.",
+        "",
+        "| run | wall s | CPU s | seeds |",
+        "|---|---|---|---|",
+    ]
     for run in rcfg.runs:
         if run.name in walls:
             wall, cpu = wall_summary(walls[run.name])
@@ -380,10 +470,12 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     unclean = [w for v in walls.values() for w, _, ok in v if not ok]
     total = f"Total: {(clean + sum(unclean)) / 3600:.2f} h of wall time for the finished runs"
     if unclean:
-        total += (f" ({sum(unclean) / 3600:.2f} h of it in {len(unclean)} runs not timed in one go: timed before "
-                  "CPU time was recorded (pauses included) or interrupted and resumed (the steps since the last "
-                  "checkpoint and the compiles done twice); those runs' rows show the mean of their seeds that "
-                  "were timed cleanly, where there are any)")
+        total += (
+            f" ({sum(unclean) / 3600:.2f} h of it in {len(unclean)} runs not timed in one go: timed before "
+            "CPU time was recorded (pauses included) or interrupted and resumed (the steps since the last "
+            "checkpoint and the compiles done twice); those runs' rows show the mean of their seeds that "
+            "were timed cleanly, where there are any)"
+        )
     md += ["", total + ".", ""]
     os.makedirs(out_dir, exist_ok=True)
     with open(results_path, "w") as f:
@@ -397,7 +489,7 @@ def table_with_reference(rcfg, rows):
     text = table(rcfg, ref, "table2").splitlines()
     codi_rows = [ln for ln in text[2:] if ln.startswith("| CoDi |")]
     ablation = table(rcfg, rows, "table3")
-    if not ablation.startswith("|"):   # no ablation finished: CoDi's rows under the header, then the note
+    if not ablation.startswith("|"):  # no ablation finished: CoDi's rows under the header, then the note
         return "\n".join(text[:2] + codi_rows + ["", ablation]) if codi_rows else ablation
     lines = ablation.splitlines()
     return "\n".join(lines[:2] + codi_rows + lines[2:])

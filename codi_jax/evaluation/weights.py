@@ -13,6 +13,7 @@ def read_state_dict(path: str, what: str, help_text: str) -> dict:
         raise FileNotFoundError(f"{what} weights {path!r} not found; {help_text}")
     if path.endswith(".safetensors"):
         from codi_jax.pretrained import safetensors_io
+
         return safetensors_io.load(path)
     if not path.endswith((".pth", ".pt", ".bin")):
         raise ValueError(f"{what} weights {path}: expected a .pth or .safetensors file")

@@ -68,7 +68,8 @@ def consistency_target(denoiser: base.Denoiser, target_params, z_s, s, eps_s, co
     (1 - alpha_0) z_0 / sigma_0, about 0.01 z_0 (kept to measure the fix; docs/design-choices.md).
     """
     (_, eps_net), (x_b, eps_b) = jax.tree_util.tree_map(
-        jax.lax.stop_gradient, denoiser.both(target_params, z_s, s, cond, context))
+        jax.lax.stop_gradient, denoiser.both(target_params, z_s, s, cond, context)
+    )
     if eps_target == "wrapped" or denoiser.boundary is None:
         return x_b, eps_b
     if eps_target != "noise_boundary":
@@ -77,8 +78,9 @@ def consistency_target(denoiser: base.Denoiser, target_params, z_s, s, eps_s, co
     return x_b, diffusion.noise_boundary(eps_net, eps_s, s, sigma_data=sigma_data, time_scale=time_scale)
 
 
-def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser,
-              teacher: base.Denoiser, cfg, decode=None):
+def codi_loss(
+    params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser, teacher: base.Denoiser, cfg, decode=None
+):
     """Eq 15: d_eps(eps_hat_{theta-}(z_s, s, c), eps_hat_theta(z_t, t, c)) + lambda d_x(x, x_hat_theta(z_t, t, c)).
 
     `decode(frozen, latents) -> pixels` (latent models): with cfg.guidance_space == 'pixel',
@@ -100,13 +102,13 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
 
     sg = jax.lax.stop_gradient
     # z_s and eps_s, the noise that built it (z_s = a_s x + s_s eps_s).
-    if cfg.zs_predictor == "prev":        # eq 14: the adapted model's own PF-ODE, with the true noise
+    if cfg.zs_predictor == "prev":  # eq 14: the adapted model's own PF-ODE, with the true noise
         eps_s = eps
         z_s = diffusion.prev_step(sg(x_hat), eps, alpha_s, sigma_s)
-    elif cfg.zs_predictor == "ddim":      # eq 7 with the model's own eps_hat (the public code's default)
+    elif cfg.zs_predictor == "ddim":  # eq 7 with the model's own eps_hat (the public code's default)
         eps_s = sg(eps_hat)
         z_s = diffusion.ddim_step(sg(x_hat), eps_s, alpha_s, sigma_s)
-    elif cfg.zs_predictor == "teacher":   # consistency-model style: the frozen starting model's PF-ODE
+    elif cfg.zs_predictor == "teacher":  # consistency-model style: the frozen starting model's PF-ODE
         x_te, eps_te = teacher_predict(teacher, frozen, z_t, t, cond, context)
         eps_s = sg(eps_te)
         z_s = diffusion.ddim_step(sg(x_te), eps_s, alpha_s, sigma_s)
@@ -118,10 +120,10 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     x_target, eps_target = consistency_target(denoiser, target, sg(z_s), s, eps_s, cond, context, cfg.eps_target)
 
     space = cfg.consistency_space
-    if space == "eps":   # eq 15: noise-space consistency
+    if space == "eps":  # eq 15: noise-space consistency
         online_eps = eps_net if cfg.eps_target == "noise_boundary" else eps_hat
         d_eps = diffusion.distance(online_eps, eps_target, cfg.d_eps, cfg.huber_c)
-    elif space == "x":   # signal-space consistency f(z_t, t) = f(z_s, s) (consistency models; an ablation)
+    elif space == "x":  # signal-space consistency f(z_t, t) = f(z_s, s) (consistency models; an ablation)
         d_eps = diffusion.distance(x_hat, x_target, cfg.d_eps, cfg.huber_c)
     else:
         raise ValueError(f"config codi.consistency_space={space!r} is not one of {CONSISTENCY_SPACES}")
@@ -133,7 +135,7 @@ def codi_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.Denoiser
     metrics = {"loss": loss, "d_eps": jnp.mean(d_eps), "d_x": jnp.mean(d_x)}
     adapter = online.get("adapter", {})
     if "mu" in adapter:
-        metrics["mu"] = jnp.mean(adapter["mu"])     # the scalar of eq 12 (or the mean of per-feature mus)
+        metrics["mu"] = jnp.mean(adapter["mu"])  # the scalar of eq 12 (or the mean of per-feature mus)
         if jnp.ndim(adapter["mu"]):
             metrics["mu_max"] = jnp.max(adapter["mu"])
     return loss, metrics

@@ -22,7 +22,7 @@ FROZEN_KEYS = ("vae", "context")
 
 @dataclasses.dataclass(frozen=True)
 class LatentCodec:
-    vae: Any              # codi_jax.models.vae.AutoencoderKL
+    vae: Any  # codi_jax.models.vae.AutoencoderKL
     scaling_factor: float
     shift_factor: float = 0.0
     sample_posterior: bool = True  # draw from the VAE posterior (SD training) or take its mean

@@ -72,8 +72,10 @@ def progressive_loss(params, frozen, ema_params, batch, rng, *, denoiser: base.D
 def rounds(start_steps: int, final_steps: int) -> list[int]:
     """Student step counts, halving from start_steps / 2 down to final_steps (powers of two apart)."""
     if start_steps < 2 or final_steps < 1 or start_steps % final_steps or start_steps <= final_steps:
-        raise ValueError(f"config gd.start_steps={start_steps} must be a power-of-two multiple (> 1x) of "
-                         f"gd.final_steps={final_steps}")
+        raise ValueError(
+            f"config gd.start_steps={start_steps} must be a power-of-two multiple (> 1x) of "
+            f"gd.final_steps={final_steps}"
+        )
     ratio = start_steps // final_steps
     if ratio & (ratio - 1):
         raise ValueError(f"config gd.start_steps={start_steps} / gd.final_steps={final_steps} is not a power of two")

@@ -68,8 +68,11 @@ class ConditionEncoder(nn.Module):
         # make h_eta == h_theta at init, so dL/dmu = 0 and nothing would ever train: mu = 0
         # alone keeps the adapted model equal to the backbone there.
         self.controlnet_cond_embedding = ConditioningEmbedding(
-            tuple(acfg.conditioning_embedding_out_channels), cfg.block_out_channels[0],
-            zero_out=acfg.fusion == "residual" or acfg.input == "cond_as_sample", dtype=self.dtype)
+            tuple(acfg.conditioning_embedding_out_channels),
+            cfg.block_out_channels[0],
+            zero_out=acfg.fusion == "residual" or acfg.input == "cond_as_sample",
+            dtype=self.dtype,
+        )
         if acfg.input not in ADAPTER_INPUTS:
             raise ValueError(f"config model.adapter.input={acfg.input!r} is not one of {ADAPTER_INPUTS}")
         if acfg.fusion == "mix":
@@ -78,8 +81,9 @@ class ConditionEncoder(nn.Module):
             n_mu = len(self._skip_channels(cfg)) + 1 if acfg.mu_per_feature else None
             self.mu = self.param("mu", nn.initializers.zeros, () if n_mu is None else (n_mu,), jnp.float32)
         else:
-            n_skips = 1 + sum(cfg.layers_per_block + (i < len(cfg.block_out_channels) - 1)
-                              for i in range(len(cfg.block_out_channels)))
+            n_skips = 1 + sum(
+                cfg.layers_per_block + (i < len(cfg.block_out_channels) - 1) for i in range(len(cfg.block_out_channels))
+            )
             skip_channels = self._skip_channels(cfg)
             assert len(skip_channels) == n_skips
             self.controlnet_down_blocks = [unet_lib.conv1x1(c, None, self.dtype, zero=True) for c in skip_channels]
@@ -104,8 +108,10 @@ class ConditionEncoder(nn.Module):
             # h_eta(c) with c in z_t's place (pixel-space tasks, where c has the sample's shape):
             # the duplicated encoder starts out seeing the condition as an image it knows.
             if cond.shape != sample.shape:
-                raise ValueError(f"config model.adapter.input='cond_as_sample' needs the condition's shape "
-                                 f"{cond.shape} to equal the sample's {sample.shape}")
+                raise ValueError(
+                    f"config model.adapter.input='cond_as_sample' needs the condition's shape "
+                    f"{cond.shape} to equal the sample's {sample.shape}"
+                )
             sample = cond
         _, skips, mid = unet_lib.run_encoder(self, self.unet_cfg, sample, timesteps, context, extra_input=emb)
         return skips, mid

@@ -14,7 +14,8 @@ by transformers >= 5 drop the `text_model.` prefix; `load_text_encoder` accepts 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,25 +37,35 @@ def clip_text_config_from_transformers(d: dict) -> ml_collections.ConfigDict:
     act = d.get("hidden_act", "quick_gelu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"text encoder config: hidden_act={act!r} is not supported (expected one of {_ACTIVATIONS})")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings")
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    )
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"text encoder config: field {missing[0]} is missing")
     if d["hidden_size"] % d["num_attention_heads"]:
-        raise ValueError(f"text encoder config: hidden_size={d['hidden_size']} is not divisible by "
-                         f"num_attention_heads={d['num_attention_heads']}")
-    return ml_collections.ConfigDict({
-        "vocab_size": int(d["vocab_size"]),
-        "hidden_size": int(d["hidden_size"]),
-        "intermediate_size": int(d["intermediate_size"]),
-        "num_hidden_layers": int(d["num_hidden_layers"]),
-        "num_attention_heads": int(d["num_attention_heads"]),
-        "max_position_embeddings": int(d["max_position_embeddings"]),
-        "hidden_act": act,
-        "layer_norm_eps": float(d.get("layer_norm_eps", 1e-5)),
-        "eos_token_id": int(d.get("eos_token_id", _LEGACY_EOS_ID)),
-    })
+        raise ValueError(
+            f"text encoder config: hidden_size={d['hidden_size']} is not divisible by "
+            f"num_attention_heads={d['num_attention_heads']}"
+        )
+    return ml_collections.ConfigDict(
+        {
+            "vocab_size": int(d["vocab_size"]),
+            "hidden_size": int(d["hidden_size"]),
+            "intermediate_size": int(d["intermediate_size"]),
+            "num_hidden_layers": int(d["num_hidden_layers"]),
+            "num_attention_heads": int(d["num_attention_heads"]),
+            "max_position_embeddings": int(d["max_position_embeddings"]),
+            "hidden_act": act,
+            "layer_norm_eps": float(d.get("layer_norm_eps", 1e-5)),
+            "eos_token_id": int(d.get("eos_token_id", _LEGACY_EOS_ID)),
+        }
+    )
 
 
 def _activation(name: str):
@@ -79,7 +90,7 @@ class CLIPAttention(nn.Module):
         q = proj("q_proj")(x).reshape(b, n, heads, head_dim)
         k = proj("k_proj")(x).reshape(b, n, heads, head_dim)
         v = proj("v_proj")(x).reshape(b, n, heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (head_dim**-0.5)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, width)
@@ -107,7 +118,9 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask):
-        x = x + CLIPAttention(self.cfg, self.dtype, name="self_attn")(_layer_norm(self.cfg, self.dtype, "layer_norm1")(x), mask)
+        x = x + CLIPAttention(self.cfg, self.dtype, name="self_attn")(
+            _layer_norm(self.cfg, self.dtype, "layer_norm1")(x), mask
+        )
         x = x + CLIPMLP(self.cfg, self.dtype, name="mlp")(_layer_norm(self.cfg, self.dtype, "layer_norm2")(x))
         return x
 
@@ -131,12 +144,19 @@ class CLIPTextEmbeddings(nn.Module):
     def __call__(self, input_ids):
         n = input_ids.shape[-1]
         if n > self.cfg.max_position_embeddings:
-            raise ValueError(f"text encoder: sequence length {n} exceeds max_position_embeddings="
-                             f"{self.cfg.max_position_embeddings}")
-        tok = nn.Embed(self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-                       name="token_embedding")(input_ids)
-        pos = nn.Embed(self.cfg.max_position_embeddings, self.cfg.hidden_size, dtype=self.dtype,
-                       param_dtype=jnp.float32, name="position_embedding")(jnp.arange(n))
+            raise ValueError(
+                f"text encoder: sequence length {n} exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
+        tok = nn.Embed(
+            self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32, name="token_embedding"
+        )(input_ids)
+        pos = nn.Embed(
+            self.cfg.max_position_embeddings,
+            self.cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="position_embedding",
+        )(jnp.arange(n))
         return tok + pos[None]
 
 
@@ -181,7 +201,6 @@ class CLIPTextModel(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-
 def load_text_encoder(folder: str, dtype: Dtype = jnp.float32, *, allow_pickle: bool = False):
     """(module, params, cfg) from a transformers text-encoder folder (`config.json` and
     `model.safetensors`, or `model.fp16.safetensors` when the former is absent). The
@@ -195,7 +214,9 @@ def load_text_encoder(folder: str, dtype: Dtype = jnp.float32, *, allow_pickle: 
     ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
     target = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
     params = convert.torch_to_flax(
-        state, target, what="text_encoder",
+        state,
+        target,
+        what="text_encoder",
         # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix.
         rename={r"^(?!text_model\.)": "text_model."},
         # A non-persistent buffer, present in checkpoints written by old transformers versions.
@@ -228,7 +249,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = N
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     for i, ids in enumerate(full):
         if len(ids) > max_length:
-            logging.warning("prompt %d has %d tokens (with start/end tokens), more than the limit %d: truncated",
-                            i, len(ids), max_length)
+            logging.warning(
+                "prompt %d has %d tokens (with start/end tokens), more than the limit %d: truncated",
+                i,
+                len(ids),
+                max_length,
+            )
     out = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length)["input_ids"]
     return np.asarray(out, dtype=np.int32)

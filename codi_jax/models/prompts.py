@@ -29,7 +29,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ class TextEncoder:
     module: Any
     params: Any
     max_length: int
-    name: str          # identifies the weights (cache key)
+    name: str  # identifies the weights (cache key)
 
     @property
     def width(self) -> int:
@@ -92,8 +93,12 @@ class TextEncoder:
     def embed(self, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """last_hidden_state [n, max_length, width] (float32); longer prompts are cut with a warning."""
         ids = clip_text.encode_prompts(self.tokenizer, list(prompts), max_length=self.max_length)
-        return np.concatenate([np.asarray(self._apply(self.params, ids[i:i + batch_size]), np.float32)
-                               for i in range(0, len(ids), batch_size)])
+        return np.concatenate(
+            [
+                np.asarray(self._apply(self.params, ids[i : i + batch_size]), np.float32)
+                for i in range(0, len(ids), batch_size)
+            ]
+        )
 
     @functools.cached_property
     def _apply(self):
@@ -104,10 +109,18 @@ class TextEncoder:
 def tiny_encoder(tcfg, words: Sequence[str], folder: str) -> TextEncoder:
     t = tcfg.tiny
     tok = clip_text.load_tokenizer(tiny_tokenizer_folder(folder, words, t.max_length))
-    cfg = clip_text.clip_text_config_from_transformers(dict(
-        vocab_size=len(tok.get_vocab()), hidden_size=t.width, intermediate_size=t.intermediate,
-        num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.max_length,
-        hidden_act="quick_gelu", eos_token_id=1))
+    cfg = clip_text.clip_text_config_from_transformers(
+        dict(
+            vocab_size=len(tok.get_vocab()),
+            hidden_size=t.width,
+            intermediate_size=t.intermediate,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.max_length,
+            hidden_act="quick_gelu",
+            eos_token_id=1,
+        )
+    )
     module = clip_text.CLIPTextModel(cfg)
     params = module.init(jax.random.PRNGKey(t.seed), jnp.zeros((1, t.max_length), jnp.int32))["params"]
     digest = hashlib.sha1(json.dumps([t.to_dict(), sorted(words)], sort_keys=True).encode()).hexdigest()[:12]
@@ -128,8 +141,9 @@ def make_encoder(config, prompts: Sequence[str], cache_dir: str) -> TextEncoder:
     """The text encoder that `config.text.encoder` names (see the module docstring)."""
     tcfg = config.text
     if tcfg.encoder == "tiny":
-        return tiny_encoder(tcfg, prompt_words(list(prompts) + [tcfg.negative_prompt]),
-                            os.path.join(cache_dir, "tiny_tokenizer"))
+        return tiny_encoder(
+            tcfg, prompt_words(list(prompts) + [tcfg.negative_prompt]), os.path.join(cache_dir, "tiny_tokenizer")
+        )
     if tcfg.encoder == "pretrained":
         if not config.teacher.pretrained_path:
             raise ValueError("config text.encoder='pretrained' needs teacher.pretrained_path (a diffusers folder)")
@@ -142,8 +156,10 @@ def make_encoder(config, prompts: Sequence[str], cache_dir: str) -> TextEncoder:
 def prompt_table(encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | None, max_prompts: int) -> np.ndarray:
     """[1 + P, L, D]: the empty prompt, then `prompts`; computed once and cached by content."""
     if len(prompts) > max_prompts:
-        raise ValueError(f"the dataset has {len(prompts)} distinct prompts, more than config "
-                         f"text.max_cached_prompts={max_prompts} (the cache lives in device memory)")
+        raise ValueError(
+            f"the dataset has {len(prompts)} distinct prompts, more than config "
+            f"text.max_cached_prompts={max_prompts} (the cache lives in device memory)"
+        )
     rows = [""] + list(prompts)
     key = hashlib.sha1(json.dumps([encoder.name, encoder.max_length, rows]).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"prompts_{key}.npy") if cache_dir else None
@@ -195,7 +211,7 @@ class Guided:
 
     def __call__(self, params, z, t, cond=None, context=None):
         pos = context["prompt"]
-        neg = jnp.broadcast_to(context["negative"], pos.shape)   # one negative prompt ([1, L, D]) for all
+        neg = jnp.broadcast_to(context["negative"], pos.shape)  # one negative prompt ([1, L, D]) for all
         if self.scale == 1.0:
             return self.denoiser(params, z, t, cond, pos)
         two = lambda a: None if a is None else jnp.concatenate([a, a])

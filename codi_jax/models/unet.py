@@ -111,9 +111,12 @@ class Attention(nn.Module):
         v = layers.dense(self.dim, "to_v", self.dtype, names=layers.QKV, use_bias=False)(context)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
         # Fused attention where the backend has it; never a user-visible fp32 score matrix.
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v),
-                                         implementation=attention_backend(self.impl, self.dtype, head_dim,
-                                                                          q.shape[1], k.shape[1]))
+        o = jax.nn.dot_product_attention(
+            split(q),
+            split(k),
+            split(v),
+            implementation=attention_backend(self.impl, self.dtype, head_dim, q.shape[1], k.shape[1]),
+        )
         o = o.reshape(o.shape[:2] + (self.dim,))
         return layers.dense(self.dim, "to_out_0", self.dtype, names=layers.ATTN_OUT)(o)
 
@@ -180,8 +183,14 @@ class Transformer2DModel(nn.Module):
         else:
             h = conv1x1(self.channels, "proj_in", self.dtype)(h).reshape(b, hgt * wid, self.channels)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.channels, self.heads, self.cross_attention, self.dtype, self.attention,
-                                      name=f"transformer_blocks_{i}")(h, context)
+            h = BasicTransformerBlock(
+                self.channels,
+                self.heads,
+                self.cross_attention,
+                self.dtype,
+                self.attention,
+                name=f"transformer_blocks_{i}",
+            )(h, context)
         if self.use_linear_projection:
             h = layers.dense(c, "proj_out", self.dtype, names=layers.DENSE_OUT)(h).reshape(b, hgt, wid, c)
         else:
@@ -228,9 +237,17 @@ def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
     resnet, transformer = _maybe_remat(cfg, ResnetBlock2D), _maybe_remat(cfg, Transformer2DModel)
     x = resnet(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=f"resnets_{i}")(x, temb)
     if heads:
-        x = transformer(channels, heads, cfg.norm_num_groups, cfg.use_linear_projection,
-                        cfg.cross_attention_dim is not None, cfg.transformer_layers_per_block,
-                        dtype, cfg.get("attention", "auto"), name=f"attentions_{i}")(x, context)
+        x = transformer(
+            channels,
+            heads,
+            cfg.norm_num_groups,
+            cfg.use_linear_projection,
+            cfg.cross_attention_dim is not None,
+            cfg.transformer_layers_per_block,
+            dtype,
+            cfg.get("attention", "auto"),
+            name=f"attentions_{i}",
+        )(x, context)
     return x
 
 
@@ -277,8 +294,9 @@ class DownBlock(nn.Module):
         cfg = self.cfg
         skips = []
         for i in range(self.num_layers):
-            x = _resnet_attention(cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i,
-                                  x, temb, context)
+            x = _resnet_attention(
+                cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i, x, temb, context
+            )
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.dtype, name="downsamplers_0")(x)
@@ -302,8 +320,9 @@ class UpBlock(nn.Module):
         cfg = self.cfg
         for i in range(self.num_layers + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = _resnet_attention(cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i,
-                                  x, temb, context)
+            x = _resnet_attention(
+                cfg, self.out_channels, self.heads if self.attention else 0, self.dtype, i, x, temb, context
+            )
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
@@ -340,7 +359,9 @@ def check_unet_config(cfg):
             raise ValueError(f"unet.{key} has unknown block type(s) {bad}; known: {sorted(table)}")
     for c in cfg.block_out_channels:
         if c % cfg.norm_num_groups:
-            raise ValueError(f"unet.block_out_channels entry {c} is not divisible by unet.norm_num_groups={cfg.norm_num_groups}")
+            raise ValueError(
+                f"unet.block_out_channels entry {c} is not divisible by unet.norm_num_groups={cfg.norm_num_groups}"
+            )
 
 
 def build_encoder(module: nn.Module, cfg, dtype):
@@ -363,8 +384,9 @@ def build_encoder(module: nn.Module, cfg, dtype):
 
 def run_encoder(module: nn.Module, cfg, sample, timesteps, context, extra_input=None):
     """Encoder forward: returns (temb, skips, mid). `extra_input` is added after conv_in (ControlNet)."""
-    t = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                           freq_shift=cfg.freq_shift)
+    t = timestep_embedding(
+        timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+    )
     temb = module.time_embedding(t.astype(module.dtype))
     h = module.conv_in(sample.astype(module.dtype))
     if extra_input is not None:

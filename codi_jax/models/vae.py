@@ -30,13 +30,23 @@ Dtype = Any
 
 _EPS = 1e-6  # every GroupNorm of the diffusers VAE
 _DIFFUSERS_DEFAULTS = dict(  # AutoencoderKL.__init__ defaults, for keys a config.json omits
-    in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
-    norm_num_groups=32, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
-    use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu",
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64,),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+    shift_factor=None,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+    act_fn="silu",
 )
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def vae_config_from_diffusers(d: dict) -> ml_collections.ConfigDict:
     """A diffusers `vae/config.json` dict -> our VAE config (one-line ValueError if unsupported)."""
@@ -53,21 +63,23 @@ def vae_config_from_diffusers(d: dict) -> ml_collections.ConfigDict:
     act = get("act_fn")
     if act not in ("silu", "swish"):  # diffusers maps both names to SiLU
         raise ValueError(f"vae act_fn is {act!r}; only 'silu' is supported")
-    cfg = ml_collections.ConfigDict(dict(
-        in_channels=int(get("in_channels")),
-        out_channels=int(get("out_channels")),
-        block_out_channels=blocks,
-        layers_per_block=int(get("layers_per_block")),
-        latent_channels=int(get("latent_channels")),
-        norm_num_groups=int(get("norm_num_groups")),
-        scaling_factor=float(get("scaling_factor")),
-        shift_factor=float(d["shift_factor"]) if d.get("shift_factor") is not None else 0.0,
-        use_quant_conv=bool(get("use_quant_conv")),
-        use_post_quant_conv=bool(get("use_post_quant_conv")),
-        mid_block_add_attention=bool(get("mid_block_add_attention")),
-        down_block_types=tuple(["DownEncoderBlock2D"] * n),
-        up_block_types=tuple(["UpDecoderBlock2D"] * n),
-    ))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            in_channels=int(get("in_channels")),
+            out_channels=int(get("out_channels")),
+            block_out_channels=blocks,
+            layers_per_block=int(get("layers_per_block")),
+            latent_channels=int(get("latent_channels")),
+            norm_num_groups=int(get("norm_num_groups")),
+            scaling_factor=float(get("scaling_factor")),
+            shift_factor=float(d["shift_factor"]) if d.get("shift_factor") is not None else 0.0,
+            use_quant_conv=bool(get("use_quant_conv")),
+            use_post_quant_conv=bool(get("use_post_quant_conv")),
+            mid_block_add_attention=bool(get("mid_block_add_attention")),
+            down_block_types=tuple(["DownEncoderBlock2D"] * n),
+            up_block_types=tuple(["UpDecoderBlock2D"] * n),
+        )
+    )
     check_vae_config(cfg)
     return cfg
 
@@ -78,12 +90,15 @@ def check_vae_config(cfg):
         raise ValueError("vae block_out_channels is empty")
     for c in cfg.block_out_channels:
         if c % cfg.norm_num_groups:
-            raise ValueError(f"vae block_out_channels entry {c} is not divisible by norm_num_groups={cfg.norm_num_groups}")
+            raise ValueError(
+                f"vae block_out_channels entry {c} is not divisible by norm_num_groups={cfg.norm_num_groups}"
+            )
     if cfg.layers_per_block < 1:
         raise ValueError(f"vae layers_per_block is {cfg.layers_per_block}; it must be at least 1")
 
 
 # ----------------------------------------------------------------------------- blocks
+
 
 def _conv(features, kernel, name, dtype, stride=1, padding=None):
     pad = padding if padding is not None else ((kernel // 2, kernel // 2),) * 2
@@ -304,8 +319,9 @@ def load_vae(folder: str, dtype=jnp.float32, *, allow_pickle: bool = False):
     module = AutoencoderKL(cfg, dtype=dtype)
     state = diffusers_folder.load_weights(weights)
     try:
-        params = convert.torch_to_flax(state, init_shapes(module, cfg), what="vae", dtype=np.float32,
-                                       rename=OLD_ATTENTION_NAMES)
+        params = convert.torch_to_flax(
+            state, init_shapes(module, cfg), what="vae", dtype=np.float32, rename=OLD_ATTENTION_NAMES
+        )
     except convert.ConversionError as e:
         raise convert.ConversionError(f"{weights}: {e}") from None
     params = jax.tree_util.tree_map(jnp.asarray, params)

@@ -21,10 +21,22 @@ from flax import traverse_util
 
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 # Module names that are lists in PyTorch (their flax names end in _<index>).
-LIST_NAMES = frozenset({
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks",
-    "to_out", "net", "layers", "blocks", "controlnet_down_blocks",
-})
+LIST_NAMES = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "resnets",
+        "attentions",
+        "downsamplers",
+        "upsamplers",
+        "transformer_blocks",
+        "to_out",
+        "net",
+        "layers",
+        "blocks",
+        "controlnet_down_blocks",
+    }
+)
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
@@ -68,8 +80,15 @@ class ConversionError(ValueError):
     pass
 
 
-def torch_to_flax(state: dict[str, np.ndarray], target, *, what: str, dtype=np.float32,
-                  rename: dict[str, str] | None = None, ignore=()):
+def torch_to_flax(
+    state: dict[str, np.ndarray],
+    target,
+    *,
+    what: str,
+    dtype=np.float32,
+    rename: dict[str, str] | None = None,
+    ignore=(),
+):
     """Fill the tree `target` (arrays or ShapeDtypeStructs) from a PyTorch-named `state`.
 
     `rename` maps alternative checkpoint names to ours (old formats); checkpoint keys that
@@ -85,21 +104,29 @@ def torch_to_flax(state: dict[str, np.ndarray], target, *, what: str, dtype=np.f
     for path, ref in flat.items():
         name = torch_name(path)
         if name not in state:
-            raise ConversionError(f"{what}: the checkpoint has no parameter {name} (model expects shape {tuple(ref.shape)})")
+            raise ConversionError(
+                f"{what}: the checkpoint has no parameter {name} (model expects shape {tuple(ref.shape)})"
+            )
         w = _to_flax_leaf(path[-1], np.asarray(state[name]), tuple(ref.shape))
         if w.shape != tuple(ref.shape):
-            raise ConversionError(f"{what}: parameter {name} has shape {tuple(state[name].shape)} in the checkpoint "
-                                  f"but the model config expects {_torch_shape(path[-1], tuple(ref.shape))}")
+            raise ConversionError(
+                f"{what}: parameter {name} has shape {tuple(state[name].shape)} in the checkpoint "
+                f"but the model config expects {_torch_shape(path[-1], tuple(ref.shape))}"
+            )
         out[path] = w.astype(dtype)
         used.add(name)
     extra = sorted(set(state) - used)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ConversionError(f"{what}: the checkpoint has parameter {extra[0]}{more} that the model config does not have")
+        raise ConversionError(
+            f"{what}: the checkpoint has parameter {extra[0]}{more} that the model config does not have"
+        )
     return traverse_util.unflatten_dict(out)
 
 
-def flax_to_torch(params, dtype=np.float32, torch_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+def flax_to_torch(
+    params, dtype=np.float32, torch_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
     """Our tree -> a PyTorch-named flat dict (for writing safetensors). `torch_shapes`
     disambiguates 1x1 convs that we hold as linear layers."""
     out = {}

@@ -60,8 +60,12 @@ def check_folder(folder: str, components=("unet", "scheduler")) -> dict:
 
 def weights_path(component_dir: str, stem: str, *, allow_pickle: bool = False) -> str:
     """The weights file of one component: `stem.safetensors`, its fp16 variant, or a shard index."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.json",
-                 f"{stem}.fp16.safetensors.index.json"):
+    for name in (
+        f"{stem}.safetensors",
+        f"{stem}.fp16.safetensors",
+        f"{stem}.safetensors.index.json",
+        f"{stem}.fp16.safetensors.index.json",
+    ):
         path = os.path.join(component_dir, name)
         if os.path.isfile(path):
             return path
@@ -71,9 +75,11 @@ def weights_path(component_dir: str, stem: str, *, allow_pickle: bool = False) -
     if pickled:
         if allow_pickle:
             return os.path.join(component_dir, pickled[0])
-        raise ValueError(f"{os.path.join(component_dir, pickled[0])} is a pickle-based checkpoint, which can run "
-                         "arbitrary code when loaded; convert it to safetensors, or opt in with "
-                         "--config.teacher.allow_pickle=True if you trust its source")
+        raise ValueError(
+            f"{os.path.join(component_dir, pickled[0])} is a pickle-based checkpoint, which can run "
+            "arbitrary code when loaded; convert it to safetensors, or opt in with "
+            "--config.teacher.allow_pickle=True if you trust its source"
+        )
     raise FileNotFoundError(f"{component_dir} has no {stem}.safetensors weights")
 
 
@@ -105,39 +111,52 @@ def _require(d: dict, key: str, allowed, what: str):
 
 def unet_config_from_diffusers(d: dict, what: str = "unet") -> mlc.ConfigDict:
     """Our U-Net config from a diffusers `UNet2DConditionModel` (or `ControlNetModel`) config.json."""
-    for key, allowed in (("act_fn", ("silu",)), ("center_input_sample", (False,)),
-                         ("time_embedding_type", ("positional",)), ("class_embed_type", (None,)),
-                         ("addition_embed_type", (None,)), ("encoder_hid_dim", (None,)), ("conv_in_kernel", (3,)),
-                         ("conv_out_kernel", (3,)), ("resnet_time_scale_shift", ("default",)),
-                         ("dual_cross_attention", (False,)), ("only_cross_attention", (False,)),
-                         ("time_cond_proj_dim", (None,)), ("num_class_embeds", (None,)),
-                         ("mid_block_type", ("UNetMidBlock2DCrossAttn",)), ("downsample_padding", (1,)),
-                         ("mid_block_scale_factor", (1, 1.0)), ("timestep_post_act", (None,))):
+    for key, allowed in (
+        ("act_fn", ("silu",)),
+        ("center_input_sample", (False,)),
+        ("time_embedding_type", ("positional",)),
+        ("class_embed_type", (None,)),
+        ("addition_embed_type", (None,)),
+        ("encoder_hid_dim", (None,)),
+        ("conv_in_kernel", (3,)),
+        ("conv_out_kernel", (3,)),
+        ("resnet_time_scale_shift", ("default",)),
+        ("dual_cross_attention", (False,)),
+        ("only_cross_attention", (False,)),
+        ("time_cond_proj_dim", (None,)),
+        ("num_class_embeds", (None,)),
+        ("mid_block_type", ("UNetMidBlock2DCrossAttn",)),
+        ("downsample_padding", (1,)),
+        ("mid_block_scale_factor", (1, 1.0)),
+        ("timestep_post_act", (None,)),
+    ):
         _require(d, key, allowed, what)
     for key in ("layers_per_block", "transformer_layers_per_block"):
         if not isinstance(d.get(key, 1), int):
             raise ValueError(f"{what} config {key}={d[key]!r}: only one value for all blocks is supported")
     heads = d.get("attention_head_dim", 8)
     n_heads = d.get("num_attention_heads")
-    return mlc.ConfigDict(dict(
-        in_channels=int(d.get("in_channels", 4)),
-        out_channels=int(d.get("out_channels", 4)),
-        block_out_channels=tuple(d["block_out_channels"]),
-        down_block_types=tuple(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))),
-        up_block_types=tuple(d.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)),
-        layers_per_block=int(d.get("layers_per_block", 2)),
-        attention_head_dim=heads if isinstance(heads, int) else tuple(heads),
-        num_attention_heads=n_heads if n_heads is None or isinstance(n_heads, int) else tuple(n_heads),
-        cross_attention_dim=d.get("cross_attention_dim", 1280),
-        transformer_layers_per_block=int(d.get("transformer_layers_per_block", 1)),
-        norm_num_groups=int(d.get("norm_num_groups", 32)),
-        norm_eps=float(d.get("norm_eps", 1e-5)),
-        use_linear_projection=bool(d.get("use_linear_projection", False)),
-        flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
-        freq_shift=float(d.get("freq_shift", 0)),
-        remat="none",
-        attention="auto",
-    ))
+    return mlc.ConfigDict(
+        dict(
+            in_channels=int(d.get("in_channels", 4)),
+            out_channels=int(d.get("out_channels", 4)),
+            block_out_channels=tuple(d["block_out_channels"]),
+            down_block_types=tuple(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))),
+            up_block_types=tuple(d.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)),
+            layers_per_block=int(d.get("layers_per_block", 2)),
+            attention_head_dim=heads if isinstance(heads, int) else tuple(heads),
+            num_attention_heads=n_heads if n_heads is None or isinstance(n_heads, int) else tuple(n_heads),
+            cross_attention_dim=d.get("cross_attention_dim", 1280),
+            transformer_layers_per_block=int(d.get("transformer_layers_per_block", 1)),
+            norm_num_groups=int(d.get("norm_num_groups", 32)),
+            norm_eps=float(d.get("norm_eps", 1e-5)),
+            use_linear_projection=bool(d.get("use_linear_projection", False)),
+            flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
+            freq_shift=float(d.get("freq_shift", 0)),
+            remat="none",
+            attention="auto",
+        )
+    )
 
 
 def unet_config_to_diffusers(cfg, sample_size: int) -> dict:
@@ -147,18 +166,25 @@ def unet_config_to_diffusers(cfg, sample_size: int) -> dict:
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": int(sample_size),
-        "in_channels": int(cfg.in_channels), "out_channels": int(cfg.out_channels),
+        "in_channels": int(cfg.in_channels),
+        "out_channels": int(cfg.out_channels),
         "block_out_channels": list(cfg.block_out_channels),
-        "down_block_types": list(cfg.down_block_types), "up_block_types": list(cfg.up_block_types),
+        "down_block_types": list(cfg.down_block_types),
+        "up_block_types": list(cfg.up_block_types),
         "layers_per_block": int(cfg.layers_per_block),
         "attention_head_dim": heads if isinstance(heads, int) else list(heads),
         "num_attention_heads": n_heads if n_heads is None or isinstance(n_heads, int) else list(n_heads),
         "cross_attention_dim": cfg.cross_attention_dim,
         "transformer_layers_per_block": int(cfg.transformer_layers_per_block),
-        "norm_num_groups": int(cfg.norm_num_groups), "norm_eps": float(cfg.norm_eps),
+        "norm_num_groups": int(cfg.norm_num_groups),
+        "norm_eps": float(cfg.norm_eps),
         "use_linear_projection": bool(cfg.use_linear_projection),
-        "flip_sin_to_cos": bool(cfg.flip_sin_to_cos), "freq_shift": float(cfg.freq_shift),
-        "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
+        "flip_sin_to_cos": bool(cfg.flip_sin_to_cos),
+        "freq_shift": float(cfg.freq_shift),
+        "act_fn": "silu",
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
     }
 
 
@@ -172,9 +198,16 @@ def schedule_config_from_diffusers(d: dict) -> tuple[mlc.ConfigDict, str]:
     pred = d.get("prediction_type", "epsilon")
     if pred not in _PREDICTION:
         raise ValueError(f"scheduler config prediction_type={pred!r} is not one of {sorted(_PREDICTION)}")
-    cfg = mlc.ConfigDict(dict(kind=kind, num_timesteps=int(d.get("num_train_timesteps", 1000)),
-                              logsnr_min=-10.0, logsnr_max=8.0,
-                              beta_start=float(d.get("beta_start", 0.0001)), beta_end=float(d.get("beta_end", 0.02))))
+    cfg = mlc.ConfigDict(
+        dict(
+            kind=kind,
+            num_timesteps=int(d.get("num_train_timesteps", 1000)),
+            logsnr_min=-10.0,
+            logsnr_max=8.0,
+            beta_start=float(d.get("beta_start", 0.0001)),
+            beta_end=float(d.get("beta_end", 0.02)),
+        )
+    )
     return cfg, _PREDICTION[pred]
 
 
@@ -203,6 +236,7 @@ def load_unet(unet_dir: str, *, allow_pickle: bool = False):
     """(our U-Net config, float32 params) from a diffusers `unet/` folder."""
     cfg = unet_config_from_diffusers(component_config(unet_dir, "unet"))
     _, shapes = unet_param_shapes(cfg)
-    params = load_params(unet_dir, "diffusion_pytorch_model", shapes, what=f"unet ({unet_dir})",
-                         allow_pickle=allow_pickle)
+    params = load_params(
+        unet_dir, "diffusion_pytorch_model", shapes, what=f"unet ({unet_dir})", allow_pickle=allow_pickle
+    )
     return cfg, params

@@ -33,28 +33,36 @@ def controlnet_config(unet_cfg, adapter_cfg) -> dict:
     cfg = diffusers_folder.unet_config_to_diffusers(unet_cfg, sample_size=32)
     for key in ("out_channels", "up_block_types", "center_input_sample", "sample_size"):
         cfg.pop(key, None)
-    cfg.update({
-        "_class_name": "ControlNetModel",
-        "conditioning_channels": int(adapter_cfg.cond_channels),
-        "conditioning_embedding_out_channels": list(adapter_cfg.conditioning_embedding_out_channels),
-        "controlnet_conditioning_channel_order": "rgb",
-        "global_pool_conditions": False,
-    })
+    cfg.update(
+        {
+            "_class_name": "ControlNetModel",
+            "conditioning_channels": int(adapter_cfg.cond_channels),
+            "conditioning_embedding_out_channels": list(adapter_cfg.conditioning_embedding_out_channels),
+            "controlnet_conditioning_channel_order": "rgb",
+            "global_pool_conditions": False,
+        }
+    )
     return cfg
 
 
-def export_diffusers(out_dir: str, unet_cfg, params, adapter_cfg=None, *, sample_size: int,
-                     dtype=np.float32) -> dict[str, str]:
+def export_diffusers(
+    out_dir: str, unet_cfg, params, adapter_cfg=None, *, sample_size: int, dtype=np.float32
+) -> dict[str, str]:
     """Write params {'unet': ..., 'adapter': ...} under out_dir; returns what was written where."""
     if unet_cfg.cross_attention_dim is None:
-        raise ValueError("export to diffusers needs model.unet.cross_attention_dim set: diffusers' U-Net always "
-                         "has cross-attention (the pixel-space tiny U-Net has none)")
+        raise ValueError(
+            "export to diffusers needs model.unet.cross_attention_dim set: diffusers' U-Net always "
+            "has cross-attention (the pixel-space tiny U-Net has none)"
+        )
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"export folder {out_dir} exists and is not empty; choose a new one")
     written = {}
     unet_dir = os.path.join(out_dir, "unet")
-    _write_component(unet_dir, diffusers_folder.unet_config_to_diffusers(unet_cfg, sample_size),
-                     convert.flax_to_torch(params["unet"], dtype))
+    _write_component(
+        unet_dir,
+        diffusers_folder.unet_config_to_diffusers(unet_cfg, sample_size),
+        convert.flax_to_torch(params["unet"], dtype),
+    )
     written["unet"] = unet_dir
     adapter = params.get("adapter")
     if adapter is not None:

@@ -15,8 +15,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
@@ -48,7 +56,7 @@ def load(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
         lo, hi = info["data_offsets"]
-        arr = np.frombuffer(data[start + lo:start + hi], dtype=_DTYPES[info["dtype"]])
+        arr = np.frombuffer(data[start + lo : start + hi], dtype=_DTYPES[info["dtype"]])
         out[name] = arr.reshape(info["shape"]).copy()
     return out
 
@@ -61,7 +69,11 @@ def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | N
         if arr.dtype not in _NAMES:
             raise ValueError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
         blob = arr.tobytes()
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
         offset += len(blob)
         blobs.append(blob)
     if metadata:

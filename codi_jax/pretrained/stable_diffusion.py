@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from codi_jax.models import clip_text, vae as vae_lib
+from codi_jax.models import clip_text
+from codi_jax.models import vae as vae_lib
 from codi_jax.pretrained import diffusers_folder
 
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -54,21 +55,32 @@ def prompt_embedding(folder: str, prompt: str, cache_dir: str | None, *, allow_p
     return emb
 
 
-def load(folder: str, *, prompt: str = "", cache_dir: str | None = None, allow_pickle: bool = False,
-         expect_prediction: str | None = None) -> Pretrained:
+def load(
+    folder: str,
+    *,
+    prompt: str = "",
+    cache_dir: str | None = None,
+    allow_pickle: bool = False,
+    expect_prediction: str | None = None,
+) -> Pretrained:
     diffusers_folder.check_folder(folder, COMPONENTS)
     sched = diffusers_folder.read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     schedule_cfg, prediction = diffusers_folder.schedule_config_from_diffusers(sched)
     if expect_prediction and expect_prediction != prediction:
-        raise ValueError(f"config model.prediction={expect_prediction!r} but {folder}/scheduler says the model "
-                         f"predicts {prediction!r}; remove the override or fix the scheduler config")
+        raise ValueError(
+            f"config model.prediction={expect_prediction!r} but {folder}/scheduler says the model "
+            f"predicts {prediction!r}; remove the override or fix the scheduler config"
+        )
     unet_cfg, unet_params = diffusers_folder.load_unet(os.path.join(folder, "unet"), allow_pickle=allow_pickle)
     vae_module, vae_params, vae_cfg = vae_lib.load_vae(os.path.join(folder, "vae"), allow_pickle=allow_pickle)
     if vae_cfg.latent_channels != unet_cfg.in_channels:
-        raise ValueError(f"{folder}: vae latent_channels={vae_cfg.latent_channels} but unet "
-                         f"in_channels={unet_cfg.in_channels}")
+        raise ValueError(
+            f"{folder}: vae latent_channels={vae_cfg.latent_channels} but unet in_channels={unet_cfg.in_channels}"
+        )
     context = prompt_embedding(folder, prompt, cache_dir, allow_pickle=allow_pickle)
     if context.shape[-1] != unet_cfg.cross_attention_dim:
-        raise ValueError(f"{folder}: text encoder width {context.shape[-1]} != unet cross_attention_dim "
-                         f"{unet_cfg.cross_attention_dim}")
+        raise ValueError(
+            f"{folder}: text encoder width {context.shape[-1]} != unet cross_attention_dim "
+            f"{unet_cfg.cross_attention_dim}"
+        )
     return Pretrained(unet_cfg, unet_params, vae_module, vae_params, vae_cfg, schedule_cfg, prediction, context)
