@@ -1,7 +1,8 @@
-"""The whole job: (pretrain the teacher) -> CoDi distillation -> evaluation.
+"""The training job: teacher -> (finetune) -> CoDi or GD rounds -> evaluation.
 
-Each stage lives in its own WORKDIR subfolder with its own checkpoints, so running the
-same command again resumes where it stopped and skips finished stages.
+`run` is the plan; each stage is a function below it that takes and returns explicit values. Every
+stage lives in its own WORKDIR subfolder with its own checkpoints, so running the same command again
+resumes where it stopped and skips finished stages.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -18,21 +18,355 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from codi_jax import diffusion, sampling, sharding, train
+from codi_jax import build, diffusion, runs, sampling, sharding, train
+from codi_jax import workdir as workdir_lib
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate
-from codi_jax.methods import base, codi, latent, pretrain, progressive
+from codi_jax.methods import base, codi, latent, pretrain, progressive, text
 from codi_jax.models import adapter as adapter_lib
-from codi_jax.models import prompts as prompts_lib
 
 TASKS = ("sr", "inpaint", "depth", "edit")
 METHODS = ("codi", "finetune", "gd")
 CODI_INITS = ("pretrained", "finetuned", "random")
 
 
+def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
+    """Run the job described by `config` in `workdir`; returns the evaluation report.
+
+    Stages, each in WORKDIR/<stage> (resumed, or skipped when complete):
+      teacher   the pretrained model (loaded, or pretrained here for the tiny recipes)
+      finetune  conditional finetuning with the diffusion loss (method 'finetune', and the start
+                of the two-stage baselines: codi.init='finetuned' (CM-II), method 'gd' (GD-II))
+      codi      CoDi / PE-CoDi / CM-II and the ablations (method 'codi')
+      gd_Nsteps progressive distillation rounds (method 'gd')
+    then evaluation of the method's final EMA weights. `stop_after='teacher'` returns after the
+    teacher (the reproduction's shared teacher).
+    """
+    job = setup(config, workdir)
+    teacher_unet = teacher_stage(job)
+    if stop_after == "teacher":
+        return None
+    method = job.config.method
+    finetuned = finetune_stage(job, teacher_unet) if needs_finetune(job.config) else None
+    if method == "codi":
+        final = codi_stage(job, teacher_unet, finetuned)
+    elif method == "gd":
+        final = gd_stages(job, finetuned)
+    else:
+        final = finetuned
+    return evaluation_stage(job, final, teacher_unet)
+
+
+@dataclasses.dataclass
+class Job:
+    """What every stage reads: the run's config (with a pretrained folder's architecture filled in),
+    its model, where params live on the mesh, the held-out batch and the preview functions. `timings`
+    collects each stage's wall time for metrics.json."""
+
+    config: object
+    workdir: str
+    model: build.Model
+    place: dict  # mesh, rules, logical names: train.run_stage's placement arguments
+    eval_batch: dict
+    teacher_images: object  # state -> {tag: images} for TensorBoard, or None
+    method_images: object
+    timings: dict
+    t_start: float
+
+
+def setup(config, workdir: str) -> Job:
+    """Check the config and WORKDIR, build the model, write config.json (what the run's readers read)."""
+    validate_config(config)
+    workdir_lib.check_workdir(workdir)
+    evaluate.check_metric_weights(config.eval)
+    t_start = time.perf_counter()
+    model = build.build_model(config, workdir)
+    config, space = model.config, model.space
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    eval_batch = pipeline.make_eval_batch(
+        config.data, task=config.task, num_examples=config.eval.num_examples, seed=config.eval.seed
+    )
+    teacher_images, method_images = None, None
+    if jax.process_count() == 1 and config.eval.previews:  # previews read whole arrays on one process
+        teacher_images, method_images = _preview_fns(
+            config, model.denoisers.diffusion, model.method_denoiser, eval_batch, space
+        )
+    # The logical axis names the modules put on their weights, for the sharding rules.
+    names = base.model_logical_names(model.module, config.model, space.shape[0], config.data.crop_size)
+    logical = dict(unet=names["unet"], adapter=names["adapter"], teacher_unet=names["unet"])
+    logical["teacher_adapter"] = names["adapter"]
+    place = dict(mesh=sharding.make_mesh(config.mesh), rules=sharding.rules_from_config(config.mesh), logical=logical)
+    return Job(config, workdir, model, place, eval_batch, teacher_images, method_images, {}, t_start)
+
+
+def needs_finetune(config) -> bool:
+    """The finetuned model is the result (method 'finetune') or the start (GD-II, CM-II's codi.init)."""
+    return config.method in ("finetune", "gd") or config.codi.init == "finetuned"
+
+
+def teacher_stage(job: Job):
+    """The unconditional (or text-to-image) teacher's backbone params: a diffusers folder's, a teacher
+    checkpoint's (`teacher.checkpoint`), or pretrained here with the diffusion loss."""
+    config, model = job.config, job.model
+    t0 = time.perf_counter()
+    init_fn = _teacher_init(model.module, config)
+    if model.pre is not None:
+        unet = model.pre.unet_params
+    elif config.teacher.checkpoint:
+        state = train.load_final_state(
+            name="teacher", workdir=config.teacher.checkpoint, tcfg=config.pretrain, init_fn=init_fn,
+            seed=config.seed, **job.place,
+        )  # fmt: skip
+        unet = state["ema_params"]["unet"]
+    else:
+        loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=model.denoisers.diffusion, use_cond=False)
+        with_prompts = model.space.prompt_table is not None
+        if with_prompts:
+            # A text-to-image teacher of the task's images and prompts; the prompt table is a constant
+            # of its step, so its checkpoint is the backbone alone (any task's runs can load it).
+            loss_fn = text.with_prompts(loss_fn, config.text.dropout, table=model.space.prompt_table)
+        state = train.run_stage(
+            name="teacher", workdir=job.workdir, tcfg=config.pretrain, loss_fn=loss_fn, init_fn=init_fn,
+            data_cfg=config.data, task=config.task if with_prompts else "uncond", seed=config.seed,
+            image_fn=job.teacher_images, **job.place,
+        )  # fmt: skip
+        unet = state["ema_params"]["unet"]
+    job.timings["teacher_s"] = round(time.perf_counter() - t0, 1)
+    return unet
+
+
+def finetune_stage(job: Job, teacher_unet):
+    """Conditional finetuning with the diffusion loss from eq 12's initialisation (the finetuned-LDM
+    baseline, and the first stage of GD-II and CM-II); loaded from `finetune.checkpoint` when given."""
+    config, f = job.config, job.config.finetune
+
+    def init_fn(rng):
+        return codi.split_params(_adapted_params(job, rng, teacher_unet), f.mode, key="finetune")
+
+    loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=job.model.denoisers.diffusion, use_cond=True)
+    return _train_or_load(
+        job, "finetune", f.train, loss_fn, init_fn, seed_offset=1, workdir=f.checkpoint or job.workdir,
+        load=bool(f.checkpoint), image_fn=job.method_images if config.method == "finetune" else None,
+    )  # fmt: skip
+
+
+def codi_stage(job: Job, teacher_unet, finetuned):
+    """CoDi (Algorithm 1, eq 15) from eq 12's initialisation, a random backbone (Fig. 7), or the
+    finetuned model (CM-II); PE-CoDi with codi.mode='pe'."""
+    c, model = job.config.codi, job.model
+
+    def init_fn(rng):
+        if c.init == "finetuned":
+            params = _merged(finetuned)
+        else:
+            params = _adapted_params(job, rng, None if c.init == "random" else teacher_unet)
+        # A frozen teacher (zs_predictor 'teacher') is the starting model: the pretrained backbone
+        # without the condition, or the finetuned model with it (CM-II).
+        teacher_cond = c.init == "finetuned" and c.zs_predictor == "teacher"
+        return codi.split_params(params, c.mode, c.zs_predictor, teacher_cond=teacher_cond)
+
+    codec = model.codec
+    loss_fn = functools.partial(
+        codi.codi_loss,
+        denoiser=model.denoisers.consistency,
+        teacher=model.denoisers.diffusion,
+        cfg=c,
+        decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z),
+    )
+    return _train_or_load(job, "codi", c.train, loss_fn, init_fn, seed_offset=1)
+
+
+def gd_stages(job: Job, finetuned):
+    """GD-II: progressive distillation rounds from the finetuned model, halving the steps each round."""
+    g, state = job.config.gd, finetuned
+    for i, n in enumerate(progressive.rounds(g.start_steps, g.final_steps)):
+        start = _merged(state)  # the previous round's student (the finetuned model first)
+
+        def init_fn(rng, start=start):
+            del rng
+            return codi.split_params(start, "full", teacher_cond=True)
+
+        loss_fn = functools.partial(
+            progressive.progressive_loss, denoiser=job.model.denoisers.diffusion, student_steps=n
+        )
+        state = _train_or_load(job, f"gd_{n}steps", g.train, loss_fn, init_fn, seed_offset=2 + i)
+    return state
+
+
+def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
+    """The final stage's EMA weights (as consistency models do) on held-out images: metrics.json, the
+    grid, the summary table; PE runs also write their adapter on its own (for the sampler)."""
+    config, model = job.config, job.model
+    t0 = time.perf_counter()
+    teacher_fingerprint = params_fingerprint(teacher_unet)  # metrics.json: which teacher a run started from
+    keep_teacher = bool(config.eval.teacher_ddim_steps)
+    frozen = state["frozen"]
+    params = base.merge(state["ema_params"], frozen)
+    if jax.process_count() > 1:  # every process takes part in gathering; process 0 evaluates alone
+        from jax.experimental import multihost_utils
+
+        params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
+    if jax.process_index() != 0:
+        return None
+    report = evaluate.evaluate_task(
+        denoiser=model.space.guided(model.method_denoiser),
+        params=params,
+        eval_batch=job.eval_batch,
+        ecfg=config.eval,
+        out_dir=job.workdir,
+        method=config.method,
+        task=config.task,
+        data_cfg=config.data,
+        teacher=model.denoisers.diffusion if keep_teacher else None,
+        teacher_params={"unet": teacher_unet} if keep_teacher else None,
+        extra={"variant": config.variant, "timings_s": job.timings, "teacher_fingerprint": teacher_fingerprint},
+        **model.space.eval_kwargs(frozen, job.eval_batch),
+    )
+    job.timings["eval_s"] = round(time.perf_counter() - t0, 1)  # the report holds `timings`: these land in it
+    job.timings["total_s"] = round(time.perf_counter() - job.t_start, 1)
+    with open(os.path.join(job.workdir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    runs.export_adapter(job.workdir, config, params)
+    _print_summary(report, job.workdir)
+    return report
+
+
+# --------------------------------------------------------------------------- the stages' parts
+
+
+def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, workdir=None, load=False, image_fn=...):
+    """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
+    latent space (VAE, prompt context) that its latent loss and evaluation read."""
+    config, space = job.config, job.model.space
+    t0 = time.perf_counter()
+    init_fn = _with_frozen(init_fn, space)
+    kw = dict(name=name, workdir=workdir or job.workdir, tcfg=tcfg, init_fn=init_fn, seed=config.seed + seed_offset)
+    if load:
+        state = train.load_final_state(**kw, **job.place)
+    else:
+        if job.model.codec is not None:
+            loss_fn = latent.latent_loss(loss_fn, job.model.codec)
+        if space.prompt_table is not None:
+            loss_fn = text.with_prompts(loss_fn, config.text.dropout)
+        image_fn = job.method_images if image_fn is ... else image_fn
+        state = train.run_stage(
+            **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn, **job.place
+        )
+    job.timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+    return state
+
+
+def _adapted_params(job: Job, rng, teacher_unet):
+    """Eq 12's initialisation around the teacher's backbone (a random one when None). With teacher
+    samples kept for evaluation, the backbone is a copy: train steps donate their state."""
+    unet = teacher_unet
+    if unet is not None and job.config.eval.teacher_ddim_steps:
+        unet = _copy(unet)
+    cfg, space = job.config, job.model.space
+    return base.init_adapted_params(job.model.module, cfg.model, rng, space.shape[0], cfg.data.crop_size, unet=unet)
+
+
+def _merged(state):
+    return base.merge(state["ema_params"], state["frozen"])
+
+
+def _teacher_init(module, config):
+    def init_fn(rng):
+        params = base.init_model_params(module, config.model, rng, config.data.crop_size)
+        return {"unet": params["unet"]}, {}
+
+    return init_fn
+
+
+def _with_frozen(init_fn, space: build.Space):
+    def init(rng):
+        trainable, frozen = init_fn(rng)
+        return trainable, space.with_frozen(frozen)
+
+    return init
+
+
+def _copy(tree):
+    """A fresh copy: train steps donate their state, and jit may forward input buffers to outputs."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def params_fingerprint(tree) -> str:
+    """The sum of squared weights over a parameter tree, to 7 significant digits: the same teacher gives
+    the same figure on any mesh (up to summation order, far below the 7th digit); two trainings of the
+    same recipe that drifted apart (another JAX build, another machine) differ from the 3rd or 4th digit.
+    Computed on the devices, so sharded and multi-host trees need no gather."""
+    total = jax.jit(
+        lambda t: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree_util.tree_leaves(t))
+    )(tree)
+    return f"{float(total):.7g}"
+
+
+def _preview_fns(config, diffusion_denoiser, method_denoiser, eval_batch, space: build.Space):
+    """TensorBoard pictures: teacher DDIM samples, and bicubic | the method's N-step samples | HR on held-out crops."""
+    k = min(config.eval.preview_examples, eval_batch["image"].shape[0])
+    cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
+    prompt = None if "prompt" not in eval_batch else eval_batch["prompt"][:k]
+    shape, ctx = (k,) + space.shape, space.batch_context(k, prompt)
+    method_ctx = space.sampling_context(k, prompt)
+    rng = jax.random.PRNGKey(config.eval.seed)
+    ddim_steps = config.eval.teacher_ddim_steps or config.eval.preview_teacher_steps
+    teacher_sampler = sampling.make_sampler(diffusion_denoiser, ddim_steps, "deterministic")
+    n_steps = max(config.eval.steps)
+    codi_sampler = sampling.make_sampler(space.guided(method_denoiser), n_steps, config.eval.samplers[0])
+
+    def teacher_images(state):
+        x = teacher_sampler(state["ema_params"], rng, shape, None, ctx)
+        return {f"samples/teacher_ddim{ddim_steps}_uncond": space.to_pixels(x, state["frozen"])}
+
+    def codi_images(state):
+        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, method_ctx)
+        shown = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond, 3, axis=-1)
+        row = np.concatenate(
+            [shown, space.to_pixels(x, state["frozen"]), hr], axis=2
+        )  # side by side, one row per example
+        return {f"samples/cond_{config.method}{n_steps}_target": row}
+
+    return teacher_images, codi_images
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+# Config fields a recipe leaves for the user to set (ml_collections' required placeholders), with what to say.
+REQUIRED_HINTS = {
+    "teacher.pretrained_path": "the paper-scale recipe needs a pretrained model: set "
+    "--config.teacher.pretrained_path=/path/to/stable-diffusion (diffusers format), "
+    "or run the offline default --config=configs/sr.py:tiny",
+}
+
+
+def unset_required_fields(config, prefix: str = "") -> list[str]:
+    """Dotted names of the required fields of `config` (placeholders, configs/common.py `required`)
+    that hold no value yet."""
+    out = []
+    for key, value in config.items(preserve_field_references=True):
+        if isinstance(value, mlc.ConfigDict):
+            out += unset_required_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, mlc.FieldReference) and value.get() is None:
+            out.append(prefix + key)
+    return out
+
+
+def check_required(config) -> None:
+    """One line naming the first required field left unset (before anything reads the config)."""
+    missing = unset_required_fields(config)
+    if missing:
+        name = missing[0]
+        raise ValueError(f"config {name} is required: {REQUIRED_HINTS.get(name, f'set --config.{name}')}")
+
+
 def validate_config(config):
     """One-line errors for values that would otherwise fail deep inside a run."""
+    check_required(config)
     if config.task not in TASKS:
         raise ValueError(f"config task={config.task!r} is not one of {TASKS}")
     if config.model.prediction not in diffusion.PREDICTIONS + (("auto",) if config.teacher.pretrained_path else ()):
@@ -107,451 +441,6 @@ def validate_config(config):
             raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
         if t.guidance_scale < 0:
             raise ValueError(f"config text.guidance_scale={t.guidance_scale} must be >= 0")
-
-
-def check_workdir(workdir: str):
-    """Fail at once, in one line, if WORKDIR cannot be created or written."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
-
-
-def _teacher_params_init(module, config):
-    image_size = config.data.crop_size
-
-    def init_fn(rng):
-        params = base.init_model_params(module, config.model, rng, image_size)
-        return {"unet": params["unet"]}, {}
-
-    return init_fn
-
-
-def with_pretrained(config, workdir):
-    """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
-    from codi_jax.models import vae as vae_lib
-    from codi_jax.pretrained import stable_diffusion
-
-    prediction = config.model.prediction
-    pre = stable_diffusion.load(
-        config.teacher.pretrained_path,
-        prompt=config.teacher.prompt,
-        cache_dir=os.path.join(workdir, "cache"),
-        allow_pickle=config.teacher.allow_pickle,
-        expect_prediction=None if prediction == "auto" else prediction,
-    )
-    user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
-    config = mlc.ConfigDict(config.to_dict())
-    config.model.unet = pre.unet_cfg
-    config.model.unet.remat = user_unet.get("remat", "none")
-    config.model.unet.attention = user_unet.get("attention", "auto")
-    config.model.prediction = pre.prediction
-    config.schedule = pre.schedule_cfg
-    factor = vae_lib.downscale_factor(pre.vae_cfg)
-    n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
-    if 2**n_down != factor:
-        raise ValueError(
-            f"config model.adapter.conditioning_embedding_out_channels has {n_down} stride-2 convs "
-            f"(len - 1) but the VAE downscales by {factor}: it needs {factor.bit_length() - 1}"
-        )
-    if config.data.crop_size % factor:
-        raise ValueError(
-            f"config data.crop_size={config.data.crop_size} is not a multiple of the VAE's factor {factor}"
-        )
-    return config, pre, factor
-
-
-class Space:
-    """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
-
-    def __init__(self, config, pre=None, codec=None, factor=1, prompt_table=None, negative=None):
-        self.codec, self.pre = codec, pre
-        side = config.data.crop_size // factor
-        self.shape = (side, side, config.model.unet.in_channels)
-        self.context = None if pre is None else pre.context
-        self._decode = None if codec is None else jax.jit(codec.decode)
-        # Tasks with prompts: [1 + P, L, D] embeddings (row 0 ''), the negative prompt's [1, L, D].
-        self.prompt_table, self.negative = prompt_table, negative
-        self.guidance_scale = float(config.text.guidance_scale) if prompt_table is not None else 1.0
-
-    def batch_context(self, n, prompt=None):
-        """The cross-attention context of n examples (their prompts' embeddings in tasks with prompts)."""
-        if self.prompt_table is not None:
-            return self.prompt_table[np.asarray(prompt) + 1]
-        return None if self.context is None else np.broadcast_to(self.context, (n,) + self.context.shape[1:])
-
-    def sampling_context(self, n, prompt=None):
-        """What the method's sampler takes as context: under classifier-free guidance (`guided`) the
-        prompts' and the negative prompt's embeddings."""
-        if self.prompt_table is None:
-            return self.batch_context(n)
-        return {"prompt": self.batch_context(n, prompt), "negative": self.negative}
-
-    def guided(self, denoiser):
-        return denoiser if self.prompt_table is None else prompts_lib.Guided(denoiser, self.guidance_scale)
-
-    def with_frozen(self, frozen):
-        """A stage's frozen params plus what its loss and evaluation read: the VAE and prompt context
-        (latent space), the prompt table (tasks with prompts)."""
-        if self.pre is not None:
-            frozen = dict(frozen, vae=self.pre.vae_params, context=self.pre.context)
-        if self.prompt_table is not None:
-            frozen = dict(frozen, prompt_table=self.prompt_table)
-        return frozen
-
-    def to_pixels(self, x, frozen):
-        """Samples as images; `frozen` (the train state's) holds the VAE params of latent models."""
-        return np.asarray(x) if self._decode is None else np.asarray(self._decode(frozen["vae"], x))
-
-    def eval_kwargs(self, frozen, batch):
-        n, prompt = batch["image"].shape[0], batch.get("prompt")
-        out = {}
-        if self.codec is not None:
-            out = dict(sample_shape=self.shape, to_pixels=lambda x: self.to_pixels(x, frozen))
-        if self.prompt_table is not None or self.codec is not None:
-            out.update(context=self.sampling_context(n, prompt), teacher_context=self.batch_context(n, prompt))
-        return out
-
-
-def _preview_fns(config, plain, method_denoiser, eval_batch, space: Space):
-    """TensorBoard pictures: teacher DDIM samples, and bicubic | the method's N-step samples | HR on held-out crops."""
-    k = min(4, eval_batch["image"].shape[0])
-    cond, hr = eval_batch["cond"][:k], eval_batch["image"][:k]
-    prompt = None if "prompt" not in eval_batch else eval_batch["prompt"][:k]
-    shape, ctx = (k,) + space.shape, space.batch_context(k, prompt)
-    method_ctx = space.sampling_context(k, prompt)
-    rng = jax.random.PRNGKey(config.eval.seed)
-    ddim_steps = config.eval.teacher_ddim_steps or 16
-    teacher_sampler = sampling.make_sampler(plain, ddim_steps, "deterministic")
-    n_steps = max(config.eval.steps)
-    codi_sampler = sampling.make_sampler(space.guided(method_denoiser), n_steps, config.eval.samplers[0])
-
-    def teacher_images(state):
-        x = teacher_sampler(state["ema_params"], rng, shape, None, ctx)
-        return {f"samples/teacher_ddim{ddim_steps}_uncond": space.to_pixels(x, state["frozen"])}
-
-    def codi_images(state):
-        x = codi_sampler(base.merge(state["ema_params"], state["frozen"]), rng, shape, cond, method_ctx)
-        shown = cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond, 3, axis=-1)
-        row = np.concatenate(
-            [shown, space.to_pixels(x, state["frozen"]), hr], axis=2
-        )  # side by side, one row per example
-        return {f"samples/cond_{config.method}{n_steps}_target": row}
-
-    return teacher_images, codi_images
-
-
-@dataclasses.dataclass
-class Model:
-    """What a run (or the evaluation job) builds from a config: the networks and the sample space."""
-
-    config: mlc.ConfigDict  # with the pretrained folder's architecture filled in
-    pre: object  # stable_diffusion.Pretrained, or None (pixel-space tiny models)
-    codec: object  # latent.LatentCodec, or None
-    space: Space
-    module: object
-    plain: base.Denoiser  # the network as a diffusion model (eq 8)
-    wrapped: base.Denoiser  # with CoDi's boundary scalings (eq 17/18)
-
-    @property
-    def method_denoiser(self) -> base.Denoiser:
-        """CoDi samples through the boundary-wrapped consistency function; the finetuned and
-        progressively distilled models are plain diffusion models."""
-        return self.wrapped if self.config.method == "codi" else self.plain
-
-
-def prompt_embeddings(config, workdir: str):
-    """(prompt table [1 + P, L, D], negative prompt [1, L, D]) of a task with prompts, else (None, None);
-    computed by the frozen text encoder once and cached in WORKDIR/cache."""
-    if config.task not in task_data.PROMPT_TASKS:
-        return None, None
-    cache = os.path.join(workdir, "cache")
-    task_prompts = task_data.prompts(config.data, config.task)
-    encoder = prompts_lib.make_encoder(config, task_prompts, cache)
-    table = prompts_lib.prompt_table(encoder, task_prompts, cache, config.text.max_cached_prompts)
-    negative = prompts_lib.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
-    width = config.model.unet.cross_attention_dim
-    if table.shape[-1] != width:
-        raise ValueError(
-            f"config text.encoder gives {table.shape[-1]}-wide embeddings but model.unet.cross_attention_dim={width}"
-        )
-    return table, negative
-
-
-def build_model(config, workdir: str) -> Model:
-    pre, codec, factor = None, None, 1
-    if config.teacher.pretrained_path:
-        config, pre, factor = with_pretrained(config, workdir)
-        codec = latent.LatentCodec(
-            pre.vae_module,
-            float(pre.vae_cfg.scaling_factor),
-            float(pre.vae_cfg.shift_factor),
-            sample_posterior=config.teacher.sample_latents,
-        )
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    b = config.codi.boundary
-    plain = base.Denoiser(module, schedule, config.model.prediction)
-    wrapped = base.Denoiser(
-        module, schedule, config.model.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
-    )
-    table, negative = prompt_embeddings(config, workdir)
-    space = Space(config, pre, codec, factor, table, negative)
-    return Model(config, pre, codec, space, module, plain, wrapped)
-
-
-def final_stage(config) -> tuple[str, str]:
-    """(workdir holding it, stage name) of the stage whose EMA weights a run evaluates."""
-    if config.method == "finetune":
-        return config.finetune.checkpoint, "finetune"
-    if config.method == "gd":
-        return "", f"gd_{config.gd.final_steps}steps"
-    return "", "codi"
-
-
-def final_stage_steps(config) -> int:
-    """Train steps of the final stage (its last checkpoint's step once complete)."""
-    return {"finetune": config.finetune.train, "gd": config.gd.train}.get(config.method, config.codi.train).num_steps
-
-
-def _with_frozen(init_fn, space: Space):
-    def init(rng):
-        trainable, frozen = init_fn(rng)
-        return trainable, space.with_frozen(frozen)
-
-    return init
-
-
-def _copy(tree):
-    """A fresh copy: train steps donate their state, and jit may forward input buffers to outputs."""
-    return jax.tree_util.tree_map(jnp.copy, tree)
-
-
-def params_fingerprint(tree) -> str:
-    """The sum of squared weights over a parameter tree, to 7 significant digits: the same teacher gives
-    the same figure on any mesh (up to summation order, far below the 7th digit); two trainings of the
-    same recipe that drifted apart (another JAX build, another machine) differ from the 3rd or 4th digit.
-    Computed on the devices, so sharded and multi-host trees need no gather."""
-    total = jax.jit(
-        lambda t: sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree_util.tree_leaves(t))
-    )(tree)
-    return f"{float(total):.7g}"
-
-
-def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
-    """Run the job described by `config` in `workdir`; returns the evaluation report.
-
-    Stages, each in WORKDIR/<stage> (resumed, or skipped when complete):
-      teacher   the pretrained model (loaded, or pretrained here for the tiny recipes)
-      finetune  conditional finetuning with the diffusion loss (method 'finetune', and the start
-                of the two-stage baselines: codi.init='finetuned' (CM-II), method 'gd' (GD-II))
-      codi      CoDi / PE-CoDi / CM-II and the ablations (method 'codi')
-      gd_Nsteps progressive distillation rounds (method 'gd')
-    then evaluation of the method's final EMA weights. `stop_after='teacher'` returns after stage 1
-    (the reproduction's shared teacher).
-    """
-    if config.variant == "" and not config.teacher.pretrained_path:
-        raise ValueError(
-            "configs/sr.py (paper scale) needs a pretrained model: set "
-            "--config.teacher.pretrained_path=/path/to/stable-diffusion (diffusers format), "
-            "or run the offline default --config=configs/sr.py:tiny"
-        )
-    validate_config(config)
-    check_workdir(workdir)
-    evaluate.check_metric_weights(config.eval)
-    t_start = time.perf_counter()
-    m = build_model(config, workdir)
-    config, pre, codec, space, module = m.config, m.pre, m.codec, m.space, m.module
-    plain, wrapped, method_denoiser, method = m.plain, m.wrapped, m.method_denoiser, config.method
-    if jax.process_index() == 0:  # what the evaluation job reads back
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    timings = {}
-    eval_batch = pipeline.make_eval_batch(
-        config.data, task=config.task, num_examples=config.eval.num_examples, seed=config.eval.seed
-    )
-    teacher_images, method_images = _preview_fns(config, plain, method_denoiser, eval_batch, space)
-    if jax.process_count() > 1 or not config.eval.get("previews", True):
-        teacher_images = method_images = None  # previews read whole arrays on one process; metrics come at the end
-    # The logical axis names the modules put on their weights, for the sharding rules.
-    names = base.model_logical_names(module, config.model, space.shape[0], config.data.crop_size)
-    logical = {
-        "unet": names["unet"],
-        "adapter": names["adapter"],
-        "teacher_unet": names["unet"],
-        "teacher_adapter": names["adapter"],
-    }
-    place = dict(mesh=mesh, rules=rules, logical=logical)
-
-    # Stage 1: the unconditional teacher (pretrained here when none is given).
-    teacher_init = _teacher_params_init(module, config)
-    t0 = time.perf_counter()
-    if pre is not None:
-        tstate = {"ema_params": {"unet": pre.unet_params}}
-    elif config.teacher.checkpoint:
-        tstate = train.load_final_state(
-            name="teacher",
-            workdir=config.teacher.checkpoint,
-            tcfg=config.pretrain,
-            init_fn=teacher_init,
-            seed=config.seed,
-            **place,
-        )
-    else:
-        loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=False)
-        if space.prompt_table is not None:
-            # A text-to-image teacher of the task's images and prompts; the prompt table is a constant
-            # of its step, so its checkpoint is the backbone alone (any task's runs can load it).
-            loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout, table=space.prompt_table)
-        tstate = train.run_stage(
-            name="teacher",
-            workdir=workdir,
-            tcfg=config.pretrain,
-            loss_fn=loss_fn,
-            init_fn=teacher_init,
-            data_cfg=config.data,
-            task=config.task if space.prompt_table is not None else "uncond",
-            seed=config.seed,
-            image_fn=teacher_images,
-            **place,
-        )
-    teacher_unet = tstate["ema_params"]["unet"]
-    timings["teacher_s"] = round(time.perf_counter() - t0, 1)
-    del tstate
-    if stop_after == "teacher":
-        return None
-    teacher_fingerprint = params_fingerprint(teacher_unet)  # metrics.json: which teacher a run started from
-    keep_teacher = bool(config.eval.teacher_ddim_steps)
-
-    def adapted_init(rng, random_backbone=False):
-        """{unet: the teacher (or random), adapter: a duplicate of its encoder, mu = 0} (eq 12)."""
-        params = base.init_model_params(module, config.model, rng, space.shape[0], config.data.crop_size)
-        unet = params["unet"] if random_backbone else (_copy(teacher_unet) if keep_teacher else teacher_unet)
-        return {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], unet)}
-
-    def stage(name, tcfg, loss_fn, init_fn, seed_offset, image_fn=method_images, workdir_=workdir, load=False):
-        """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
-        latent space (VAE, prompt context) that its latent loss and evaluation read."""
-        t0 = time.perf_counter()
-        init_fn = _with_frozen(init_fn, space)
-        if load:
-            state = train.load_final_state(
-                name=name, workdir=workdir_, tcfg=tcfg, init_fn=init_fn, seed=config.seed + seed_offset, **place
-            )
-        else:
-            if codec is not None:
-                loss_fn = latent.latent_loss(loss_fn, codec)
-            if space.prompt_table is not None:
-                loss_fn = prompts_lib.with_prompts(loss_fn, config.text.dropout)
-            state = train.run_stage(
-                name=name,
-                workdir=workdir_,
-                tcfg=tcfg,
-                loss_fn=loss_fn,
-                init_fn=init_fn,
-                data_cfg=config.data,
-                task=config.task,
-                seed=config.seed + seed_offset,
-                image_fn=image_fn,
-                **place,
-            )
-        timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
-        return state
-
-    # Stage 2a: conditional finetuning with the plain diffusion loss (baseline, and GD-II/CM-II's first stage).
-    state = None
-    if method in ("finetune", "gd") or config.codi.init == "finetuned":
-        f = config.finetune
-
-        def finetune_init(rng):
-            return codi.split_params(adapted_init(rng), f.mode, key="finetune")
-
-        state = stage(
-            "finetune",
-            f.train,
-            functools.partial(pretrain.diffusion_loss, denoiser=plain, use_cond=True),
-            finetune_init,
-            1,
-            workdir_=f.checkpoint or workdir,
-            load=bool(f.checkpoint),
-            image_fn=method_images if method == "finetune" else None,
-        )
-
-    def finetuned_params():
-        return base.merge(state["ema_params"], state["frozen"])
-
-    # Stage 2b: the distillation.
-    if method == "codi":
-        c = config.codi
-
-        def codi_init(rng):
-            if c.init == "finetuned":
-                params = finetuned_params()
-            else:
-                params = adapted_init(rng, random_backbone=c.init == "random")
-            # A frozen teacher (zs_predictor 'teacher') is the starting model: the pretrained backbone
-            # without the condition, or the finetuned model with it (CM-II).
-            return codi.split_params(
-                params, c.mode, c.zs_predictor, teacher_cond=c.init == "finetuned" and c.zs_predictor == "teacher"
-            )
-
-        loss_fn = functools.partial(
-            codi.codi_loss,
-            denoiser=wrapped,
-            teacher=plain,
-            cfg=c,
-            decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z),
-        )
-        state = stage("codi", c.train, loss_fn, codi_init, 1)
-    elif method == "gd":
-        g = config.gd
-        for i, n in enumerate(progressive.rounds(g.start_steps, g.final_steps)):
-            start = finetuned_params()  # the previous round's student (the finetuned model first)
-
-            def gd_init(rng, start=start):
-                del rng
-                return codi.split_params(start, "full", teacher_cond=True)
-
-            loss_fn = functools.partial(progressive.progressive_loss, denoiser=plain, student_steps=n)
-            state = stage(f"gd_{n}steps", g.train, loss_fn, gd_init, 2 + i)
-
-    # Stage 3: evaluation on held-out images (EMA weights, as consistency models do).
-    t0 = time.perf_counter()
-    frozen = state["frozen"]
-    params = base.merge(state["ema_params"], frozen)
-    if jax.process_count() > 1:  # every process takes part in gathering; process 0 evaluates alone
-        from jax.experimental import multihost_utils
-
-        params, teacher_unet, frozen = multihost_utils.process_allgather((params, teacher_unet, frozen), tiled=True)
-    report = None
-    if jax.process_index() == 0:
-        report = evaluate.evaluate_task(
-            denoiser=space.guided(method_denoiser),
-            params=params,
-            eval_batch=eval_batch,
-            ecfg=config.eval,
-            out_dir=workdir,
-            method=method,
-            task=config.task,
-            data_cfg=config.data,
-            teacher=plain if keep_teacher else None,
-            teacher_params={"unet": teacher_unet} if keep_teacher else None,
-            extra={"variant": config.variant, "timings_s": timings, "teacher_fingerprint": teacher_fingerprint},
-            **space.eval_kwargs(frozen, eval_batch),
-        )
-        timings["eval_s"] = round(time.perf_counter() - t0, 1)
-        timings["total_s"] = round(time.perf_counter() - t_start, 1)
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        from codi_jax import sample  # PE runs: the adapter on its own, for the sampling command
-
-        sample.export_adapter(workdir, config, params)
-        _print_summary(report, workdir)
-    return report
 
 
 def _print_summary(report, workdir):

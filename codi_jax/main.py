@@ -52,15 +52,16 @@ def main(argv):
         sharding.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value
         )
-    logging.info("config:\n%s", _CONFIG.value)
     # Imports after flag parsing: grain wants absl flags parsed first.
+    from codi_jax import experiment
+
+    experiment.check_required(_CONFIG.value)  # before printing it: an unset required field cannot print
+    logging.info("config:\n%s", _CONFIG.value)
     if _CONFIG.value.get("job") == "eval":  # configs/eval.py: the batch evaluation job
         from codi_jax.evaluation import job
 
         job.run(_CONFIG.value, _WORKDIR.value)
         return
-    from codi_jax import experiment
-
     experiment.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -22,7 +22,6 @@ trained against another backbone, or for a task other than the one asked for, is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -33,123 +32,36 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from codi_jax import experiment, sampling
+from codi_jax import build, runs, sampling, workdir
 from codi_jax.data import degradation, sources
 from codi_jax.data import tasks as task_data
-from codi_jax.models import prompts as prompts_lib
-from codi_jax.pretrained import safetensors_io
-
-ADAPTER_DIR = "adapter"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_META = "adapter.json"
-_SEP = "/"
-
-
-def param_bytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-
-def backbone_fingerprint(unet_params) -> str:
-    """Identifies a backbone's weights: every parameter's path, shape and a strided sample of its values."""
-    h = hashlib.sha1()
-    flat = jax.tree_util.tree_flatten_with_path(unet_params)[0]
-    for path, x in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.asarray(x, np.float32).ravel()
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(str(a.shape).encode())
-        h.update(a[:: max(1, a.size // 64)].tobytes())
-    return h.hexdigest()[:20]
-
-
-def backbone_frozen(config) -> bool:
-    """Did the run's final stage leave the backbone as it was (PE-CoDi / the 'pe' finetuned baseline)?"""
-    if config.method == "codi":
-        return config.codi.mode == "pe" and config.codi.init == "pretrained"
-    if config.method == "finetune":
-        return config.finetune.mode == "pe"
-    return False
-
-
-def _flat(tree):
-    name = lambda path: _SEP.join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return {name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflat(flat):
-    out = {}
-    for name, x in flat.items():
-        node = out
-        *parents, leaf = name.split(_SEP)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = x
-    return out
-
-
-def export_adapter(run_dir: str, config, params) -> str | None:
-    """Write RUN_DIR/adapter/ for a run whose backbone stayed frozen; None (and a log line) otherwise."""
-    if not backbone_frozen(config):
-        logging.info(
-            "adapter: not written (method %s trained the backbone too: the whole model is the result)", config.method
-        )
-        return None
-    out = os.path.join(run_dir, ADAPTER_DIR)
-    os.makedirs(out, exist_ok=True)
-    weights = _flat(params["adapter"])
-    safetensors_io.save(os.path.join(out, ADAPTER_WEIGHTS), weights, metadata={"format": "codi_jax"})
-    meta = {
-        "task": config.task,
-        "method": config.method,
-        "backbone": backbone_fingerprint(params["unet"]),
-        "adapter_params": int(sum(x.size for x in weights.values())),
-        "backbone_params": int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params["unet"]))),
-        "config": json.loads(config.to_json_best_effort()),
-    }
-    tmp = os.path.join(out, ADAPTER_META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, ADAPTER_META))
-    logging.info("adapter: %s (%d params, backbone %s)", out, meta["adapter_params"], meta["backbone"])
-    return out
+from codi_jax.methods import text
+from codi_jax.pretrained import text_encoder
 
 
 @dataclasses.dataclass
 class Adapter:
     name: str
     task: str
-    model: experiment.Model
+    model: build.Model
     params: dict
     backbone: str
-    encoder: prompts_lib.TextEncoder | None
-
-
-def load_adapter_files(folder: str):
-    """(meta, adapter params) of an adapter folder (RUN_DIR/adapter or RUN_DIR)."""
-    if os.path.isdir(os.path.join(folder, ADAPTER_DIR)):
-        folder = os.path.join(folder, ADAPTER_DIR)
-    meta_path = os.path.join(folder, ADAPTER_META)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"adapter {folder}: no {ADAPTER_META} (written at the end of a PE-CoDi run)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return meta, _unflat(safetensors_io.load(os.path.join(folder, ADAPTER_WEIGHTS)))
+    encoder: text_encoder.TextEncoder | None
 
 
 class AdapterSampler:
     """One frozen backbone in memory; adapters (one per task) added and used by name."""
 
     def __init__(self, run_dir: str, cache_dir: str):
-        from codi_jax.evaluation import job
-
         self.cache_dir = cache_dir
         if not os.path.isfile(os.path.join(run_dir, "config.json")):
             raise FileNotFoundError(f"run {run_dir}: no config.json there (not a finished codi_jax run's workdir?)")
-        config = job.read_run_config(run_dir)
-        model = experiment.build_model(config, cache_dir)
-        params, frozen, _ = job.restore_final(model.config, run_dir, model=model)
+        config = runs.read_run_config(run_dir)
+        model = build.build_model(config, cache_dir)
+        params, frozen, _ = runs.restore_final(model.config, run_dir, model=model)
         self.frozen = frozen
         self.backbone = params["unet"]
-        self.fingerprint = backbone_fingerprint(self.backbone)
+        self.fingerprint = runs.backbone_fingerprint(self.backbone)
         self.adapters: dict[str, Adapter] = {}
         own = Adapter("own", model.config.task, model, params["adapter"], self.fingerprint, self._encoder(model.config))
         self.adapters["own"] = own
@@ -157,12 +69,12 @@ class AdapterSampler:
     def _encoder(self, config):
         if config.task not in task_data.PROMPT_TASKS:
             return None
-        return prompts_lib.make_encoder(
+        return text_encoder.make_encoder(
             config, task_data.prompts(config.data, config.task), os.path.join(self.cache_dir, "cache")
         )
 
     def add(self, name: str, folder: str, expect_task: str = "") -> Adapter:
-        meta, params = load_adapter_files(folder)
+        meta, params = runs.load_adapter_files(folder)
         if expect_task and meta["task"] != expect_task:
             raise ValueError(f"adapter {name!r} ({folder}) was trained for task {meta['task']!r}, not {expect_task!r}")
         if meta["backbone"] != self.fingerprint:
@@ -171,21 +83,21 @@ class AdapterSampler:
                 f"not this run's ({self.fingerprint})"
             )
         config = mlc.ConfigDict(meta["config"])
-        model = experiment.build_model(config, self.cache_dir)
+        model = build.build_model(config, self.cache_dir)
         self.adapters[name] = Adapter(name, meta["task"], model, params, meta["backbone"], self._encoder(model.config))
         logging.info(
             "adapter %r: task %s, %d params (%.1f MB)",
             name,
             meta["task"],
             meta["adapter_params"],
-            param_bytes(params) / 1e6,
+            runs.param_bytes(params) / 1e6,
         )
         return self.adapters[name]
 
     def memory(self) -> dict:
         """Bytes held: the backbone once and every adapter, against one full model per adapter."""
-        adapters = {n: param_bytes(a.params) for n, a in self.adapters.items()}
-        backbone = param_bytes(self.backbone)
+        adapters = {n: runs.param_bytes(a.params) for n, a in self.adapters.items()}
+        backbone = runs.param_bytes(self.backbone)
         return {
             "backbone_bytes": backbone,
             "adapter_bytes": adapters,
@@ -226,7 +138,7 @@ class AdapterSampler:
             scale = config.text.guidance_scale if guidance_scale is None else guidance_scale
             neg = config.text.negative_prompt if negative_prompt is None else negative_prompt
             context = {"prompt": a.encoder.embed(prompts), "negative": a.encoder.embed([neg])}
-            denoiser = prompts_lib.Guided(denoiser, float(scale))
+            denoiser = text.Guided(denoiser, float(scale))
         elif space.context is not None:
             context = space.context
         params = {"unet": self.backbone, "adapter": a.params}
@@ -338,7 +250,7 @@ def _main(argv):
 
     f = flags.FLAGS
     run_dir, out = f.run, f.out
-    experiment.check_workdir(out)
+    workdir.check_workdir(out, "--out")
     t0 = time.perf_counter()
     s = AdapterSampler(run_dir, out)
     for spec in f.adapter:

@@ -54,7 +54,7 @@ def make_optimizer(tcfg):
         optax.clip_by_global_norm(tcfg.grad_clip),
         optax.adamw(lr, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay),
     ]
-    if tcfg.get("mu_lr_multiplier", 1.0) != 1.0:
+    if tcfg.mu_lr_multiplier != 1.0:
         parts.append(_scale_named_leaves("mu", tcfg.mu_lr_multiplier))
     return optax.chain(*parts), lr
 
@@ -316,7 +316,7 @@ def run_stage(
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = os.path.join(workdir, name)
     sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
-    accum = tcfg.get("grad_accum_steps", 1)
+    accum = tcfg.grad_accum_steps
     if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
         raise ValueError(
             f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "

@@ -1,10 +1,29 @@
-"""Shared config pieces. Configs are the only home of numbers a user might change.
+"""The recipe every task shares, the two shrinks of it, and the config pieces they are made of.
 
-Every field is documented where it is set. `docs/config.md` explains the choices that
-the paper leaves open.
+Configs are the only home of numbers a user might change; every field is documented where it is set.
+docs/design-choices.md explains the choices that the paper leaves open. A task file (configs/sr.py,
+inpaint.py, depth.py, edit.py) is `recipe(task)` plus its own fields, then one block per variant:
+
+    config = common.recipe("sr")      # the paper-scale recipe (a Stable Diffusion folder is required)
+    if variant == "tiny":
+        common.shrink_to_tiny(config)  # pixel space, embedded images, a teacher trained here
+    elif variant == "smoke":
+        common.shrink_to_smoke(config) # the same path at minimum size (the end-to-end tests)
 """
 
 import ml_collections as mlc
+from ml_collections import config_dict
+
+from configs import data as data_configs
+
+VARIANTS = ("", "tiny", "smoke")
+
+
+def required(field_type):
+    """A field the user must set: left unset (None), the job stops at once with one line naming it
+    (codi_jax/experiment.py `check_required`). A placeholder rather than ml_collections'
+    required_placeholder, which cannot be locked (config_flags locks every --config)."""
+    return config_dict.placeholder(field_type)
 
 
 def tiny_unet():
@@ -177,6 +196,8 @@ def evaluation():
             teacher_ddim_steps=0,  # >0 also samples the unconditional teacher with N-step DDIM (sanity grid)
             grid_examples=8,  # rows in each PNG grid
             previews=True,  # TensorBoard sample images at the end of each stage (and every train.image_every)
+            preview_examples=4,  # held-out crops in each preview picture
+            preview_teacher_steps=16,  # DDIM steps of the teacher's preview samples (teacher_ddim_steps when > 0)
             fid_weights="",  # local FID InceptionV3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
             # or .safetensors): adds 'fid' (docs/metrics.md says where to get them)
             lpips_weights="",  # 'alexnet.pth,alex.pth': torchvision AlexNet + the lpips package's lin weights: adds 'lpips'
@@ -232,3 +253,106 @@ def mesh():
             ),
         )
     )
+
+
+def teacher():
+    """The model CoDi starts from."""
+    return mlc.ConfigDict(
+        dict(
+            # A diffusers-format folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/): latent-space CoDi;
+            # model.unet, the schedule and the prediction type follow it. Required by the paper recipe;
+            # '' (the tiny recipes) trains a pixel-space teacher here with `pretrain`.
+            pretrained_path=required(str),
+            checkpoint="",  # a teacher checkpoint dir of ours (a finished run's WORKDIR); '' = pretrain one in WORKDIR/teacher
+            prompt="",  # text prompt of the training context (SD's empty prompt: unconditional)
+            allow_pickle=False,  # accept .bin/.ckpt weights (pickle can run code); safetensors otherwise
+            sample_latents=True,  # targets: a sample of the VAE posterior (SD training) or its mean
+        )
+    )
+
+
+def recipe(task: str) -> mlc.ConfigDict:
+    """The paper-scale recipe: latent-space CoDi from Stable Diffusion weights (SD 1.x/2.x), 512 px,
+    bf16, AdamW lr 1e-5, global batch 128 (the public code's recipe: batch 2 per device on 64), one t
+    per batch (sec 5.3), EMA 0.9999."""
+    config = mlc.ConfigDict()
+    config.variant = ""  # the variant the task file was asked for ('', 'tiny', 'smoke'): recorded, never tested
+    config.task = task  # 'sr' | 'inpaint' | 'depth' | 'edit'
+    config.seed = 0
+    config.method = "codi"  # 'codi' (CoDi, PE-CoDi, CM-II and ablations, by codi.*) | 'finetune' | 'gd' (GD-II)
+    config.data = data_configs.get_data_config()
+    config.data.crop_size = 512
+    config.schedule = schedule_cosine()
+    config.schedule.kind = "scaled_linear"  # SD's; replaced by the folder's scheduler config
+    config.model = model(sd15_unet())  # the U-Net is replaced by the folder's unet/config.json
+    config.model.prediction = "auto"  # from the folder's scheduler config (eps for SD 1.x, v for SD 2.x)
+    config.model.adapter.conditioning_embedding_out_channels = (16, 32, 96, 256)  # 8x: pixels -> latents
+    config.model.dtype = "bfloat16"
+    config.teacher = teacher()
+    # Pretraining a teacher from scratch (only without teacher.pretrained_path: the tiny recipes).
+    config.pretrain = train(num_steps=100_000, batch_size=128, lr=1e-4)
+    config.pretrain.update(ema_decay=0.9999, log_every=100, checkpoint_every=2000)
+    config.codi = codi_method()
+    config.codi.train = train(num_steps=100_000, batch_size=128, lr=1e-5)
+    config.codi.train.update(ema_decay=0.9999, log_every=100, checkpoint_every=2000)
+    config.finetune = finetune(num_steps=100_000, batch_size=128, lr=1e-5)
+    config.finetune.train.update(ema_decay=0.9999, log_every=100, checkpoint_every=2000)
+    config.gd = progressive_distillation(num_steps=10_000, batch_size=128, lr=1e-5)
+    config.gd.update(start_steps=64, final_steps=4)
+    config.gd.train.update(ema_decay=0.9999, log_every=100, checkpoint_every=2000)
+    config.eval = evaluation()
+    config.text = text()  # used by tasks with prompts (depth, edit)
+    config.text.encoder = "pretrained"
+    config.mesh = mesh()  # devices, axes and logical axis rules (default: all devices data parallel)
+    return config
+
+
+def shrink_to_tiny(config: mlc.ConfigDict) -> None:
+    """The tiny recipe: pixel space, the embedded photographs, a ~1.3M-parameter teacher pretrained
+    here; the whole path on a CPU (about 20-35 minutes on 2 cores)."""
+    config.teacher.pretrained_path = ""
+    config.data.crop_size = 32
+    config.schedule = schedule_cosine()
+    config.model = model(tiny_unet())
+    config.text.encoder = "tiny"
+    config.pretrain = train(num_steps=1200, batch_size=16, lr=1e-3)
+    config.pretrain.update(ema_decay=0.995, ema_warmup=True)  # from random init: warm the EMA up
+    # theta^- starts at the teacher; a 0.99 EMA follows a 600-step run (0.999 would still be ~55% the
+    # initial model at the end). mu needs a larger rate to move in 600 steps.
+    config.codi.train = train(num_steps=600, batch_size=16, lr=1e-3)
+    config.codi.train.update(ema_decay=0.99, mu_lr_multiplier=5.0)
+    config.finetune.train = train(num_steps=600, batch_size=16, lr=1e-3)
+    config.finetune.train.update(ema_decay=0.99, mu_lr_multiplier=5.0)
+    config.gd.update(start_steps=16, final_steps=4)
+    config.gd.train = train(num_steps=300, batch_size=16, lr=1e-4)
+    config.gd.train.update(ema_decay=0.99, warmup_steps=20)
+    # One t per sample, not the paper's one per batch: at this scale it is the better of the two
+    # (the reproduction's Fig. 7 rows, docs/results-notes.md).
+    config.codi.t_per_sample = True
+
+
+def shrink_to_smoke(config: mlc.ConfigDict) -> None:
+    """The tiny path at minimum size, for the end-to-end tests: every layer kind, the shortest compile."""
+    shrink_to_tiny(config)
+    config.data.crop_size = 16
+    # One down/up block (with attention) and the mid block.
+    config.model.unet.update(
+        block_out_channels=(16,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        norm_num_groups=4,
+    )
+    config.model.adapter.conditioning_embedding_out_channels = (8,)
+    # One checkpoint per stage, at its end (Orbax pays ~4 ms per array per save; resumption is
+    # tested in tests/test_train.py with its own cadence).
+    config.pretrain.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=8)
+    config.codi.train.update(num_steps=8, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=8)
+    config.finetune.train.update(num_steps=4, batch_size=4, warmup_steps=2, log_every=4, checkpoint_every=4)
+    config.gd.update(start_steps=4, final_steps=2)
+    config.gd.train.update(num_steps=2, batch_size=4, warmup_steps=1, log_every=2, checkpoint_every=2)
+    config.eval.update(num_examples=4, batch_size=4, grid_examples=4, steps=(1, 2))
+
+
+def check_variant(variant: str, path: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of {path}; use 'tiny', 'smoke' or none")

@@ -7,16 +7,19 @@ show: `colour_acc_object` / `colour_acc_wall` in metrics.json say whether sample
 Its teacher is a tiny text-to-image model of such scenes.
 """
 
-from configs import sr
+from configs import common
 
 
 def get_config(variant=""):
-    config = sr.get_config(variant)
-    config.task = "depth"
-    config.model.adapter.cond_channels = 1
-    if variant in ("tiny", "smoke"):
+    common.check_variant(variant, "configs/depth.py")
+    config = common.recipe("depth")
+    if variant == "tiny":
+        common.shrink_to_tiny(config)
+        config.model.adapter.mu_per_feature = True
+    elif variant == "smoke":
+        common.shrink_to_smoke(config)
+    if variant:  # the tiny text encoder's width (a pretrained folder sets its own)
         config.model.unet.cross_attention_dim = config.text.tiny.width
-        config.model.adapter.input = "sample_and_cond"
-    else:
-        config.text.encoder = "pretrained"
+    config.model.adapter.cond_channels = 1  # inverse depth
+    config.variant = variant
     return config

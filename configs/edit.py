@@ -8,18 +8,21 @@ so the metrics compare with the true edit; its teacher is a tiny text-to-image m
 captioned by their instructions.
 """
 
-from configs import sr
+from configs import common
 
 
 def get_config(variant=""):
-    config = sr.get_config(variant)
-    config.task = "edit"
+    common.check_variant(variant, "configs/edit.py")
+    config = common.recipe("edit")
     config.eval.steps = (1, 2, 4)
-    if variant in ("tiny", "smoke"):
-        config.model.unet.cross_attention_dim = config.text.tiny.width
-        config.model.adapter.input = "cond_as_sample"  # the input image in z_t's place: editing starts from it
-    else:
-        config.text.encoder = "pretrained"
-    if variant == "smoke":
+    if variant == "tiny":
+        common.shrink_to_tiny(config)
+        config.model.adapter.mu_per_feature = True
+    elif variant == "smoke":
+        common.shrink_to_smoke(config)
         config.eval.steps = (1, 2)
+    if variant:
+        config.model.unet.cross_attention_dim = config.text.tiny.width  # the tiny text encoder's width
+        config.model.adapter.input = "cond_as_sample"  # the input image in z_t's place: editing starts from it
+    config.variant = variant
     return config

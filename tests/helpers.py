@@ -10,7 +10,6 @@ import numpy as np
 from codi_jax import diffusion
 from codi_jax.data import pipeline
 from codi_jax.methods import base, codi
-from codi_jax.models import adapter as adapter_lib
 from configs import sr
 
 
@@ -22,13 +21,8 @@ def smoke_config(**codi_overrides):
 
 def denoisers(config):
     """(diffusion denoiser, consistency denoiser with the eq 17 boundary) of `config`'s model."""
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    b = config.codi.boundary
-    wrapped = base.Denoiser(
-        module, schedule, config.model.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
-    )
-    return base.Denoiser(module, schedule, config.model.prediction), wrapped
+    d = base.make_denoisers(config.model, diffusion.make_schedule(config.schedule), config.codi.boundary)
+    return d.diffusion, d.consistency
 
 
 def codi_setup(config, seed=0):
@@ -36,7 +30,7 @@ def codi_setup(config, seed=0):
     plain, wrapped = denoisers(config)
     module = plain.module
     params = base.init_model_params(module, config.model, jax.random.PRNGKey(seed), config.data.crop_size)
-    params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
+    params = base.adapted(params)
     trainable, frozen = codi.split_params(params, config.codi.mode, config.codi.zs_predictor)
     loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=config.codi)
     batch = next(pipeline.make_train_iterator(config.data, task="sr", global_batch_size=4, seed=seed))

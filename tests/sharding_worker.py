@@ -33,18 +33,13 @@ def _codi_pieces(config):
     from codi_jax import diffusion
     from codi_jax.data import pipeline
     from codi_jax.methods import base, codi
-    from codi_jax.models import adapter as adapter_lib
 
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    b = config.codi.boundary
-    wrapped = base.Denoiser(module, schedule, config.model.prediction, (b.sigma_data, b.time_scale))
-    plain = base.Denoiser(module, schedule, config.model.prediction)
+    denoisers = base.make_denoisers(config.model, diffusion.make_schedule(config.schedule), config.codi.boundary)
+    wrapped, plain, module = denoisers.consistency, denoisers.diffusion, denoisers.diffusion.module
     size = config.data.crop_size
 
     def init_fn(rng):
-        params = base.init_model_params(module, config.model, rng, size)
-        params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
+        params = base.init_adapted_params(module, config.model, rng, size)
         return codi.split_params(params, config.codi.mode, config.codi.zs_predictor)
 
     names = base.model_logical_names(module, config.model, size)

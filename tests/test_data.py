@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from codi_jax.data import catalog, pipeline, sources
 from codi_jax.data import degradation as deg
-from codi_jax.data import pipeline, sources
 from configs.data import get_data_config, stablesr_test_degradation
 
 
@@ -85,7 +85,7 @@ def test_degrade_shape_range_and_determinism():
 
 def test_degraded_condition_is_aligned_but_worse_than_bicubic():
     c = get_data_config()
-    src = sources.make_source(c, "train")
+    src = catalog.make_source(c, "train")
     rng = np.random.default_rng(0)
     hrs, conds, bics = [], [], []
     for i in range(24):
@@ -121,19 +121,19 @@ def test_usm_sharpen_tiny_crop():
 
 def test_embedded_names_and_errors():
     c = get_data_config()
-    src = sources.make_source(c, "train")
+    src = catalog.make_source(c, "train")
     assert len(src) == len(c.train_images)
     for img in src.images:
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-    assert repr(src) == repr(sources.make_source(c, "train"))
+    assert repr(src) == repr(catalog.make_source(c, "train"))
     assert "0x" not in repr(src)
     c.train_images = ("astronaut", "not_an_image")
     with pytest.raises(ValueError, match="data.train_images") as e:
-        sources.make_source(c, "train")
+        catalog.make_source(c, "train")
     assert "chelsea" in str(e.value)  # lists the valid names
     c.eval_images = ("cat",)
     with pytest.raises(ValueError, match="data.eval_images"):
-        sources.make_source(c, "eval")
+        catalog.make_source(c, "eval")
 
 
 def test_logo_rgba_on_white_and_downscale():
@@ -178,8 +178,8 @@ def test_folder_pipeline_holdout_and_overlap(tmp_path):
     c = get_data_config()
     c.source, c.folder, c.eval_fraction = "folder", str(tmp_path), 0.25
     c.image_downscale = 1
-    assert len(sources.make_source(c, "train")) == 3
-    assert len(sources.make_source(c, "eval")) == 1
+    assert len(catalog.make_source(c, "train")) == 3
+    assert len(catalog.make_source(c, "eval")) == 1
     b = next(pipeline.make_train_iterator(c, task="uncond", global_batch_size=2, seed=0))
     assert b["image"].shape == (2, 32, 32, 3)
     e = pipeline.make_eval_batch(c, task="sr", num_examples=2, seed=0)
@@ -263,7 +263,7 @@ def test_process_sharding():
 
 def test_eval_images_held_out():
     c = get_data_config()
-    train, evl = sources.make_source(c, "train"), sources.make_source(c, "eval")
+    train, evl = catalog.make_source(c, "train"), catalog.make_source(c, "eval")
     assert not set(train.keys) & set(evl.keys)
     for a in train.images:  # pixel-level: no eval photo hides under a new name
         assert not any(a.shape == b.shape and np.array_equal(a, b) for b in evl.images)

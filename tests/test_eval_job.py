@@ -2,6 +2,7 @@
 
 import pytest
 
+from codi_jax import build, runs
 from codi_jax.data import pipeline
 from codi_jax.evaluation import job
 from configs import eval as eval_configs
@@ -26,15 +27,15 @@ def test_checkpoint_without_config_json(tmp_path):
 
 def test_checkpoint_of_another_method(tmp_path):
     run = _run_dir(tmp_path, method="finetune")
-    cfg = job.read_run_config(run)
+    cfg = runs.read_run_config(run)
     with pytest.raises(ValueError, match="config method='codi', but .* was trained with method 'finetune'"):
-        job.restore_final(cfg, run, expect_method="codi")
+        runs.restore_final(cfg, run, expect_method="codi")
 
 
 def test_unfinished_run(tmp_path):
     run = _run_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no codi/checkpoints \(method 'codi'\); did the run finish"):
-        job.restore_final(job.read_run_config(run), run)
+        runs.restore_final(runs.read_run_config(run), run)
 
 
 @pytest.mark.parametrize(
@@ -99,10 +100,10 @@ def test_partial_restore_reads_only_what_evaluation_needs(tmp_path):
     mgr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     mgr.wait_until_finished()
     mgr.close()
-    got = job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params",))
+    got = runs.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params",))
     assert list(got) == ["ema_params"] and got["ema_params"]["w"].tolist() == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match=r"step 5's train state has no \['teacher'\]"):
-        job.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params", "teacher"))
+        runs.restore_subtrees(str(tmp_path / "ckpt"), 5, ("ema_params", "teacher"))
 
 
 def test_checkpoint_of_another_model_size(tmp_path):
@@ -112,25 +113,25 @@ def test_checkpoint_of_another_model_size(tmp_path):
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from codi_jax import experiment, train
+    from codi_jax import train
     from codi_jax.methods import base
     from codi_jax.models import layers
 
     def model_and_zeros(cfg):
-        model = experiment.build_model(cfg, str(tmp_path / "out"))
+        model = build.build_model(cfg, str(tmp_path / "out"))
         c = model.config
         abstract = layers.unbox(base.abstract_params(model.module, c.model, model.space.shape[0], c.data.crop_size))
         return model, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 
     run = _run_dir(tmp_path)
-    model, params = model_and_zeros(job.read_run_config(run))
+    model, params = model_and_zeros(runs.read_run_config(run))
     cfg = model.config
-    steps = experiment.final_stage_steps(cfg)
+    steps = runs.final_stage_steps(cfg)
     mgr = ocp.CheckpointManager(str(tmp_path / "run" / "codi" / "checkpoints"))
     mgr.save(steps, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": params, "frozen": {}})))
     mgr.wait_until_finished()
     mgr.close()
-    restored, _, step = job.restore_final(cfg, run, model=model)  # the right shapes pass
+    restored, _, step = runs.restore_final(cfg, run, model=model)  # the right shapes pass
     assert step == steps and set(restored) == {"unet", "adapter"}
 
     cfg.model.unet.block_out_channels = tuple(2 * c for c in cfg.model.unet.block_out_channels)
@@ -140,4 +141,4 @@ def test_checkpoint_of_another_model_size(tmp_path):
         match=r"codi/checkpoints/\d+: \['params'\]\['adapter'\].* has shape \(.*\), this config's "
         r"model \(.*\): a checkpoint of another model size",
     ):
-        job.restore_final(cfg, run, model=wider)
+        runs.restore_final(cfg, run, model=wider)

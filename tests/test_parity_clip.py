@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 
 from codi_jax.models import clip_text  # noqa: E402
-from codi_jax.pretrained import safetensors_io  # noqa: E402
+from codi_jax.pretrained import diffusers_folder, safetensors_io  # noqa: E402
 
 VOCAB, SEQ = 1000, 16
 EOS = VOCAB - 1
@@ -77,7 +77,7 @@ def test_parity_with_transformers(tmp_path, act, eos_id, layout):
         else:
             safetensors_io.save(str(tmp_path / "model.safetensors"), state)
 
-    module, params, cfg = clip_text.load_text_encoder(str(tmp_path))
+    module, params, cfg = diffusers_folder.load_text_encoder(str(tmp_path))
     assert cfg.hidden_act == act and cfg.eos_token_id == eos_id
     ids = _ids()
     last, pooled = jax.jit(module.apply)({"params": params}, ids)
@@ -94,7 +94,7 @@ def test_parity_with_transformers(tmp_path, act, eos_id, layout):
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        clip_text.load_text_encoder(str(tmp_path / "nowhere"))
+        diffusers_folder.load_text_encoder(str(tmp_path / "nowhere"))
     (tmp_path / "config.json").write_text(
         json.dumps(
             {
@@ -108,7 +108,7 @@ def test_load_errors(tmp_path):
         )
     )
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        clip_text.load_text_encoder(str(tmp_path))
+        diffusers_folder.load_text_encoder(str(tmp_path))
     with pytest.raises(ValueError, match="hidden_act"):
         clip_text.clip_text_config_from_transformers({"hidden_act": "relu"})
 
@@ -118,7 +118,7 @@ from tests.sd_folder import tiny_clip_tokenizer as _tiny_tokenizer_folder  # noq
 
 def test_tokenizer_truncation_and_warning(tmp_path, caplog):
     vocab = _tiny_tokenizer_folder(tmp_path)
-    tok = clip_text.load_tokenizer(str(tmp_path))
+    tok = diffusers_folder.load_tokenizer(str(tmp_path))
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     assert tok("a cat")["input_ids"] == [bos, vocab["a</w>"], vocab["cat</w>"], eos]
 

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from codi_jax.models import vae as vae_lib  # noqa: E402
-from codi_jax.pretrained import convert, safetensors_io  # noqa: E402
+from codi_jax.pretrained import convert, diffusers_folder, safetensors_io  # noqa: E402
 
 TOL = 1e-4
 TINY = dict(
@@ -51,7 +51,7 @@ def saved(torch_vae, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(saved):
-    return vae_lib.load_vae(saved)
+    return diffusers_folder.load_vae(saved)
 
 
 def _flat(params):
@@ -102,7 +102,7 @@ def test_old_attention_names_load_the_same(torch_vae, saved, loaded, tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     safetensors_io.save(str(tmp_path / "diffusion_pytorch_model.safetensors"), old)
-    _, params, _ = vae_lib.load_vae(str(tmp_path))
+    _, params, _ = diffusers_folder.load_vae(str(tmp_path))
     want, got = _flat(loaded[1]), _flat(params)
     assert want.keys() == got.keys()
     for k in want:
@@ -116,7 +116,7 @@ def test_half_precision_weights_load(torch_vae, loaded, tmp_path, half):
         assert os.listdir(tmp_path) and not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     else:
         copy.deepcopy(torch_vae).to(torch.bfloat16).save_pretrained(str(tmp_path))
-    _, params, _ = vae_lib.load_vae(str(tmp_path))
+    _, params, _ = diffusers_folder.load_vae(str(tmp_path))
     want, got = _flat(loaded[1]), _flat(params)
     assert want.keys() == got.keys()
     rtol = 1e-3 if half == "fp16" else 8e-3
@@ -135,7 +135,7 @@ def test_config_weights_mismatch_is_one_line(saved, tmp_path):
         os.path.join(saved, "diffusion_pytorch_model.safetensors"), tmp_path / "diffusion_pytorch_model.safetensors"
     )
     with pytest.raises(convert.ConversionError) as e:
-        vae_lib.load_vae(str(tmp_path))
+        diffusers_folder.load_vae(str(tmp_path))
     msg = str(e.value)
     print(msg)
     assert "\n" not in msg
@@ -152,12 +152,12 @@ def test_bad_config_and_missing_files(saved, tmp_path):
     with pytest.raises(ValueError, match="act_fn"):
         vae_lib.vae_config_from_diffusers(dict(TINY, act_fn="gelu"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-        vae_lib.load_vae(str(tmp_path / "nope"))
+        diffusers_folder.load_vae(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        vae_lib.load_vae(str(tmp_path))
+        diffusers_folder.load_vae(str(tmp_path))
     with open(os.path.join(saved, "config.json")) as f:
         config = json.load(f)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
-        vae_lib.load_vae(str(tmp_path))
+        diffusers_folder.load_vae(str(tmp_path))

@@ -9,10 +9,11 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from codi_jax import experiment
+from codi_jax import build, experiment
 from codi_jax.data import pipeline, tasks
 from codi_jax.evaluation import evaluate
-from codi_jax.models import prompts
+from codi_jax.methods import text
+from codi_jax.pretrained import text_encoder
 from configs import data as data_configs
 from configs import depth as depth_configs
 from configs import edit as edit_configs
@@ -133,15 +134,15 @@ def _text_cfg(**kw):
 def test_tiny_text_encoder_tokens_and_cache(tmp_path, caplog):
     config = _text_cfg()
     ps = ["make it grayscale", "invert the colours"]
-    enc = prompts.make_encoder(config, ps, str(tmp_path))
+    enc = text_encoder.make_encoder(config, ps, str(tmp_path))
     assert enc.tokenizer.tokenize("make it grayscale") == ["make</w>", "it</w>", "grayscale</w>"]
-    table = prompts.prompt_table(enc, ps, str(tmp_path), 10)
+    table = text_encoder.prompt_table(enc, ps, str(tmp_path), 10)
     assert table.shape == (3, config.text.tiny.max_length, config.text.tiny.width)
     assert not np.allclose(table[1], table[2]) and not np.allclose(table[0], table[1])
-    again = prompts.prompt_table(enc, ps, str(tmp_path), 10)  # from the cache file
+    again = text_encoder.prompt_table(enc, ps, str(tmp_path), 10)  # from the cache file
     np.testing.assert_array_equal(table, again)
     with pytest.raises(ValueError, match="text.max_cached_prompts=1"):
-        prompts.prompt_table(enc, ps, None, 1)
+        text_encoder.prompt_table(enc, ps, None, 1)
     with caplog.at_level(logging.WARNING):
         long = enc.embed(["make it grayscale " * 8])
     assert long.shape[1] == config.text.tiny.max_length
@@ -158,9 +159,9 @@ def test_prompt_dropout_and_lookup():
 
     idx = jnp.asarray([0, 1, 2, 2, 1, 0, 2, 1] * 8, jnp.int32)
     frozen = {"prompt_table": table}
-    prompts.with_prompts(loss, 0.0)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
+    text.with_prompts(loss, 0.0)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(seen["ctx"], table[idx + 1])
-    prompts.with_prompts(loss, 0.5)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
+    text.with_prompts(loss, 0.5)(None, frozen, None, {"prompt": idx}, jax.random.PRNGKey(0))
     empty = np.all(np.asarray(seen["ctx"]) == np.asarray(table[0]), axis=(1, 2))
     assert 0.25 < empty.mean() < 0.75
     kept = ~empty
@@ -183,9 +184,9 @@ def test_classifier_free_guidance_combines_two_passes():
     pos = jnp.full((2, 3, 5), 2.0)
     neg = jnp.full((2, 3, 5), 0.5)
     ctx = {"prompt": pos, "negative": neg}
-    x1, e1 = prompts.Guided(Fake(), 1.0)(None, z, 10, None, ctx)
+    x1, e1 = text.Guided(Fake(), 1.0)(None, z, 10, None, ctx)
     np.testing.assert_allclose(x1, 2.0)
-    x3, e3 = prompts.Guided(Fake(), 3.0)(None, z, 10, None, ctx)
+    x3, e3 = text.Guided(Fake(), 3.0)(None, z, 10, None, ctx)
     np.testing.assert_allclose(x3, 0.5 + 3.0 * (2.0 - 0.5))
     np.testing.assert_allclose(e3, 0.5 + 3.0 * (2.0 - 0.5))
 
@@ -212,7 +213,7 @@ def test_text_encoder_width_must_match_the_unet(tmp_path):
     config = edit_configs.get_config("smoke")
     config.text.tiny.width = 16
     with pytest.raises(ValueError, match="16-wide embeddings but model.unet.cross_attention_dim=32"):
-        experiment.prompt_embeddings(config, str(tmp_path))
+        build.prompt_embeddings(config, str(tmp_path))
 
 
 def _write(path, arr):
@@ -406,7 +407,7 @@ def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
     config = edit_configs.get_config("")
     config.teacher.pretrained_path = folder
     config.model.unet.cross_attention_dim = 32  # the tiny SD folder's width (the run takes it from the folder)
-    table, negative = experiment.prompt_embeddings(config, str(tmp_path / "run"))
+    table, negative = build.prompt_embeddings(config, str(tmp_path / "run"))
     words = tasks.prompts(config.data, "edit")
     assert table.shape[0] == 1 + len(words) and negative.shape == (1,) + table.shape[1:]
     for i in (0, 3):
@@ -444,7 +445,7 @@ def test_latent_loss_keeps_the_prompts_context():
     table = jnp.arange(3 * 2 * 4, dtype=jnp.float32).reshape(3, 2, 4)
     frozen = {"vae": None, "context": jnp.full((1, 2, 4), -7.0), "prompt_table": table}
     batch = {"image": jnp.ones((2, 4, 4, 3)), "prompt": jnp.asarray([1, 0], jnp.int32)}
-    prompts.with_prompts(latent.latent_loss(loss, Codec()), 0.0)(None, frozen, None, batch, jax.random.PRNGKey(0))
+    text.with_prompts(latent.latent_loss(loss, Codec()), 0.0)(None, frozen, None, batch, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(seen["context"], table[jnp.asarray([2, 1])])
     np.testing.assert_array_equal(seen["image"], 0.5)
     latent.latent_loss(loss, Codec())(None, frozen, None, {"image": batch["image"]}, jax.random.PRNGKey(0))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import experiment, sample
+from codi_jax import experiment, runs, sample
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate, job
@@ -124,6 +124,6 @@ def test_depth_and_edit_adapters_share_one_backbone(tmp_path):
     with pytest.raises(ValueError, match="takes 3-channel conditions"):
         s.sample("edit", batch["cond"][..., :1], None, steps=1)
     s.backbone = jax.tree_util.tree_map(lambda a: a + 1.0, s.backbone)  # another backbone
-    s.fingerprint = sample.backbone_fingerprint(s.backbone)
+    s.fingerprint = runs.backbone_fingerprint(s.backbone)
     with pytest.raises(ValueError, match="trained against backbone"):
         s.add("edit2", edit_dir)

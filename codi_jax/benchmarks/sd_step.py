@@ -23,7 +23,6 @@ from absl import app, flags
 
 from codi_jax import diffusion, train
 from codi_jax.methods import base, codi
-from codi_jax.models import adapter as adapter_lib
 from configs import common
 
 _UNET = flags.DEFINE_enum("unet", "sd15", ["sd15", "tiny"], "U-Net size.")
@@ -59,18 +58,16 @@ def _peak_bytes():
 
 def measure(batch_size: int) -> dict:
     model_cfg, cfg = _config()
-    module = base.make_module(model_cfg)
-    schedule = _sd_schedule()
-    wrapped = base.Denoiser(module, schedule, "eps", (0.5, 10.0))
-    plain = base.Denoiser(module, schedule, "eps")
+    denoisers = base.make_denoisers(model_cfg, _sd_schedule(), cfg.boundary)
+    module = denoisers.diffusion.module
     side = _LATENT.value
     params = jax.jit(lambda r: base.init_model_params(module, model_cfg, r, side, side * 8))(jax.random.PRNGKey(0))
-    params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
+    params = base.adapted(params)
     trainable, frozen = codi.split_params(params, "full", "prev")
     tx, lr = train.make_optimizer(cfg.train)
     state = train.create_state(trainable, frozen, tx, jax.random.PRNGKey(1))
     del params, trainable
-    loss_fn = functools.partial(codi.codi_loss, denoiser=wrapped, teacher=plain, cfg=cfg)
+    loss_fn = functools.partial(codi.codi_loss, denoiser=denoisers.consistency, teacher=denoisers.diffusion, cfg=cfg)
     step = jax.jit(train.make_train_step(loss_fn, tx, lr, 0.9999), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     batch = {

@@ -48,7 +48,6 @@ from ml_collections import config_flags
 
 from codi_jax import diffusion, sampling, sharding, train
 from codi_jax.methods import base, codi, pretrain
-from codi_jax.models import adapter as adapter_lib
 from codi_jax.models import layers
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sr.py:tiny", "Config file, e.g. configs/sr.py:tiny.")
@@ -104,19 +103,17 @@ class _Setup:
     """Schedule, module, denoisers and input shapes of `config` (random weights, no pretrained folder)."""
 
     def __init__(self, config):
-        if config.teacher.get("pretrained_path"):
+        if config.teacher.pretrained_path:
             raise ValueError(
                 "the benchmark uses random weights of the config's shapes: leave config.teacher.pretrained_path empty"
             )
         self.config = config
         self.schedule = diffusion.make_schedule(config.schedule)
         self.prediction = "eps" if config.model.prediction == "auto" else config.model.prediction
-        self.module = base.make_module(config.model)
-        b = config.codi.boundary
-        self.wrapped = base.Denoiser(
-            self.module, self.schedule, self.prediction, (b.sigma_data, b.time_scale) if b.enabled else None
-        )
-        self.plain = base.Denoiser(self.module, self.schedule, self.prediction)
+        model_cfg = copy.deepcopy(config.model)
+        model_cfg.prediction = self.prediction
+        self.denoisers = base.make_denoisers(model_cfg, self.schedule, config.codi.boundary)
+        self.module = self.denoisers.diffusion.module
         unet = config.model.unet
         # Pixel-space models denoise images of the condition's size; latent ones (no VAE here)
         # latents 2^(stride-2 convs of the condition embedding) times smaller.
@@ -157,8 +154,7 @@ class _Setup:
             return w.astype(s.dtype)
 
         params = jax.tree_util.tree_map_with_path(leaf, shapes)
-        params["adapter"] = adapter_lib.init_adapter_from_backbone(params["adapter"], params["unet"])
-        return params
+        return base.adapted(params)
 
     def inputs(self, batch: int, seed: int) -> dict:
         """Random numpy inputs: image (x or latents), cond, context (cross-attention models only)."""
@@ -241,13 +237,15 @@ def bench_train(setup: _Setup, batch_size: int, steps: int, warmup: int, log=pri
         return codi.split_params(setup.init_params(rng), c.mode, c.zs_predictor)
 
     tx, lr = train.make_optimizer(tcfg)
-    accum = tcfg.get("grad_accum_steps", 1)
+    accum = tcfg.grad_accum_steps
     state, state_sharding = train.initial_state(init_fn, tx, config.seed, mesh, rules, logical, name="bench")
     batch = sharding.put_batch(setup.inputs(batch_size, seed=0), mesh, rules)
     log(f"  state and batch ready ({describe_params(state['params'])})")
     losses = {
-        "plain": functools.partial(pretrain.diffusion_loss, denoiser=setup.plain, use_cond=True),
-        "codi": functools.partial(codi.codi_loss, denoiser=setup.wrapped, teacher=setup.plain, cfg=c),
+        "plain": functools.partial(pretrain.diffusion_loss, denoiser=setup.denoisers.diffusion, use_cond=True),
+        "codi": functools.partial(
+            codi.codi_loss, denoiser=setup.denoisers.consistency, teacher=setup.denoisers.diffusion, cfg=c
+        ),
     }
     compiled = {}
     for name, loss_fn in losses.items():
@@ -314,7 +312,9 @@ def bench_sampling(
     shape = (sample_batch, setup.side, setup.side, setup.channels)
     rng = jax.random.PRNGKey(0)
     rows = {}
-    runs = [(f"step{n}", setup.wrapped, n) for n in sample_steps] + [(f"ddim{ddim_steps}", setup.plain, ddim_steps)]
+    runs = [(f"step{n}", setup.denoisers.consistency, n) for n in sample_steps] + [
+        (f"ddim{ddim_steps}", setup.denoisers.diffusion, ddim_steps)
+    ]
     for name, denoiser, n in runs:
         fn = sampling.make_sampler(denoiser, n, "deterministic")
         first, times = _time_sampler(fn, (params, rng, shape, x["cond"], x.get("context")), reps)
@@ -446,7 +446,7 @@ def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int
     z_T = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32))  # sampling.sample's z_T
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     z_pt, cond_pt, ctx_pt = nchw(z_T), nchw(x["cond"]), torch.from_numpy(x["context"])
-    run_pt = _torch_sampler(torch, unet, controlnet, setup.prediction, setup.wrapped.boundary is not None)
+    run_pt = _torch_sampler(torch, unet, controlnet, setup.prediction, setup.denoisers.consistency.boundary is not None)
 
     def time_torch(coefs, n_threads):
         torch.set_num_threads(n_threads)
@@ -461,11 +461,11 @@ def bench_torch(config, sample_batch: int, sample_steps, reps: int, threads: int
     thread_counts = [threads] + ([1] if threads != 1 else [])
     rows = {}
     for n in sample_steps:
-        fn = sampling.make_sampler(setup.wrapped, n, "deterministic")
+        fn = sampling.make_sampler(setup.denoisers.consistency, n, "deterministic")
         args = (params, rng, shape, x["cond"], x["context"])
         _, ours_t = _time_sampler(fn, args, reps)
         ours = np.asarray(fn(*args))
-        coefs = _step_coefficients(setup.wrapped, n)
+        coefs = _step_coefficients(setup.denoisers.consistency, n)
         row = {"steps": n, "ours_ms": _median_ms(ours_t), "ours_ms_all": [1e3 * t for t in ours_t]}
         for k in thread_counts:
             want, torch_t = time_torch(coefs, k)

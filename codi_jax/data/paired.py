@@ -121,7 +121,7 @@ def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
     cap_path = os.path.join(root, "captions.jsonl")
     if not os.path.isfile(cap_path):
         raise FileNotFoundError(f"data.folder: {cap_path} does not exist (one caption per image)")
-    if data_config.get("depth_model_path"):  # maps made once by a depth model (codi_jax/data/depth_model.py)
+    if data_config.depth_model_path:  # maps made once by a depth model (codi_jax/data/depth_model.py)
         from codi_jax.data import depth_model
 
         depth_model.estimate_missing(images, os.path.join(root, "depth"), data_config.depth_model_path)
@@ -228,8 +228,8 @@ def _rows_of(data_config):
     keys = {
         "source": data_config.source,
         "folder": data_config.folder,
-        "pairs_file": data_config.get("pairs_file", ""),
-        "depth_model_path": data_config.depth.get("model_path", "") if "depth" in data_config else "",
+        "pairs_file": data_config.pairs_file,
+        "depth_model_path": data_config.depth.model_path,
     }
     return _rows(json.dumps(keys))
 

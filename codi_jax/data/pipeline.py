@@ -19,7 +19,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from codi_jax.data import degradation, sources, tasks
+from codi_jax.data import catalog, degradation, sources, tasks
 
 TASKS = ("uncond", "sr", "inpaint", "depth", "edit")
 _MIN_SHUFFLE_LEN = 1 << 16  # performance constant, see make_train_dataset
@@ -126,7 +126,7 @@ def make_train_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     sources.check_disjoint(data_config)
-    src = sources.make_source(data_config, "train", task)
+    src = catalog.make_source(data_config, "train", task)
     # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
     # so shuffle blocks of >= 2**16 records (k copies of the images, each
     # image exactly k times per block) and repeat the block forever.
@@ -140,11 +140,11 @@ def make_train_dataset(
     # compute hundreds of batches ahead and starve the training step.
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(
-            num_threads=int(data_config.get("read_threads", 1)),
-            prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)),
+            num_threads=int(data_config.read_threads),
+            prefetch_buffer_size=int(data_config.prefetch_batches),
         )
     )
-    workers = int(data_config.get("worker_count", 0))
+    workers = int(data_config.worker_count)
     if workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it_ds
@@ -182,12 +182,12 @@ def make_eval_batch(
     """
     _check(data_config, task)
     sources.check_disjoint(data_config)
-    src = sources.make_source(data_config, split, task)
+    src = catalog.make_source(data_config, split, task)
     if len(src) < max(min_images, 1):
         raise ValueError(
             f"data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked (eval min_images)"
         )
-    usm = data_config.usm if data_config.get("eval_usm_sharpen_gt") else None
+    usm = data_config.usm if data_config.eval_usm_sharpen_gt else None
     examples = []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])

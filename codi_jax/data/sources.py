@@ -264,10 +264,10 @@ class FolderImageSource(_InMemoryImageSource):
         )
 
 
-def _folder_split(data_config) -> tuple[list[str], list[str]]:
+def folder_split(data_config) -> tuple[list[str], list[str]]:
     """(train files, eval files) for source='folder'."""
     train = list_image_files(data_config.folder)
-    if data_config.get("eval_folder", ""):
+    if data_config.eval_folder:
         return train, list_image_files(data_config.eval_folder, "data.eval_folder")
     k = math.ceil(data_config.eval_fraction * len(train))
     if k < 1 or k >= len(train):
@@ -277,33 +277,6 @@ def _folder_split(data_config) -> tuple[list[str], list[str]]:
             "one for eval and one for training (or set data.eval_folder)."
         )
     return train[:-k], train[-k:]
-
-
-def make_source(data_config, split: str, task: str = ""):
-    """Builds the train or eval source described by `data_config`."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
-    kw = dict(downscale_factor=data_config.image_downscale, resample=data_config.get("downscale_resample", "box"))
-    if data_config.source == "embedded":
-        key = f"data.{split}_images"
-        names = data_config.train_images if split == "train" else (data_config.eval_images)
-        return EmbeddedImageSource(names, config_key=key, **kw)
-    if data_config.source == "folder":
-        if not data_config.folder:
-            raise ValueError("data.folder must be set when data.source='folder'.")
-        train, evl = _folder_split(data_config)
-        if split == "train":
-            return FolderImageSource(data_config.folder, files=train, **kw)
-        path = data_config.get("eval_folder", "") or data_config.folder
-        key = "data.eval_folder" if data_config.get("eval_folder") else ("data.folder")
-        return FolderImageSource(path, files=evl, config_key=key, **kw)
-    from codi_jax.data import paired  # records of paired datasets (editing triplets, depth pairs)
-
-    if data_config.source in paired.PAIRED_SOURCES:
-        return paired.PairedSource(data_config, split, task)
-    raise ValueError(
-        f"data.source must be 'embedded', 'folder' or one of {paired.PAIRED_SOURCES}, got {data_config.source!r}."
-    )
 
 
 def check_disjoint(data_config) -> None:
@@ -318,7 +291,7 @@ def check_disjoint(data_config) -> None:
     if data_config.source not in ("embedded", "folder"):
         return  # paired datasets: the split is by record, disjoint by construction
     if data_config.source == "folder":
-        train, evl = _folder_split(data_config)
+        train, evl = folder_split(data_config)
         if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):
             raise ValueError("data.folder and data.eval_folder share image files.")
 

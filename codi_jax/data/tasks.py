@@ -24,7 +24,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from codi_jax.data import degradation
+from codi_jax.data import degradation, paired
 
 PROMPT_TASKS = ("depth", "edit")
 COND_CHANNELS = {"sr": 3, "inpaint": 4, "depth": 1, "edit": 3}
@@ -257,8 +257,6 @@ def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_
 
 def prompts(data_config, task: str) -> list[str]:
     """The task's prompt list; a record's 'prompt' is an index into it."""
-    from codi_jax.data import paired
-
     if data_config.source in paired.PAIRED_SOURCES:
         return paired.dataset_prompts(data_config, task)
     if task == "edit":

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from codi_jax.models import clip_text
+from codi_jax.pretrained import convert, diffusers_folder
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -129,8 +130,6 @@ class CLIPScorer:
             d = json.load(f)
         if "vision_config" not in d or "text_config" not in d:
             raise ValueError(f"CLIP folder {folder}: config.json is not a CLIPModel's (no vision_config/text_config)")
-        from codi_jax.pretrained import convert, diffusers_folder
-
         self.text_cfg = clip_text.clip_text_config_from_transformers(d["text_config"])
         self.vision_cfg = vision_config_from_transformers(d["vision_config"])
         self.module = CLIPEmbedder(self.text_cfg, self.vision_cfg, int(d.get("projection_dim", 512)))
@@ -150,7 +149,7 @@ class CLIPScorer:
             ignore=("logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"),
         )
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        self.tokenizer = clip_text.load_tokenizer(folder)
+        self.tokenizer = diffusers_folder.load_tokenizer(folder)
         self._images = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=CLIPEmbedder.embed_images))
         self._text = jax.jit(lambda p, t: self.module.apply({"params": p}, t, method=CLIPEmbedder.embed_text))
 

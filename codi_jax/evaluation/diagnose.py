@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax import diffusion, experiment, sampling
+from codi_jax import build, diffusion, runs, sampling
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
-from codi_jax.evaluation import evaluate, job, metrics
+from codi_jax.evaluation import evaluate, metrics
 
 DENOISE_T = (1, 10, 40, 100, 200, 400, 600, 800, 950)
 
@@ -115,13 +115,13 @@ def path_metrics(traj: np.ndarray, ref, timesteps, points: int = 10) -> list[dic
 
 def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_dir: str = "", log=print) -> dict:
     """The three views for a finished run (see the module doc); returns the report."""
-    config = job.read_run_config(run_dir)
+    config = runs.read_run_config(run_dir)
     if config.task in task_data.PROMPT_TASKS:
         raise ValueError(
             f"run {run_dir}: task {config.task!r} samples with text prompts; diagnose takes "
             "image-conditioned tasks (sr, inpaint)"
         )
-    if config.teacher.get("pretrained_path"):
+    if config.teacher.pretrained_path:
         raise ValueError(
             f"run {run_dir}: a latent-space run (teacher.pretrained_path is set); diagnose takes pixel-space runs"
         )
@@ -129,8 +129,8 @@ def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_di
         raise ValueError(
             f"--steps={list(steps)} and --eps_scales={list(eps_scales)}: each needs values, steps >= 1 and scales > 0"
         )
-    model = experiment.build_model(config, cache_dir or os.path.join(run_dir, "diagnose_cache"))
-    params, _, step = job.restore_final(model.config, run_dir, model=model)
+    model = build.build_model(config, cache_dir or os.path.join(run_dir, "diagnose_cache"))
+    params, _, step = runs.restore_final(model.config, run_dir, model=model)
     den = model.method_denoiser
     ecfg = config.eval
     batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=ecfg.num_examples, seed=ecfg.seed)

@@ -33,15 +33,15 @@ def column_label(method: str, sampler: str, num_steps: int) -> str:
 def check_metric_weights(ecfg) -> None:
     """Load the FID / LPIPS weights named in the eval config now, so a wrong path fails at the start
     of a run, not after its training."""
-    if ecfg.get("fid_weights"):
+    if ecfg.fid_weights:
         from codi_jax.evaluation import inception
 
         inception.feature_fn(ecfg.fid_weights)
-    if ecfg.get("lpips_weights"):
+    if ecfg.lpips_weights:
         from codi_jax.evaluation import lpips
 
         lpips.distance_fn(ecfg.lpips_weights)
-    if ecfg.get("clip_model"):
+    if ecfg.clip_model:
         clip_scorer(ecfg.clip_model)
 
 
@@ -57,7 +57,7 @@ def prompt_metrics(samples, batch, ecfg, data_cfg, task: str, batch_size: int = 
     config names a CLIP model (`eval.clip_model`) and the task has prompts."""
     from codi_jax.data import tasks as task_data
 
-    if not ecfg.get("clip_model") or task not in task_data.PROMPT_TASKS or data_cfg is None:
+    if not ecfg.clip_model or task not in task_data.PROMPT_TASKS or data_cfg is None:
         return {}
     words = task_data.prompts(data_cfg, task)
     texts = [words[int(k)] for k in np.asarray(batch["prompt"])]
@@ -73,13 +73,13 @@ def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
     biased high (covariances of rank < 2048): compare it between methods on the same crops only."""
     out = metrics.evaluate_batch(samples, ref)
     chunks = lambda x: [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
-    if ecfg.get("fid_weights"):
+    if ecfg.fid_weights:
         from codi_jax.evaluation import frechet, inception
 
         feats = inception.feature_fn(ecfg.fid_weights)
         f = lambda x: np.concatenate([np.asarray(feats(c)) for c in chunks(np.asarray(x))])
         out["fid"] = frechet.frechet_distance_of_features(f(samples), f(ref))
-    if ecfg.get("lpips_weights"):
+    if ecfg.lpips_weights:
         from codi_jax.evaluation import lpips
 
         dist = lpips.distance_fn(ecfg.lpips_weights)

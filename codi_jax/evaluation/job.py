@@ -22,28 +22,14 @@ import os
 import time
 
 import jax
-import ml_collections as mlc
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-from codi_jax import experiment, sampling, train
+from codi_jax import build, runs, sampling
+from codi_jax import workdir as workdir_lib
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate, grids, plots
-from codi_jax.methods import base
-from codi_jax.models import layers
-
-
-def read_run_config(run_dir: str) -> mlc.ConfigDict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"config checkpoint={run_dir!r}: no config.json there (not a finished codi_jax run's workdir?)"
-        )
-    with open(path) as f:
-        return mlc.ConfigDict(json.load(f))
 
 
 def validate(ecfg) -> None:
@@ -60,60 +46,6 @@ def validate(ecfg) -> None:
             raise ValueError(f"config steps has {n}; step counts must be in [1, 1000]")
 
 
-def restore_final(run_cfg, run_dir: str, expect_method: str = "", model=None):
-    """EMA params merged with the frozen ones, from the final stage's latest checkpoint; checked
-    parameter by parameter against `model` (experiment.build_model's) when given."""
-    if expect_method and expect_method != run_cfg.method:
-        raise ValueError(f"config method={expect_method!r}, but {run_dir} was trained with method {run_cfg.method!r}")
-    where, stage = experiment.final_stage(run_cfg)
-    ckpt_dir = os.path.join(where or run_dir, stage, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{run_dir}: no {stage}/checkpoints (method {run_cfg.method!r}); did the run finish?")
-    mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
-    step = mgr.latest_step()
-    want = experiment.final_stage_steps(run_cfg)
-    if step is None or step < want:
-        mgr.close()
-        raise FileNotFoundError(f"{ckpt_dir}: latest step {step}, the run's {stage} stage has {want}: not finished")
-    mgr.close()
-    state = restore_subtrees(ckpt_dir, step, ("ema_params", "frozen"))
-    params = base.merge(state["ema_params"], state["frozen"])
-    if model is not None:
-        check_params_match(params, model, f"{ckpt_dir}/{step}")
-    return params, state["frozen"], step
-
-
-def check_params_match(params, model, where: str) -> None:
-    """One line naming the first parameter the checkpoint lacks, adds, or holds in another shape than
-    the run's config.json builds (a finetune checkpoint of another model size, an edited config)."""
-    cfg = model.config
-    wanted = layers.unbox(base.abstract_params(model.module, cfg.model, model.space.shape[0], cfg.data.crop_size))
-    train.check_shapes(train.shapes_by_path({"params": params}), train.shapes_by_path({"params": wanted}), where)
-
-
-def restore_subtrees(ckpt_dir: str, step: int, keys) -> dict:
-    """Only `keys` of a train state checkpoint (a partial restore with the stored structure: no model
-    init needed), on the default device. Evaluation reads the EMA weights and the frozen ones; the
-    online weights and the optimizer's moments (three times the EMA weights under Adam) stay on disk."""
-    path = os.path.join(ckpt_dir, str(step), "state")
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))  # the tree's metadata (not the step's)
-    missing = [k for k in keys if k not in meta]
-    if missing:
-        raise ValueError(f"{ckpt_dir}: step {step}'s train state has no {missing} (not a codi_jax train state?)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
-    item = {
-        k: jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta[k], is_leaf=is_leaf
-        )
-        for k in keys
-    }
-    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-    return ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    )
-
-
 def _key_path(out_dir, key, ext):
     return os.path.join(out_dir, "entries", f"{key}.{ext}")
 
@@ -122,19 +54,19 @@ def run(ecfg, workdir: str) -> dict | None:
     """Evaluate this shard's entries; write the summary when all entries are there. Returns it (or None)."""
     validate(ecfg)
     evaluate.check_metric_weights(ecfg)
-    run_cfg = read_run_config(ecfg.checkpoint)
-    if ecfg.get("guidance_scale", -1.0) >= 0:  # classifier-free guidance weight of this evaluation
+    run_cfg = runs.read_run_config(ecfg.checkpoint)
+    if ecfg.guidance_scale >= 0:  # classifier-free guidance weight of this evaluation
         if run_cfg.task not in task_data.PROMPT_TASKS:
             raise ValueError(
                 f"config guidance_scale={ecfg.guidance_scale}: run {ecfg.checkpoint} (task "
                 f"{run_cfg.task!r}) has no prompts to guide with"
             )
         run_cfg.text.guidance_scale = float(ecfg.guidance_scale)
-    experiment.check_workdir(workdir)
+    workdir_lib.check_workdir(workdir)
     out_dir = os.path.join(workdir, "eval")
-    model = experiment.build_model(run_cfg, workdir)
+    model = build.build_model(run_cfg, workdir)
     run_cfg = model.config
-    params, frozen, step = restore_final(run_cfg, ecfg.checkpoint, ecfg.method, model=model)
+    params, frozen, step = runs.restore_final(run_cfg, ecfg.checkpoint, ecfg.method, model=model)
     seed = run_cfg.eval.seed if ecfg.seed < 0 else ecfg.seed
     n = ecfg.num_examples or run_cfg.eval.num_examples
     batch = pipeline.make_eval_batch(
@@ -152,7 +84,7 @@ def run(ecfg, workdir: str) -> dict | None:
         "eval job: %s (method %s, %s step %d), %d crops of split %r; entries %d of %d (shard %d/%d)",
         ecfg.checkpoint,
         method,
-        experiment.final_stage(run_cfg)[1],
+        runs.final_stage(run_cfg)[1],
         step,
         n,
         ecfg.split,

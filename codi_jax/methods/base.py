@@ -68,6 +68,26 @@ class Denoiser:
         return net, diffusion.apply_boundary(net[0], z, t, alpha, sigma, sigma_data=sigma_data, time_scale=time_scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class Denoisers:
+    """One network, two readings: a diffusion model (eq 8) and CoDi's consistency function, the same
+    with the boundary scalings of eq 17/18 (equal to it when `codi.boundary.enabled` is off)."""
+
+    diffusion: Denoiser
+    consistency: Denoiser
+
+
+def make_denoisers(model_cfg, schedule: diffusion.Schedule, boundary_cfg) -> Denoisers:
+    """The (diffusion, consistency) denoisers of config sections `model` and `codi.boundary`."""
+    module = make_module(model_cfg)
+    b = boundary_cfg
+    boundary = (float(b.sigma_data), float(b.time_scale)) if b.enabled else None
+    return Denoisers(
+        Denoiser(module, schedule, model_cfg.prediction),
+        Denoiser(module, schedule, model_cfg.prediction, boundary),
+    )
+
+
 def _dummy_inputs(model_cfg, image_size: int, cond_size: int | None):
     ch = model_cfg.unet.in_channels
     z = jnp.zeros((1, image_size, image_size, ch), jnp.float32)
@@ -153,3 +173,17 @@ def per_batch_or_sample(keys, batch_size, per_sample: bool, low: int, high: int)
         return jax.vmap(lambda k: diffusion.sample_timesteps(k, (), low=low, high=high))(keys)
     t = diffusion.sample_timesteps(keys[0], (), low=low, high=high)
     return jnp.broadcast_to(t, (batch_size,))
+
+
+def adapted(params, unet=None):
+    """Eq 12's starting point from freshly initialised {'unet', 'adapter'} params: {unet: `unet` (the
+    pretrained backbone; params' own random one when None), adapter: a duplicate of its encoder
+    (conv_in, time embedding, down and mid blocks) with mu = 0 / zero convolutions}, so the adapted
+    model equals the backbone exactly."""
+    unet = params["unet"] if unet is None else unet
+    return {"unet": unet, "adapter": adapter_lib.init_adapter_from_backbone(params["adapter"], unet)}
+
+
+def init_adapted_params(module, model_cfg, rng, image_size: int, cond_size: int | None = None, unet=None):
+    """`adapted` on a random init of the model (shapes from `init_model_params`)."""
+    return adapted(init_model_params(module, model_cfg, rng, image_size, cond_size), unet)

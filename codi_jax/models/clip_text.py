@@ -8,12 +8,11 @@ the end-of-text token.
 Parameter paths mirror the PyTorch state dict with '_' before list indices:
 `text_model.encoder.layers.0.self_attn.q_proj.weight` is
 ('text_model', 'encoder', 'layers_0', 'self_attn', 'q_proj', 'kernel'). Checkpoints saved
-by transformers >= 5 drop the `text_model.` prefix; `load_text_encoder` accepts both.
+by transformers >= 5 drop the `text_model.` prefix; `pretrained.diffusers_folder.load_text_encoder` accepts both.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,43 +195,6 @@ class CLIPTextModel(nn.Module):
         input_ids = input_ids.reshape(-1, shape[-1])
         last, pooled = CLIPTextTransformer(self.cfg, self.dtype, name="text_model")(input_ids)
         return last.reshape(*shape, -1), pooled.reshape(*shape[:-1], -1)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_text_encoder(folder: str, dtype: Dtype = jnp.float32, *, allow_pickle: bool = False):
-    """(module, params, cfg) from a transformers text-encoder folder (`config.json` and
-    `model.safetensors`, or `model.fp16.safetensors` when the former is absent). The
-    weights, whatever their float dtype, become float32 parameters."""
-    from codi_jax.pretrained import convert, diffusers_folder
-
-    cfg = clip_text_config_from_transformers(diffusers_folder.component_config(folder, "text encoder"))
-    state = diffusers_folder.load_weights(diffusers_folder.weights_path(folder, "model", allow_pickle=allow_pickle))
-
-    module = CLIPTextModel(cfg, dtype=dtype)
-    ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
-    target = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
-    params = convert.torch_to_flax(
-        state,
-        target,
-        what="text_encoder",
-        # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix.
-        rename={r"^(?!text_model\.)": "text_model."},
-        # A non-persistent buffer, present in checkpoints written by old transformers versions.
-        ignore=("text_model.embeddings.position_ids",),
-    )
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return module, params, cfg
-
-
-def load_tokenizer(folder: str):
-    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt or tokenizer.json)."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> np.ndarray:

@@ -220,7 +220,7 @@ class Upsample2D(nn.Module):
 
 def _heads(cfg, n_blocks):
     """Heads per down block. diffusers' `attention_head_dim` means the number of heads in SD."""
-    heads = cfg.get("num_attention_heads") or cfg.attention_head_dim
+    heads = cfg.num_attention_heads or cfg.attention_head_dim
     if isinstance(heads, int):
         return [heads] * n_blocks
     heads = list(heads)
@@ -245,7 +245,7 @@ def _resnet_attention(cfg, channels, heads, dtype, i, x, temb, context):
             cfg.cross_attention_dim is not None,
             cfg.transformer_layers_per_block,
             dtype,
-            cfg.get("attention", "auto"),
+            cfg.attention,
             name=f"attentions_{i}",
         )(x, context)
     return x
@@ -272,7 +272,7 @@ def _maybe_remat(cfg, cls):
     """`unet.remat`: recompute each ResNet / transformer block's activations in the backward
     pass instead of storing them, all of them ('full') or all but the matmul/conv outputs
     ('dots', 'dots_no_batch'): less memory for up to one more forward of compute."""
-    policy = remat_policy(cfg.get("remat", "none"))
+    policy = remat_policy(cfg.remat)
     if policy == "none":
         return cls
     return nn.remat(cls, policy=REMAT_POLICIES[policy])

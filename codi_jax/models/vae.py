@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 Dtype = Any
 
@@ -308,21 +307,3 @@ def init_shapes(module: AutoencoderKL, cfg):
     s = downscale_factor(cfg)
     x = jax.ShapeDtypeStruct((1, s, s, cfg.in_channels), jnp.float32)
     return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), x)["params"]
-
-
-def load_vae(folder: str, dtype=jnp.float32, *, allow_pickle: bool = False):
-    """(module, params, cfg) from a diffusers VAE folder (config.json + safetensors weights)."""
-    from codi_jax.pretrained import convert, diffusers_folder
-
-    cfg = vae_config_from_diffusers(diffusers_folder.component_config(folder, "VAE"))
-    weights = diffusers_folder.weights_path(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
-    module = AutoencoderKL(cfg, dtype=dtype)
-    state = diffusers_folder.load_weights(weights)
-    try:
-        params = convert.torch_to_flax(
-            state, init_shapes(module, cfg), what="vae", dtype=np.float32, rename=OLD_ATTENTION_NAMES
-        )
-    except convert.ConversionError as e:
-        raise convert.ConversionError(f"{weights}: {e}") from None
-    params = jax.tree_util.tree_map(jnp.asarray, params)
-    return module, params, cfg

@@ -18,9 +18,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
+from codi_jax.models import clip_text
+from codi_jax.models import vae as vae_lib
 from codi_jax.pretrained import convert, safetensors_io
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -240,3 +244,51 @@ def load_unet(unet_dir: str, *, allow_pickle: bool = False):
         unet_dir, "diffusion_pytorch_model", shapes, what=f"unet ({unet_dir})", allow_pickle=allow_pickle
     )
     return cfg, params
+
+
+def load_vae(folder: str, dtype=jnp.float32, *, allow_pickle: bool = False):
+    """(module, params, cfg) from a diffusers VAE folder (config.json + safetensors weights)."""
+    cfg = vae_lib.vae_config_from_diffusers(component_config(folder, "VAE"))
+    weights = weights_path(folder, "diffusion_pytorch_model", allow_pickle=allow_pickle)
+    module = vae_lib.AutoencoderKL(cfg, dtype=dtype)
+    state = load_weights(weights)
+    try:
+        params = convert.torch_to_flax(
+            state, vae_lib.init_shapes(module, cfg), what="vae", dtype=np.float32, rename=vae_lib.OLD_ATTENTION_NAMES
+        )
+    except convert.ConversionError as e:
+        raise convert.ConversionError(f"{weights}: {e}") from None
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return module, params, cfg
+
+
+def load_text_encoder(folder: str, dtype=jnp.float32, *, allow_pickle: bool = False):
+    """(module, params, cfg) from a transformers text-encoder folder (`config.json` and
+    `model.safetensors`, or `model.fp16.safetensors` when the former is absent). The
+    weights, whatever their float dtype, become float32 parameters."""
+    cfg = clip_text.clip_text_config_from_transformers(component_config(folder, "text encoder"))
+    state = load_weights(weights_path(folder, "model", allow_pickle=allow_pickle))
+
+    module = clip_text.CLIPTextModel(cfg, dtype=dtype)
+    ids = jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
+    target = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
+    params = convert.torch_to_flax(
+        state,
+        target,
+        what="text_encoder",
+        # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix.
+        rename={r"^(?!text_model\.)": "text_model."},
+        # A non-persistent buffer, present in checkpoints written by old transformers versions.
+        ignore=("text_model.embeddings.position_ids",),
+    )
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return module, params, cfg
+
+
+def load_tokenizer(folder: str):
+    """transformers' `CLIPTokenizer` from a local folder (vocab.json + merges.txt or tokenizer.json)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)

@@ -17,7 +17,6 @@ import numpy as np
 from absl import logging
 
 from codi_jax.models import clip_text
-from codi_jax.models import vae as vae_lib
 from codi_jax.pretrained import diffusers_folder
 
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -41,8 +40,10 @@ def prompt_embedding(folder: str, prompt: str, cache_dir: str | None, *, allow_p
     path = os.path.join(cache_dir, f"prompt_{key}.npy") if cache_dir else None
     if path and os.path.isfile(path):
         return np.load(path)
-    tokenizer = clip_text.load_tokenizer(os.path.join(folder, "tokenizer"))
-    module, params, cfg = clip_text.load_text_encoder(os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle)
+    tokenizer = diffusers_folder.load_tokenizer(os.path.join(folder, "tokenizer"))
+    module, params, cfg = diffusers_folder.load_text_encoder(
+        os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle
+    )
     max_length = min(int(cfg.max_position_embeddings), int(tokenizer.model_max_length))
     ids = clip_text.encode_prompts(tokenizer, [prompt], max_length=max_length)
     hidden, _ = module.apply({"params": params}, ids)
@@ -72,7 +73,7 @@ def load(
             f"predicts {prediction!r}; remove the override or fix the scheduler config"
         )
     unet_cfg, unet_params = diffusers_folder.load_unet(os.path.join(folder, "unet"), allow_pickle=allow_pickle)
-    vae_module, vae_params, vae_cfg = vae_lib.load_vae(os.path.join(folder, "vae"), allow_pickle=allow_pickle)
+    vae_module, vae_params, vae_cfg = diffusers_folder.load_vae(os.path.join(folder, "vae"), allow_pickle=allow_pickle)
     if vae_cfg.latent_channels != unet_cfg.in_channels:
         raise ValueError(
             f"{folder}: vae latent_channels={vae_cfg.latent_channels} but unet in_channels={unet_cfg.in_channels}"

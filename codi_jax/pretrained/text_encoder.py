@@ -1,16 +1,11 @@
-"""Text conditioning: tokenizer + CLIP text encoder, cached prompt embeddings, prompt dropout, and
-classifier-free guidance at sampling.
+"""The frozen text encoder of the tasks with prompts: tokenizer + CLIP text model, cached embeddings.
 
 A task with prompts (depth captions, editing instructions) gives every record an integer 'prompt',
 an index into the task's prompt list. The frozen text encoder embeds the list once per dataset:
 the table `[1 + P, L, D]`, row 0 the empty prompt, row i + 1 prompt i, cached as a .npy file in the
 job's workdir (keyed by the encoder and the prompts). The table rides in the train state's frozen
-params ('prompt_table'), so a train step looks contexts up instead of running the encoder.
-
-Prompt dropout (`text.dropout`): a training example's context is the empty prompt's with that
-probability, so the model also learns the unconditional prediction that classifier-free guidance
-needs: eps = eps(c, neg) + w (eps(c, prompt) - eps(c, neg)) (Ho & Salimans 2022), with `neg` the
-negative prompt's embedding ('' by default) and w = `text.guidance_scale` (1: off, one pass).
+params ('prompt_table'), so a train step looks contexts up instead of running the encoder. Prompt
+dropout and classifier-free guidance, which use the table, are in `codi_jax/methods/text.py`.
 
 Encoders (`text.encoder`):
   'pretrained'  tokenizer/ and text_encoder/ of `teacher.pretrained_path` (Stable Diffusion's CLIP);
@@ -37,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from codi_jax.methods import base
 from codi_jax.models import clip_text
+from codi_jax.pretrained import diffusers_folder
 
 ENCODERS = ("tiny", "pretrained")
 
@@ -108,7 +103,7 @@ class TextEncoder:
 
 def tiny_encoder(tcfg, words: Sequence[str], folder: str) -> TextEncoder:
     t = tcfg.tiny
-    tok = clip_text.load_tokenizer(tiny_tokenizer_folder(folder, words, t.max_length))
+    tok = diffusers_folder.load_tokenizer(tiny_tokenizer_folder(folder, words, t.max_length))
     cfg = clip_text.clip_text_config_from_transformers(
         dict(
             vocab_size=len(tok.get_vocab()),
@@ -131,8 +126,10 @@ def folder_encoder(folder: str, allow_pickle: bool = False) -> TextEncoder:
     for sub in ("tokenizer", "text_encoder"):
         if not os.path.isdir(os.path.join(folder, sub)):
             raise FileNotFoundError(f"config text.encoder: {folder} has no {sub}/ folder")
-    tok = clip_text.load_tokenizer(os.path.join(folder, "tokenizer"))
-    module, params, cfg = clip_text.load_text_encoder(os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle)
+    tok = diffusers_folder.load_tokenizer(os.path.join(folder, "tokenizer"))
+    module, params, cfg = diffusers_folder.load_text_encoder(
+        os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle
+    )
     max_length = min(int(cfg.max_position_embeddings), int(tok.model_max_length))
     return TextEncoder(tok, module, params, max_length, os.path.abspath(folder))
 
@@ -149,7 +146,7 @@ def make_encoder(config, prompts: Sequence[str], cache_dir: str) -> TextEncoder:
             raise ValueError("config text.encoder='pretrained' needs teacher.pretrained_path (a diffusers folder)")
         return folder_encoder(config.teacher.pretrained_path, config.teacher.allow_pickle)
     if os.path.isdir(tcfg.encoder):
-        return folder_encoder(tcfg.encoder, config.teacher.get("allow_pickle", False))
+        return folder_encoder(tcfg.encoder, config.teacher.allow_pickle)
     raise ValueError(f"config text.encoder={tcfg.encoder!r} is not one of {ENCODERS} nor a folder")
 
 
@@ -172,51 +169,3 @@ def prompt_table(encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | 
         os.replace(path + ".tmp.npy", path)
     logging.info("prompt embeddings: %d prompts -> %s", len(prompts), table.shape)
     return table
-
-
-def lookup(table, prompt_index):
-    """Contexts [B, L, D] of prompt indices [B] (row 0 of the table is the empty prompt)."""
-    return jnp.take(table, prompt_index + 1, axis=0)
-
-
-def with_prompts(loss_fn, dropout: float, table=None):
-    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'] (or from
-    `table`, a constant of the step: the tiny teacher's, so its checkpoints hold no prompts and one
-    teacher can serve every task), each replaced by the empty prompt's with probability `dropout`
-    (for classifier-free guidance)."""
-
-    def wrapped(params, frozen, ema_params, batch, rng):
-        idx = batch["prompt"]
-        keys = base.example_keys(rng, idx.shape[0])
-        k_drop, k_loss = base.split_each(keys)
-        drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
-        rows = frozen["prompt_table"] if table is None else jnp.asarray(table)
-        ctx = jnp.take(rows, jnp.where(drop, 0, idx + 1), axis=0)
-        return loss_fn(params, frozen, ema_params, dict(batch, context=ctx), k_loss)
-
-    return wrapped
-
-
-@dataclasses.dataclass(frozen=True)
-class Guided:
-    """Classifier-free guidance around a denoiser: context is {'prompt': [B, L, D], 'negative': [B or 1, L, D]}.
-    Both passes run as one batch of 2B; (x_hat, eps_hat) = neg + scale (prompt - neg)."""
-
-    denoiser: base.Denoiser
-    scale: float
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    def __call__(self, params, z, t, cond=None, context=None):
-        pos = context["prompt"]
-        neg = jnp.broadcast_to(context["negative"], pos.shape)  # one negative prompt ([1, L, D]) for all
-        if self.scale == 1.0:
-            return self.denoiser(params, z, t, cond, pos)
-        two = lambda a: None if a is None else jnp.concatenate([a, a])
-        t = jnp.broadcast_to(jnp.asarray(t), (z.shape[0],))
-        x2, e2 = self.denoiser(params, two(z), two(t), two(cond), jnp.concatenate([pos, neg]))
-        n = z.shape[0]
-        mix = lambda a: a[n:] + self.scale * (a[:n] - a[n:])
-        return mix(x2), mix(e2)

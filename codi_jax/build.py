@@ -1,0 +1,156 @@
+"""What a run builds from its config: the networks, their denoisers and the space samples live in.
+
+The training job, the evaluation job, the sampler and diagnose all build their model here, so none
+of them imports another (tests/test_architecture.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from codi_jax import diffusion
+from codi_jax.data import tasks as task_data
+from codi_jax.methods import base, latent, text
+from codi_jax.models import vae as vae_lib
+from codi_jax.pretrained import stable_diffusion, text_encoder
+
+
+def with_pretrained(config, workdir):
+    """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
+    prediction = config.model.prediction
+    pre = stable_diffusion.load(
+        config.teacher.pretrained_path,
+        prompt=config.teacher.prompt,
+        cache_dir=os.path.join(workdir, "cache"),
+        allow_pickle=config.teacher.allow_pickle,
+        expect_prediction=None if prediction == "auto" else prediction,
+    )
+    user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
+    config = mlc.ConfigDict(config.to_dict())
+    config.model.unet = pre.unet_cfg
+    config.model.unet.remat = user_unet.remat
+    config.model.unet.attention = user_unet.attention
+    config.model.prediction = pre.prediction
+    config.schedule = pre.schedule_cfg
+    factor = vae_lib.downscale_factor(pre.vae_cfg)
+    n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
+    if 2**n_down != factor:
+        raise ValueError(
+            f"config model.adapter.conditioning_embedding_out_channels has {n_down} stride-2 convs "
+            f"(len - 1) but the VAE downscales by {factor}: it needs {factor.bit_length() - 1}"
+        )
+    if config.data.crop_size % factor:
+        raise ValueError(
+            f"config data.crop_size={config.data.crop_size} is not a multiple of the VAE's factor {factor}"
+        )
+    return config, pre, factor
+
+
+class Space:
+    """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
+
+    def __init__(self, config, pre=None, codec=None, factor=1, prompt_table=None, negative=None):
+        self.codec, self.pre = codec, pre
+        side = config.data.crop_size // factor
+        self.shape = (side, side, config.model.unet.in_channels)
+        self.context = None if pre is None else pre.context
+        self._decode = None if codec is None else jax.jit(codec.decode)
+        # Tasks with prompts: [1 + P, L, D] embeddings (row 0 ''), the negative prompt's [1, L, D].
+        self.prompt_table, self.negative = prompt_table, negative
+        self.guidance_scale = float(config.text.guidance_scale) if prompt_table is not None else 1.0
+
+    def batch_context(self, n, prompt=None):
+        """The cross-attention context of n examples (their prompts' embeddings in tasks with prompts)."""
+        if self.prompt_table is not None:
+            return self.prompt_table[np.asarray(prompt) + 1]
+        return None if self.context is None else np.broadcast_to(self.context, (n,) + self.context.shape[1:])
+
+    def sampling_context(self, n, prompt=None):
+        """What the method's sampler takes as context: under classifier-free guidance (`guided`) the
+        prompts' and the negative prompt's embeddings."""
+        if self.prompt_table is None:
+            return self.batch_context(n)
+        return {"prompt": self.batch_context(n, prompt), "negative": self.negative}
+
+    def guided(self, denoiser):
+        return denoiser if self.prompt_table is None else text.Guided(denoiser, self.guidance_scale)
+
+    def with_frozen(self, frozen):
+        """A stage's frozen params plus what its loss and evaluation read: the VAE and prompt context
+        (latent space), the prompt table (tasks with prompts)."""
+        if self.pre is not None:
+            frozen = dict(frozen, vae=self.pre.vae_params, context=self.pre.context)
+        if self.prompt_table is not None:
+            frozen = dict(frozen, prompt_table=self.prompt_table)
+        return frozen
+
+    def to_pixels(self, x, frozen):
+        """Samples as images; `frozen` (the train state's) holds the VAE params of latent models."""
+        return np.asarray(x) if self._decode is None else np.asarray(self._decode(frozen["vae"], x))
+
+    def eval_kwargs(self, frozen, batch):
+        n, prompt = batch["image"].shape[0], batch.get("prompt")
+        out = {}
+        if self.codec is not None:
+            out = dict(sample_shape=self.shape, to_pixels=lambda x: self.to_pixels(x, frozen))
+        if self.prompt_table is not None or self.codec is not None:
+            out.update(context=self.sampling_context(n, prompt), teacher_context=self.batch_context(n, prompt))
+        return out
+
+
+@dataclasses.dataclass
+class Model:
+    """What a run (or the evaluation job) builds from a config: the networks and the sample space."""
+
+    config: mlc.ConfigDict  # with the pretrained folder's architecture filled in
+    pre: object  # stable_diffusion.Pretrained, or None (pixel-space tiny models)
+    codec: object  # latent.LatentCodec, or None
+    space: Space
+    module: object
+    denoisers: base.Denoisers  # the network as a diffusion model (eq 8) and as CoDi's consistency function (eq 17)
+
+    @property
+    def method_denoiser(self) -> base.Denoiser:
+        """CoDi samples through the boundary-wrapped consistency function; the finetuned and
+        progressively distilled models are diffusion models."""
+        return self.denoisers.consistency if self.config.method == "codi" else self.denoisers.diffusion
+
+
+def prompt_embeddings(config, workdir: str):
+    """(prompt table [1 + P, L, D], negative prompt [1, L, D]) of a task with prompts, else (None, None);
+    computed by the frozen text encoder once and cached in WORKDIR/cache."""
+    if config.task not in task_data.PROMPT_TASKS:
+        return None, None
+    cache = os.path.join(workdir, "cache")
+    task_prompts = task_data.prompts(config.data, config.task)
+    encoder = text_encoder.make_encoder(config, task_prompts, cache)
+    table = text_encoder.prompt_table(encoder, task_prompts, cache, config.text.max_cached_prompts)
+    negative = text_encoder.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
+    width = config.model.unet.cross_attention_dim
+    if table.shape[-1] != width:
+        raise ValueError(
+            f"config text.encoder gives {table.shape[-1]}-wide embeddings but model.unet.cross_attention_dim={width}"
+        )
+    return table, negative
+
+
+def build_model(config, workdir: str) -> Model:
+    """The networks and the sample space of `config` (a diffusers teacher is loaded; caches in WORKDIR/cache)."""
+    pre, codec, factor = None, None, 1
+    if config.teacher.pretrained_path:
+        config, pre, factor = with_pretrained(config, workdir)
+        codec = latent.LatentCodec(
+            pre.vae_module,
+            float(pre.vae_cfg.scaling_factor),
+            float(pre.vae_cfg.shift_factor),
+            sample_posterior=config.teacher.sample_latents,
+        )
+    denoisers = base.make_denoisers(config.model, diffusion.make_schedule(config.schedule), config.codi.boundary)
+    table, negative = prompt_embeddings(config, workdir)
+    space = Space(config, pre, codec, factor, table, negative)
+    return Model(config, pre, codec, space, denoisers.diffusion.module, denoisers)

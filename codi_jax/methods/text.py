@@ -1,0 +1,65 @@
+"""Text conditioning in training and sampling: prompt dropout and classifier-free guidance.
+
+Prompt dropout (`text.dropout`): a training example's context is the empty prompt's with that
+probability, so the model also learns the unconditional prediction that classifier-free guidance
+needs: eps = eps(c, neg) + w (eps(c, prompt) - eps(c, neg)) (Ho & Salimans 2022), with `neg` the
+negative prompt's embedding ('' by default) and w = `text.guidance_scale` (1: off, one pass). The
+embeddings come from `codi_jax/pretrained/text_encoder.py`'s prompt table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from codi_jax.methods import base
+
+
+def lookup(table, prompt_index):
+    """Contexts [B, L, D] of prompt indices [B] (row 0 of the table is the empty prompt)."""
+    return jnp.take(table, prompt_index + 1, axis=0)
+
+
+def with_prompts(loss_fn, dropout: float, table=None):
+    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'] (or from
+    `table`, a constant of the step: the tiny teacher's, so its checkpoints hold no prompts and one
+    teacher can serve every task), each replaced by the empty prompt's with probability `dropout`
+    (for classifier-free guidance)."""
+
+    def wrapped(params, frozen, ema_params, batch, rng):
+        idx = batch["prompt"]
+        keys = base.example_keys(rng, idx.shape[0])
+        k_drop, k_loss = base.split_each(keys)
+        drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
+        rows = frozen["prompt_table"] if table is None else jnp.asarray(table)
+        ctx = jnp.take(rows, jnp.where(drop, 0, idx + 1), axis=0)
+        return loss_fn(params, frozen, ema_params, dict(batch, context=ctx), k_loss)
+
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Guided:
+    """Classifier-free guidance around a denoiser: context is {'prompt': [B, L, D], 'negative': [B or 1, L, D]}.
+    Both passes run as one batch of 2B; (x_hat, eps_hat) = neg + scale (prompt - neg)."""
+
+    denoiser: base.Denoiser
+    scale: float
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def __call__(self, params, z, t, cond=None, context=None):
+        pos = context["prompt"]
+        neg = jnp.broadcast_to(context["negative"], pos.shape)  # one negative prompt ([1, L, D]) for all
+        if self.scale == 1.0:
+            return self.denoiser(params, z, t, cond, pos)
+        two = lambda a: None if a is None else jnp.concatenate([a, a])
+        t = jnp.broadcast_to(jnp.asarray(t), (z.shape[0],))
+        x2, e2 = self.denoiser(params, two(z), two(t), two(cond), jnp.concatenate([pos, neg]))
+        n = z.shape[0]
+        mix = lambda a: a[n:] + self.scale * (a[:n] - a[n:])
+        return mix(x2), mix(e2)
