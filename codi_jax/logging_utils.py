@@ -9,6 +9,7 @@ writer never touches the file system.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -196,3 +197,35 @@ def one_line_error(e: BaseException) -> str:
         return f"unknown config field {name} {hint}".strip()
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+# What bad input raises: a mistyped config field or flag value, a missing or unreadable file, an
+# invalid choice, a non-finite loss. Anything else is a bug and keeps its traceback.
+BAD_INPUT = (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError)
+
+
+def fail(e: BaseException):
+    """The command line's answer to bad input: one `error: ...` line on stderr, exit code 2."""
+    print(f"error: {one_line_error(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_cli(main):
+    """`absl.app.run(main)` behind the one command-line error guard of every entry point (training and
+    evaluation jobs, sampler, reproduction, diagnose, benchmarks): a bad flag, config field or value or
+    a missing file prints one `error: ...` line and exits with code 2, with no traceback."""
+    from absl import app, flags
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, KeyError, ValueError, AttributeError) as e:  # config_flags wraps KeyError
+            fail(e)
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (app.UsageError, *BAD_INPUT) as e:
+            fail(e)
+
+    app.run(guarded, flags_parser=parse)

@@ -9,7 +9,6 @@ JAX detects) or `--coordinator_address=HOST:PORT --num_processes=N --process_id=
 """
 
 import logging as py_logging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -65,21 +64,8 @@ def main(argv):
     experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, KeyError, ValueError, AttributeError) as e:
-        print(f"error: {logging_utils.one_line_error(e)}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run():
-    try:
-        app.run(main, flags_parser=_parse_flags)
-    except (ValueError, KeyError, OSError, NotImplementedError, FloatingPointError) as e:
-        # Bad input: one clear line, no traceback.
-        print(f"error: {logging_utils.one_line_error(e)}", file=sys.stderr)
-        sys.exit(2)
+    logging_utils.run_cli(main)  # bad input: one `error: ...` line, exit code 2
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from codi_jax import experiment
+from codi_jax import experiment, logging_utils
 from codi_jax.evaluation import repro_report
 from codi_jax.evaluation.repro_report import ERROR_FILE, read_times, wall_file
 
@@ -239,4 +239,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _F.update(_define_flags())
-    app.run(main)
+    logging_utils.run_cli(main)

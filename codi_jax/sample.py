@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -322,20 +321,10 @@ def _define_flags():
 
 
 def main():
-    from absl import app
-
-    from codi_jax.logging_utils import one_line_error
+    from codi_jax import logging_utils
 
     _define_flags()
-
-    def guarded(argv):
-        try:
-            _main(argv)
-        except (ValueError, FileNotFoundError, KeyError, PermissionError) as e:
-            print(f"error: {one_line_error(e)}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(guarded)
+    logging_utils.run_cli(_main)
 
 
 if __name__ == "__main__":

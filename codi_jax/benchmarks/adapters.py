@@ -13,9 +13,10 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from codi_jax import logging_utils
 from codi_jax.methods import base
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sr.py", "Model config (paper scale: SD-1.5 size).")
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    logging_utils.run_cli(main)

@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from codi_jax import diffusion, train
+from codi_jax import diffusion, logging_utils, train
 from codi_jax.methods import base, codi
 from configs import common
 
@@ -132,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    logging_utils.run_cli(main)

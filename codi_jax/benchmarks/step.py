@@ -46,7 +46,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from codi_jax import diffusion, sampling, sharding, train
+from codi_jax import diffusion, logging_utils, sampling, sharding, train
 from codi_jax.methods import base, codi, pretrain
 from codi_jax.models import layers
 
@@ -685,4 +685,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    logging_utils.run_cli(main)

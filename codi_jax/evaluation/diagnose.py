@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -192,28 +191,24 @@ def _define_flags():
 
 
 def main():
-    from absl import app, flags
+    from absl import flags
 
-    from codi_jax.logging_utils import one_line_error
+    from codi_jax import logging_utils
 
     _define_flags()
 
     def run(argv):
         del argv
         f = flags.FLAGS
-        try:
-            steps = [int(s) for s in f.steps]
-            scales = [float(s) for s in f.eps_scales]
-            report = diagnose(f.run, steps, scales)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            print(f"error: {one_line_error(e)}", file=sys.stderr)
-            sys.exit(2)
+        steps = [int(s) for s in f.steps]
+        scales = [float(s) for s in f.eps_scales]
+        report = diagnose(f.run, steps, scales)
         path = f.out or os.path.join(f.run, "diagnose.json")
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
         print(f"\ndiagnose: report {path}")
 
-    app.run(run)
+    logging_utils.run_cli(run)
 
 
 if __name__ == "__main__":
