@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,10 +17,10 @@ from tests import helpers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.heavy(110)
+@pytest.mark.heavy(170)
 def test_smoke_run_end_to_end_then_resume(tmp_path):
     config = helpers.smoke_config()
-    workdir = str(tmp_path / "run")
+    workdir = str(tmp_path / "runs" / "smoke")
     report = experiment.run(config, workdir)
 
     saved = helpers.read_metrics(workdir, {"bicubic", "codi_1step", "codi_2step"})
@@ -62,6 +63,34 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     assert [r["step"] for r in path] == [1, 2]
     assert path[-1]["psnr"] == pytest.approx(report["metrics"]["codi_2step"]["psnr"], abs=1e-4)
     assert all(r["identity_mse"] > 0 and -1 <= r["eps_corr"] <= 1 for r in diag["denoiser"])
+
+    # The README's commands that take a run folder, typed as a user does: from the folder above the
+    # run, with relative paths (the run is runs/smoke under tmp_path).
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8) + 128).save(tmp_path / "lr.png")
+    readme = {
+        "codi_jax.sample": ["--run=runs/smoke", "--inputs=lr.png", "--steps=1", "--out=runs/sampled"],
+        "codi_jax.main": [
+            f"--config={REPO}/configs/eval.py",
+            "--config.checkpoint=runs/smoke",
+            "--workdir=runs/smoke_eval",
+            "--config.steps=(1,)",
+            "--config.samplers=('deterministic',)",
+        ],
+        "codi_jax.evaluation.diagnose": ["--run=runs/smoke", "--steps=1"],
+    }
+    for module, args in readme.items():
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=tmp_path,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, (module, done.stderr[-2000:])
+    assert os.path.isfile(tmp_path / "runs" / "sampled" / "lr.png")
+    assert os.path.isfile(tmp_path / "runs" / "smoke_eval" / "eval" / "metrics.json")
+    assert os.path.isfile(tmp_path / "runs" / "smoke" / "diagnose.json")
 
 
 def _cli(*args, cwd=REPO):
