@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 
@@ -174,6 +175,32 @@ def task_metrics(task: str, samples, batch: dict, data_cfg) -> dict:
     return {}
 
 
+def image_metrics(images, batch: dict, ecfg, task: str, data_cfg) -> dict:
+    """Every metric of one set of images (a method's samples or a baseline) against the batch's
+    references: `all_metrics`, the task's own (`task_metrics`) and the prompts' (`prompt_metrics`)."""
+    out = all_metrics(images, batch["image"], ecfg)
+    out.update(task_metrics(task, images, batch, data_cfg))
+    out.update(prompt_metrics(images, batch, ecfg, data_cfg, task))
+    return out
+
+
+def evaluate_entry(denoiser, sampler: str, num_steps: int, draw, batch: dict, ecfg, task: str, data_cfg, warm_up=0):
+    """(samples, metrics, timings) of one (sampler, steps) entry of an evaluation. `draw(fn, limit=None)`
+    samples the held-out batch with a sampler function (`sample_batches` with the batch's arguments
+    bound); `warm_up` > 0 first draws that many examples to time the compile apart from sampling."""
+    fn = sampling.make_sampler(denoiser, num_steps, sampler)
+    timings = {}
+    if warm_up:
+        t0 = time.perf_counter()
+        draw(fn, limit=warm_up)  # compile + warm up on one batch
+        timings["compile_and_first_batch_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    samples = draw(fn)
+    seconds = time.perf_counter() - t0
+    timings.update(sample_s=round(seconds, 2), sample_s_per_image=round(seconds / samples.shape[0], 5))
+    return samples, image_metrics(samples, batch, ecfg, task, data_cfg), timings
+
+
 def evaluate_task(
     *,
     denoiser,
@@ -208,44 +235,23 @@ def evaluate_task(
     n = hr.shape[0]
     bs = min(ecfg.batch_size, n)
     baselines, columns, ref_label = task_views(task, eval_batch)
-    results = {}
-    for name, images in baselines.items():
-        results[name] = all_metrics(images, hr, ecfg)
-        results[name].update(task_metrics(task, images, eval_batch, data_cfg))
-        results[name].update(prompt_metrics(images, eval_batch, ecfg, data_cfg, task))
+    results = {name: image_metrics(images, eval_batch, ecfg, task, data_cfg) for name, images in baselines.items()}
     columns = list(columns)
     timings = {}
-    rng = jax.random.PRNGKey(ecfg.seed)
-
     one_shape = tuple(sample_shape) if sample_shape is not None else hr.shape[1:]
-
-    def run(fn, p, c, limit=n, ctx=context):
-        return sample_batches(
-            fn, p, c, rng=rng, n=n, batch_size=bs, one_shape=one_shape, context=ctx, to_pixels=to_pixels, limit=limit
+    shared = dict(rng=jax.random.PRNGKey(ecfg.seed), n=n, batch_size=bs, one_shape=one_shape, to_pixels=to_pixels)
+    draw = functools.partial(sample_batches, params=params, cond=cond, context=context, **shared)
+    for sampler, num_steps in itertools.product(ecfg.samplers, ecfg.steps):
+        key = result_key(method, sampler, num_steps)
+        samples, results[key], timings[key] = evaluate_entry(
+            denoiser, sampler, num_steps, draw, eval_batch, ecfg, task, data_cfg, warm_up=bs
         )
-
-    for sampler in ecfg.samplers:
-        for num_steps in ecfg.steps:
-            key = result_key(method, sampler, num_steps)
-            fn = sampling.make_sampler(denoiser, num_steps, sampler)
-            t0 = time.perf_counter()
-            run(fn, params, cond, limit=bs)  # compile + warm up on one batch
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            samples = run(fn, params, cond)
-            timings[key] = {
-                "compile_and_first_batch_s": round(compile_s, 3),
-                "sample_s_per_image": round((time.perf_counter() - t0) / n, 5),
-            }
-            results[key] = all_metrics(samples, hr, ecfg)
-            results[key].update(task_metrics(task, samples, eval_batch, data_cfg))
-            results[key].update(prompt_metrics(samples, eval_batch, ecfg, data_cfg, task))
-            columns.append((column_label(method, sampler, num_steps), samples))
-            logging.info("eval: %s: %s", key, results[key])
+        columns.append((column_label(method, sampler, num_steps), samples))
+        logging.info("eval: %s: %s", key, results[key])
 
     if teacher is not None and ecfg.teacher_ddim_steps:
         fn = sampling.make_sampler(teacher, ecfg.teacher_ddim_steps, "deterministic")
-        samples = run(fn, teacher_params, None, ctx=teacher_context)
+        samples = sample_batches(fn, params=teacher_params, cond=None, context=teacher_context, **shared)
         columns.append((f"teacher {ecfg.teacher_ddim_steps} (uncond)", samples))
 
     columns.append((ref_label, hr))

@@ -16,6 +16,7 @@ writes the summary.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -94,6 +95,17 @@ def run(ecfg, workdir: str) -> dict | None:
         ecfg.num_shards,
     )
     k = min(ecfg.grid_examples, n)
+    draw = functools.partial(
+        evaluate.sample_batches,
+        params=params,
+        cond=cond,
+        rng=jax.random.PRNGKey(seed),
+        n=n,
+        batch_size=min(ecfg.batch_size, n),
+        one_shape=one_shape,
+        context=kw.get("context"),
+        to_pixels=kw.get("to_pixels"),
+    )
     t_job = time.perf_counter()
     for i, (sampler, num_steps) in enumerate(mine):
         key = evaluate.result_key(method, sampler, num_steps)
@@ -101,26 +113,10 @@ def run(ecfg, workdir: str) -> dict | None:
             logging.info("eval job: %s done already; skipped", key)
             continue
         t0 = time.perf_counter()
-        fn = sampling.make_sampler(denoiser, num_steps, sampler)
-        samples = evaluate.sample_batches(
-            fn,
-            params,
-            cond,
-            rng=jax.random.PRNGKey(seed),
-            n=n,
-            batch_size=min(ecfg.batch_size, n),
-            one_shape=one_shape,
-            context=kw.get("context"),
-            to_pixels=kw.get("to_pixels"),
+        samples, metrics, _ = evaluate.evaluate_entry(
+            denoiser, sampler, num_steps, draw, batch, ecfg, run_cfg.task, run_cfg.data
         )
-        result = dict(
-            evaluate.all_metrics(samples, hr, ecfg),
-            sampler=sampler,
-            steps=num_steps,
-            wall_s=round(time.perf_counter() - t0, 2),
-        )
-        result.update(evaluate.task_metrics(run_cfg.task, samples, batch, run_cfg.data))
-        result.update(evaluate.prompt_metrics(samples, batch, ecfg, run_cfg.data, run_cfg.task))
+        result = dict(metrics, sampler=sampler, steps=num_steps, wall_s=round(time.perf_counter() - t0, 2))
         np.savez_compressed(_key_path(out_dir, key, "npz"), samples=grids.to_uint8(samples[:k]))
         tmp = _key_path(out_dir, key, "json.tmp")
         with open(tmp, "w") as f:
@@ -150,10 +146,7 @@ def summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg):
         return None
     baselines, inputs, ref_label = evaluate.task_views(run_cfg.task, batch)
     results = {
-        name: dict(
-            evaluate.all_metrics(x, batch["image"], ecfg), **evaluate.task_metrics(run_cfg.task, x, batch, run_cfg.data)
-        )
-        for name, x in baselines.items()
+        name: evaluate.image_metrics(x, batch, ecfg, run_cfg.task, run_cfg.data) for name, x in baselines.items()
     }
     columns = [(label, x[:k]) for label, x in inputs]
     series = {}
