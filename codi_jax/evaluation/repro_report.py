@@ -315,40 +315,38 @@ def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell:
 
 
 def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> str:
+    """The report of the finished runs (results.md): header, Table 2 and the ordering checks, Table 3,
+    Fig. 7 and d_x, the plots and pictures, wall times."""
     rows, walls, bicubic, teachers = collect(rcfg, workdir, seeds)
     out_dir = os.path.dirname(os.path.abspath(results_path))
-    img_dir = os.path.join(out_dir, "images")
-    os.makedirs(img_dir, exist_ok=True)
-    plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
-    ablation_plot = plot_steps(
-        rcfg,
-        rows,
-        os.path.join(img_dir, "results_steps_ablations.png"),
-        sections=("table3", "fig7", "dx"),
-        reference=("codi",),
-    )
-    figures = [comparison_figure(rcfg, workdir, seeds[0], name, os.path.join(img_dir, name)) for name in COMPARISONS]
-    grids = []
-    for name in ("finetune", "codi"):
-        src = os.path.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
-        if os.path.exists(src):
-            dst = os.path.join(img_dir, f"results_grid_{name}.png")
-            shutil.copyfile(src, dst)
-            grids.append((name, dst))
     rel = lambda p: os.path.relpath(p, out_dir)
+    teacher = _teacher_of(workdir)
+    md = [
+        *_header(rcfg, workdir, seeds, command, walls, teachers, teacher, out_dir, rel),
+        *_tables(rcfg, rows, bicubic),
+        *_pictures(rcfg, rows, workdir, seeds, os.path.join(out_dir, "images"), rel),
+        *_wall_times(rcfg, walls, teacher),
+    ]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(results_path, "w") as f:
+        f.write("\n".join(md))
+    return results_path
+
+
+def _teacher_of(workdir: str) -> dict:
+    """teacher.json (where the shared teacher is, whether this command trained it, the common
+    overrides) with the teacher's wall time when it was trained here."""
     teacher = {"dir": os.path.join(workdir, "pretrained"), "trained_here": True}
     if os.path.exists(os.path.join(workdir, "teacher.json")):
         with open(os.path.join(workdir, "teacher.json")) as f:
             teacher = json.load(f)
-    teacher_wall = None
+    teacher["wall_s"] = None
     if teacher["trained_here"] and os.path.exists(wall_file(teacher["dir"])):
-        teacher_wall = read_times(wall_file(teacher["dir"]))[0]
-    teacher_note = (
-        f"Shared teacher: pretrained by this command in {teacher_wall} s."
-        if teacher["trained_here"]
-        else f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
-        "stage of the same recipe made earlier; its time is not in the total)."
-    )
+        teacher["wall_s"] = read_times(wall_file(teacher["dir"]))[0]
+    return teacher
+
+
+def _header(rcfg, workdir, seeds, command, walls, teachers, teacher, out_dir, rel) -> list[str]:
     common = "".join(f", `{k}={v!r}`" for k, v in teacher.get("common", ()))
     common = f" (every run{common})" if common else ""
     notes = os.path.join(out_dir, "results-notes.md")  # hand-written next to the report (docs/)
@@ -365,7 +363,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         for r in rcfg.runs
         if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))
     ]
-    md = [
+    return [
         "# Results: the paper's super-resolution comparisons at tiny scale",
         "",
         f"Written by `{command}` on {datetime.date.today()} ({platform.machine()}, {os.cpu_count()} CPUs), "
@@ -397,6 +395,11 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
             if os.path.exists(notes)
             else []
         ),
+    ]
+
+
+def _tables(rcfg, rows, bicubic) -> list[str]:
+    return [
         "## Table 2: super-resolution",
         "",
         table(rcfg, rows, "table2", bicubic),
@@ -424,6 +427,21 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         "",
         table(rcfg, rows, "dx"),
         "",
+    ]
+
+
+def _pictures(rcfg, rows, workdir, seeds, img_dir, rel) -> list[str]:
+    """The plots against steps, the runs side by side and two runs' grids, written into img_dir."""
+    os.makedirs(img_dir, exist_ok=True)
+    plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
+    ablation_plot = plot_steps(
+        rcfg,
+        rows,
+        os.path.join(img_dir, "results_steps_ablations.png"),
+        sections=("table3", "fig7", "dx"),
+        reference=("codi",),
+    )
+    md = [
         "## Quality against sampling steps",
         "",
         *([f"![metrics against steps]({rel(plot)})", ""] if plot else ["(no run with two step counts yet)", ""]),
@@ -434,7 +452,8 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
         ),
         "",
     ]
-    for path, caption in figures:
+    for name in COMPARISONS:
+        path, caption = comparison_figure(rcfg, workdir, seeds[0], name, os.path.join(img_dir, name))
         if path:
             md += [
                 f"Held-out crops, seed {seeds[0]}, the runs side by side: {caption}.",
@@ -442,14 +461,28 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
                 f"![{os.path.basename(path)}]({rel(path)})",
                 "",
             ]
-    for name, path in grids:
-        md += [
-            f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):",
-            "",
-            f"![{name} grid]({rel(path)})",
-            "",
-        ]
-    md += [
+    for name in ("finetune", "codi"):
+        src = os.path.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
+        if os.path.exists(src):
+            dst = os.path.join(img_dir, f"results_grid_{name}.png")
+            shutil.copyfile(src, dst)
+            md += [
+                f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):",
+                "",
+                f"![{name} grid]({rel(dst)})",
+                "",
+            ]
+    return md
+
+
+def _wall_times(rcfg, walls, teacher) -> list[str]:
+    teacher_note = (
+        f"Shared teacher: pretrained by this command in {teacher['wall_s']} s."
+        if teacher["trained_here"]
+        else f"Shared teacher: loaded from `{teacher['dir']}` (`--teacher_checkpoint`: a complete teacher "
+        "stage of the same recipe made earlier; its time is not in the total)."
+    )
+    md = [
         "## Wall times",
         "",
         teacher_note + " Per run (training + evaluation, summed over resumptions), mean over seeds. CPU s "
@@ -466,7 +499,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
             n, ok = len(walls[run.name]), sum(c for _, _, c in walls[run.name])
             seeds_note = f"{n}" if ok == n else f"{n} ({ok} timed in one go)"
             md.append(f"| {run.name} | {wall:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | {seeds_note} |")
-    clean = sum(w for v in walls.values() for w, _, ok in v if ok) + (teacher_wall or 0.0)
+    clean = sum(w for v in walls.values() for w, _, ok in v if ok) + (teacher["wall_s"] or 0.0)
     unclean = [w for v in walls.values() for w, _, ok in v if not ok]
     total = f"Total: {(clean + sum(unclean)) / 3600:.2f} h of wall time for the finished runs"
     if unclean:
@@ -476,11 +509,7 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
             "checkpoint and the compiles done twice); those runs' rows show the mean of their seeds that "
             "were timed cleanly, where there are any)"
         )
-    md += ["", total + ".", ""]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(results_path, "w") as f:
-        f.write("\n".join(md))
-    return results_path
+    return md + ["", total + ".", ""]
 
 
 def table_with_reference(rcfg, rows):
