@@ -16,8 +16,38 @@ import numpy as np
 from codi_jax import diffusion
 from codi_jax.data import tasks as task_data
 from codi_jax.methods import base, latent, text
+from codi_jax.models import adapter as adapter_lib
 from codi_jax.models import vae as vae_lib
 from codi_jax.pretrained import stable_diffusion, text_encoder
+
+
+def validate_model(config) -> None:
+    """One line naming the first bad field of the `model` section, or one that does not fit the task,
+    the data or the teacher."""
+    pretrained = bool(config.teacher.pretrained_path)
+    if config.model.prediction not in diffusion.PREDICTIONS + (("auto",) if pretrained else ()):
+        raise ValueError(f"config model.prediction={config.model.prediction!r} is not one of {diffusion.PREDICTIONS}")
+    base.compute_dtype(config.model.dtype)
+    if config.model.adapter.fusion not in adapter_lib.FUSIONS:
+        raise ValueError(
+            f"config model.adapter.fusion={config.model.adapter.fusion!r} is not one of {adapter_lib.FUSIONS}"
+        )
+    if not pretrained and config.model.unet.in_channels != 3:
+        raise ValueError("config model.unet.in_channels must be 3 for pixel-space models (no teacher.pretrained_path)")
+    source_task = {"edit_jsonl": "edit", "ip2p_folder": "edit", "depth_folder": "depth"}.get(config.data.source)
+    if source_task and source_task != config.task:
+        raise ValueError(f"config data.source={config.data.source!r} holds {source_task} data, not {config.task!r}")
+    want = task_data.COND_CHANNELS[config.task]
+    if config.model.adapter.cond_channels != want:
+        raise ValueError(
+            f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "
+            f"{config.task!r} has {want}-channel conditions"
+        )
+    if config.task in task_data.PROMPT_TASKS and not pretrained and config.model.unet.cross_attention_dim is None:
+        raise ValueError(
+            f"config model.unet.cross_attention_dim is None but task {config.task!r} has prompts: "
+            "set it to the text encoder's width"
+        )
 
 
 def with_pretrained(config, workdir):

@@ -24,11 +24,9 @@ from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate
 from codi_jax.methods import base, codi, latent, pretrain, progressive, text
-from codi_jax.models import adapter as adapter_lib
 
 TASKS = ("sr", "inpaint", "depth", "edit")
 METHODS = ("codi", "finetune", "gd")
-CODI_INITS = ("pretrained", "finetuned", "random")
 
 
 def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
@@ -365,82 +363,25 @@ def check_required(config) -> None:
 
 
 def validate_config(config):
-    """One-line errors for values that would otherwise fail deep inside a run."""
+    """One-line errors for values that would otherwise fail deep inside a run; each config section is
+    checked by the module that reads it."""
     check_required(config)
     if config.task not in TASKS:
         raise ValueError(f"config task={config.task!r} is not one of {TASKS}")
-    if config.model.prediction not in diffusion.PREDICTIONS + (("auto",) if config.teacher.pretrained_path else ()):
-        raise ValueError(f"config model.prediction={config.model.prediction!r} is not one of {diffusion.PREDICTIONS}")
-    base.compute_dtype(config.model.dtype)
-    if config.model.adapter.fusion not in adapter_lib.FUSIONS:
-        raise ValueError(
-            f"config model.adapter.fusion={config.model.adapter.fusion!r} is not one of {adapter_lib.FUSIONS}"
-        )
-    c = config.codi
-    if c.mode not in codi.MODES:
-        raise ValueError(f"config codi.mode={c.mode!r} is not one of {codi.MODES}")
-    if c.zs_predictor not in codi.ZS_PREDICTORS:
-        raise ValueError(f"config codi.zs_predictor={c.zs_predictor!r} is not one of {codi.ZS_PREDICTORS}")
-    for key in ("d_eps", "d_x"):
-        if c[key] not in ("l2", "pseudo_huber"):
-            raise ValueError(f"config codi.{key}={c[key]!r} is not one of ('l2', 'pseudo_huber')")
-    schedule = diffusion.make_schedule(config.schedule)
-    if not 1 <= c.delta_t < schedule.t_max:
-        raise ValueError(f"config codi.delta_t={c.delta_t} must be in [1, {schedule.t_max - 1}]")
-    if not config.eval.samplers:
-        raise ValueError("config eval.samplers is empty; give at least one of " + str(sampling.SAMPLERS))
-    for name in config.eval.samplers:
-        sampling.check_sampler(name, "eval.samplers")
     if config.method not in METHODS:
         raise ValueError(f"config method={config.method!r} is not one of {METHODS}")
-    if c.init not in CODI_INITS:
-        raise ValueError(f"config codi.init={c.init!r} is not one of {CODI_INITS}")
-    if c.consistency_space not in codi.CONSISTENCY_SPACES:
-        raise ValueError(
-            f"config codi.consistency_space={c.consistency_space!r} is not one of {codi.CONSISTENCY_SPACES}"
-        )
-    if c.eps_target not in codi.EPS_TARGETS:
-        raise ValueError(f"config codi.eps_target={c.eps_target!r} is not one of {codi.EPS_TARGETS}")
-    if config.finetune.mode not in codi.MODES:
-        raise ValueError(f"config finetune.mode={config.finetune.mode!r} is not one of {codi.MODES}")
+    build.validate_model(config)
+    codi.validate(config.codi, diffusion.make_schedule(config.schedule))
+    codi.check_mode(config.finetune.mode, "finetune.mode")
     if config.method == "gd":
         progressive.rounds(config.gd.start_steps, config.gd.final_steps)
-    for n in config.eval.steps:
-        if not 1 <= n <= 1000:
-            raise ValueError(f"config eval.steps has {n}; step counts must be in [1, 1000]")
-    for prefix, tcfg in (
-        ("pretrain", config.pretrain),
-        ("codi.train", c.train),
-        ("finetune.train", config.finetune.train),
-        ("gd.train", config.gd.train),
-    ):
-        for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if tcfg[key] < 1:
-                raise ValueError(f"config {prefix}.{key}={tcfg[key]} must be >= 1")
-    if c.guidance_space not in codi.GUIDANCE_SPACES:
-        raise ValueError(f"config codi.guidance_space={c.guidance_space!r} is not one of {codi.GUIDANCE_SPACES}")
-    if not config.teacher.pretrained_path and config.model.unet.in_channels != 3:
-        raise ValueError("config model.unet.in_channels must be 3 for pixel-space models (no teacher.pretrained_path)")
-    source_task = {"edit_jsonl": "edit", "ip2p_folder": "edit", "depth_folder": "depth"}.get(config.data.source)
-    if source_task and source_task != config.task:
-        raise ValueError(f"config data.source={config.data.source!r} holds {source_task} data, not {config.task!r}")
-    want = task_data.COND_CHANNELS[config.task]
-    if config.model.adapter.cond_channels != want:
-        raise ValueError(
-            f"config model.adapter.cond_channels={config.model.adapter.cond_channels} but task "
-            f"{config.task!r} has {want}-channel conditions"
-        )
+    stages = (("pretrain", config.pretrain), ("codi.train", config.codi.train))
+    stages += (("finetune.train", config.finetune.train), ("gd.train", config.gd.train))
+    for prefix, tcfg in stages:
+        train.validate_train(tcfg, prefix)
+    evaluate.validate(config.eval, "eval.")
     if config.task in task_data.PROMPT_TASKS:
-        t = config.text
-        if not config.teacher.pretrained_path and config.model.unet.cross_attention_dim is None:
-            raise ValueError(
-                f"config model.unet.cross_attention_dim is None but task {config.task!r} has prompts: "
-                "set it to the text encoder's width"
-            )
-        if not 0.0 <= t.dropout < 1.0:
-            raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
-        if t.guidance_scale < 0:
-            raise ValueError(f"config text.guidance_scale={t.guidance_scale} must be >= 0")
+        text.validate(config.text)
 
 
 def _print_summary(report, workdir):

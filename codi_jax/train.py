@@ -39,6 +39,13 @@ def _scale_named_leaves(name: str, factor: float) -> optax.GradientTransformatio
     return optax.stateless(scale)
 
 
+def validate_train(tcfg, prefix: str) -> None:
+    """One line naming the first bad field of a stage's `train` config section (`prefix`: its path)."""
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
+        if tcfg[key] < 1:
+            raise ValueError(f"config {prefix}.{key}={tcfg[key]} must be >= 1")
+
+
 def make_optimizer(tcfg):
     """AdamW with global-norm clipping and linear warmup to a constant rate; returns (tx, lr schedule).
 

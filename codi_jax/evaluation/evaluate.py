@@ -175,6 +175,20 @@ def task_metrics(task: str, samples, batch: dict, data_cfg) -> dict:
     return {}
 
 
+def validate(ecfg, prefix: str) -> None:
+    """One line naming the first bad sampler or step count of an evaluation config (`prefix`: 'eval.' in
+    a run's config, '' in the evaluation job's)."""
+    if not ecfg.samplers or not ecfg.steps:
+        raise ValueError(
+            f"config {prefix}samplers and {prefix}steps must each name at least one of {sampling.SAMPLERS}"
+        )
+    for name in ecfg.samplers:
+        sampling.check_sampler(name, f"{prefix}samplers")
+    for n in ecfg.steps:
+        if not 1 <= n <= 1000:
+            raise ValueError(f"config {prefix}steps has {n}; step counts must be in [1, 1000]")
+
+
 def image_metrics(images, batch: dict, ecfg, task: str, data_cfg) -> dict:
     """Every metric of one set of images (a method's samples or a baseline) against the batch's
     references: `all_metrics`, the task's own (`task_metrics`) and the prompts' (`prompt_metrics`)."""

@@ -38,13 +38,7 @@ def validate(ecfg) -> None:
         raise ValueError("config checkpoint is empty: give the workdir of a finished run")
     if not 0 <= ecfg.shard < ecfg.num_shards:
         raise ValueError(f"config shard={ecfg.shard} must be in [0, num_shards={ecfg.num_shards})")
-    if not ecfg.samplers or not ecfg.steps:
-        raise ValueError("config samplers and steps must each name at least one")
-    for name in ecfg.samplers:
-        sampling.check_sampler(name, "samplers")
-    for n in ecfg.steps:
-        if not 1 <= n <= 1000:
-            raise ValueError(f"config steps has {n}; step counts must be in [1, 1000]")
+    evaluate.validate(ecfg, "")
 
 
 def _key_path(out_dir, key, ext):

@@ -14,6 +14,35 @@ from codi_jax.methods import base
 
 ZS_PREDICTORS = ("prev", "ddim", "teacher")
 MODES = ("full", "pe")
+INITS = ("pretrained", "finetuned", "random")
+GUIDANCE_SPACES = ("latent", "pixel")
+CONSISTENCY_SPACES = ("eps", "x")
+EPS_TARGETS = ("noise_boundary", "wrapped")
+DISTANCES = ("l2", "pseudo_huber")
+
+
+def check_mode(mode: str, key: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"config {key}={mode!r} is not one of {MODES}")
+
+
+def validate(c, schedule) -> None:
+    """One line naming the first bad field of the `codi` config section."""
+    check_mode(c.mode, "codi.mode")
+    choices = (
+        ("zs_predictor", ZS_PREDICTORS),
+        ("d_eps", DISTANCES),
+        ("d_x", DISTANCES),
+        ("init", INITS),
+        ("consistency_space", CONSISTENCY_SPACES),
+        ("eps_target", EPS_TARGETS),
+        ("guidance_space", GUIDANCE_SPACES),
+    )
+    for key, allowed in choices:
+        if c[key] not in allowed:
+            raise ValueError(f"config codi.{key}={c[key]!r} is not one of {allowed}")
+    if not 1 <= c.delta_t < schedule.t_max:
+        raise ValueError(f"config codi.delta_t={c.delta_t} must be in [1, {schedule.t_max - 1}]")
 
 
 def split_params(full_params, mode: str, zs_predictor: str = "prev", teacher_cond: bool = False, key: str = "codi"):
@@ -24,8 +53,7 @@ def split_params(full_params, mode: str, zs_predictor: str = "prev", teacher_con
     teacher already) and, with `teacher_cond` (a finetuned conditional teacher: CM-II, GD-II),
     frozen['teacher_adapter'] too, so the teacher sees the condition.
     """
-    if mode not in MODES:
-        raise ValueError(f"config {key}.mode={mode!r} is not one of {MODES}")
+    check_mode(mode, f"{key}.mode")
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
     if mode == "full":
         trainable = {"unet": full_params["unet"], "adapter": full_params["adapter"]}
@@ -52,11 +80,6 @@ def teacher_predict(teacher: base.Denoiser, frozen, z, t, cond, context):
     """(x_hat, eps_hat) of the frozen teacher; a conditional teacher is given the condition."""
     tp = teacher_params(frozen)
     return teacher(tp, z, t, cond if "adapter" in tp else None, context)
-
-
-GUIDANCE_SPACES = ("latent", "pixel")
-CONSISTENCY_SPACES = ("eps", "x")
-EPS_TARGETS = ("noise_boundary", "wrapped")
 
 
 def consistency_target(denoiser: base.Denoiser, target_params, z_s, s, eps_s, cond, context, eps_target: str):

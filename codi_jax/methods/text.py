@@ -17,6 +17,14 @@ import jax.numpy as jnp
 from codi_jax.methods import base
 
 
+def validate(t) -> None:
+    """One line naming the first bad field of the `text` config section (tasks with prompts)."""
+    if not 0.0 <= t.dropout < 1.0:
+        raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
+    if t.guidance_scale < 0:
+        raise ValueError(f"config text.guidance_scale={t.guidance_scale} must be >= 0")
+
+
 def lookup(table, prompt_index):
     """Contexts [B, L, D] of prompt indices [B] (row 0 of the table is the empty prompt)."""
     return jnp.take(table, prompt_index + 1, axis=0)
