@@ -171,7 +171,7 @@ def boundary_scalings(t, *, sigma_data: float, time_scale: float):
     large t, which contradicts eq 11's c_skip(0) = 1. We use the consistency-model
     form that satisfies it: c_skip = sd^2 / (u^2 + sd^2), c_out = u / sqrt(u^2 + sd^2),
     with u = time_scale * t (t in timesteps), so c_skip(0) = 1, c_out(0) = 0 and
-    c_out -> 1 (no halving of predictions; see DESIGN.md "Traps").
+    c_out -> 1 (the public code's variant halves every prediction: docs/design-choices.md).
     """
     u = time_scale * jnp.asarray(t, jnp.float32)
     c_skip = sigma_data**2 / (u**2 + sigma_data**2)

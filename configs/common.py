@@ -210,7 +210,8 @@ def evaluation():
 
 
 def text():
-    """Text conditioning of the tasks with prompts (depth captions, editing instructions): codi_jax/models/prompts.py."""
+    """Text conditioning of the tasks with prompts (depth captions, editing instructions):
+    codi_jax/pretrained/text_encoder.py (encoder, prompt table) and codi_jax/methods/text.py (dropout, guidance)."""
     return mlc.ConfigDict(
         dict(
             encoder="tiny",  # 'tiny' (seeded random CLIP text model + a tokenizer of the prompts' words: offline

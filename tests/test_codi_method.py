@@ -43,8 +43,8 @@ def test_pe_mode_leaves_every_backbone_parameter_unchanged():
 
 def test_full_mode_trains_the_backbone_and_the_target_is_a_real_ema():
     """CoDi (full mode) for 30 steps on one fixed batch (one test: one compile for the three claims).
-    The backbone trains; theta^- follows theta by Algorithm 1's rule (not a frozen copy, see DESIGN.md
-    traps); the loss falls."""
+    The backbone trains; theta^- follows theta by Algorithm 1's rule (not the frozen copy of the
+    initial weights that the public CoDi code steps with); the loss falls."""
     config = helpers.smoke_config(mode="full")
     config.codi.train.update(warmup_steps=1, ema_decay=0.9)
     init, states, losses = _run_steps(config, 30, lr=2e-3, keep_every=True)
