@@ -43,6 +43,7 @@ ADDED_FIELDS = (
     ("model.unet.attention", "auto"),
     ("teacher.allow_pickle", False),
     ("data.pairs_file", ""),
+    ("data.depth.model_path", ""),
     ("data.eval_folder", ""),
     ("data.downscale_resample", "box"),
     ("data.read_threads", 1),

@@ -83,9 +83,10 @@ def test_clip_score_row_scores_each_sample_against_its_own_prompt(tiny_clip):
     path, _ = tiny_clip
     config = edit.get_config("smoke")
     config.eval.clip_model = str(path)
+    config.eval.batch_size = 4  # the CLIP model sees batches of 4 (and the last of 2)
     batch = pipeline.make_eval_batch(config.data, task="edit", num_examples=6, seed=0)
     words = tasks.prompts(config.data, "edit")
-    got = evaluate.prompt_metrics(batch["image"], batch, config.eval, config.data, "edit", batch_size=4)
+    got = evaluate.prompt_metrics(batch["image"], batch, config.eval, config.data, "edit")
     scorer = clip_score.CLIPScorer(str(path))
     want = np.mean([scorer.score(batch["image"][i : i + 1], [words[int(k)]])[0] for i, k in enumerate(batch["prompt"])])
     assert got["clip_score"] == pytest.approx(float(want), rel=1e-4)

@@ -142,3 +142,34 @@ def test_checkpoint_of_another_model_size(tmp_path):
         r"model \(.*\): a checkpoint of another model size",
     ):
         runs.restore_final(cfg, run, model=wider)
+
+
+def test_an_older_run_config_is_read_with_the_fields_added_since(tmp_path):
+    """runs.read_run_config upgrades a config.json written before fields were added (the one place old
+    configs are read forward): each missing field comes back with the value older runs behaved by; a
+    current config comes back unchanged."""
+    import json as json_lib
+
+    from configs import sr
+
+    current = sr.get_config("smoke").to_dict()
+    old = json_lib.loads(json_lib.dumps(current))
+    for dotted, _ in runs.ADDED_FIELDS:
+        node, *path = old, *dotted.split(".")
+        for p in path[:-1]:
+            node = node[p]
+        node.pop(path[-1])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json_lib.dumps(old))
+    upgraded = runs.read_run_config(str(tmp_path / "old"))
+    for dotted, value in runs.ADDED_FIELDS:
+        node = upgraded
+        for p in dotted.split("."):
+            node = node[p]
+        assert node == value, dotted
+    assert upgraded.codi.eps_target == "wrapped"  # trained before the s = 0 fix
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.json").write_text(json_lib.dumps(current))
+    assert json_lib.loads(runs.read_run_config(str(tmp_path / "new")).to_json()) == json_lib.loads(
+        json_lib.dumps(current)
+    )

@@ -63,11 +63,11 @@ def test_features_match_pytorch_fid(monkeypatch, tmp_path):
 
     from codi_jax.evaluation import evaluate, frechet
 
-    ecfg = mlc.ConfigDict(dict(fid_weights=path, lpips_weights=""))
+    ecfg = mlc.ConfigDict(dict(fid_weights=path, lpips_weights="", batch_size=3))
     rng = np.random.default_rng(2)
     a = rng.uniform(-1, 1, (6, 48, 40, 3)).astype(np.float32)  # chunks of 3: the shape compiled above
     b = np.clip(a + rng.normal(0, 0.5, a.shape), -1, 1).astype(np.float32)
-    out = evaluate.all_metrics(a, b, ecfg, batch_size=3)
+    out = evaluate.all_metrics(a, b, ecfg)
     feats = lambda x: np.concatenate([np.asarray(inception.feature_fn(path)(x[i : i + 3])) for i in (0, 3)])
     assert out["fid"] == pytest.approx(frechet.frechet_distance_of_features(feats(a), feats(b)), rel=1e-5)
     assert out["fid"] > 0  # (zero on identical sets: tests/test_frechet.py)

@@ -34,7 +34,7 @@ def test_distances_match_the_lpips_package(tmp_path):
 
     from codi_jax.evaluation import evaluate
 
-    out = evaluate.all_metrics(a, b, mlc.ConfigDict(dict(fid_weights="", lpips_weights=path)), batch_size=3)
+    out = evaluate.all_metrics(a, b, mlc.ConfigDict(dict(fid_weights="", lpips_weights=path, batch_size=3)))
     assert out["lpips"] == pytest.approx(float(want.mean()), rel=1e-4) and "fid" not in out
 
 

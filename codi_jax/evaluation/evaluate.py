@@ -53,7 +53,7 @@ def clip_scorer(folder: str):
     return clip_score.CLIPScorer(folder)
 
 
-def prompt_metrics(samples, batch, ecfg, data_cfg, task: str, batch_size: int = 16) -> dict:
+def prompt_metrics(samples, batch, ecfg, data_cfg, task: str) -> dict:
     """CLIP score (Table 2's text-image agreement) of samples against their prompts, where the eval
     config names a CLIP model (`eval.clip_model`) and the task has prompts."""
     from codi_jax.data import tasks as task_data
@@ -64,16 +64,18 @@ def prompt_metrics(samples, batch, ecfg, data_cfg, task: str, batch_size: int = 
     texts = [words[int(k)] for k in np.asarray(batch["prompt"])]
     scorer = clip_scorer(ecfg.clip_model)
     x = np.asarray(samples)
-    scores = [scorer.score(x[i : i + batch_size], texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    bs = ecfg.batch_size
+    scores = [scorer.score(x[i : i + bs], texts[i : i + bs]) for i in range(0, len(texts), bs)]
     return {"clip_score": float(np.mean(np.concatenate(scores)))}
 
 
-def all_metrics(samples, ref, ecfg, batch_size: int = 16) -> dict:
+def all_metrics(samples, ref, ecfg) -> dict:
     """`metrics.evaluate_batch` (PSNR, SSIM, SWD, HF ratio) plus FID and LPIPS where the eval config
     names their weights (`eval.fid_weights`, `eval.lpips_weights`). FID over a few dozen images is
     biased high (covariances of rank < 2048): compare it between methods on the same crops only."""
     out = metrics.evaluate_batch(samples, ref)
-    chunks = lambda x: [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    bs = ecfg.batch_size  # the metric networks see the evaluation's batches
+    chunks = lambda x: [x[i : i + bs] for i in range(0, x.shape[0], bs)]
     if ecfg.fid_weights:
         from codi_jax.evaluation import frechet, inception
 
