@@ -174,7 +174,7 @@ def codi_stage(job: Job, teacher_unet, finetuned):
         cfg=c,
         decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z),
     )
-    return _train_or_load(job, "codi", c.train, loss_fn, init_fn, seed_offset=1)
+    return _train_or_load(job, "codi", c.train, loss_fn, init_fn, seed_offset=1, image_fn=job.method_images)
 
 
 def gd_stages(job: Job, finetuned):
@@ -190,7 +190,9 @@ def gd_stages(job: Job, finetuned):
         loss_fn = functools.partial(
             progressive.progressive_loss, denoiser=job.model.denoisers.diffusion, student_steps=n
         )
-        state = _train_or_load(job, f"gd_{n}steps", g.train, loss_fn, init_fn, seed_offset=2 + i)
+        state = _train_or_load(
+            job, f"gd_{n}steps", g.train, loss_fn, init_fn, seed_offset=2 + i, image_fn=job.method_images
+        )
     return state
 
 
@@ -235,7 +237,7 @@ def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
 # --------------------------------------------------------------------------- the stages' parts
 
 
-def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, workdir=None, load=False, image_fn=...):
+def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image_fn, workdir=None, load=False):
     """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
     latent space (VAE, prompt context) that its latent loss and evaluation read."""
     config, space = job.config, job.model.space
@@ -249,7 +251,6 @@ def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, workd
             loss_fn = latent.latent_loss(loss_fn, job.model.codec)
         if space.prompt_table is not None:
             loss_fn = text.with_prompts(loss_fn, config.text.dropout)
-        image_fn = job.method_images if image_fn is ... else image_fn
         state = train.run_stage(
             **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn, **job.place
         )
