@@ -150,9 +150,10 @@ def _teacher(workdir, num_steps):
 
     config = _setup_smoke()
     config.mesh.ici = (-1, 2, 1) if jax.device_count() % 2 == 0 else (-1, 1, 1)
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    denoiser = base.Denoiser(module, schedule, config.model.prediction)
+    denoiser = base.make_denoisers(
+        config.model, diffusion.make_schedule(config.schedule), config.codi.boundary
+    ).diffusion
+    module = denoiser.module
     tcfg = config.pretrain
     tcfg.update(num_steps=num_steps, checkpoint_every=2, log_every=1, batch_size=8, warmup_steps=1)
     names = base.model_logical_names(module, config.model, config.data.crop_size)

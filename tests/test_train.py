@@ -8,16 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from codi_jax import diffusion, logging_utils, sharding, train
+from codi_jax import logging_utils, sharding, train
 from codi_jax.data import pipeline
 from codi_jax.methods import base, pretrain
 from tests import helpers
 
 
 def _teacher_stage(config, workdir, num_steps):
-    schedule = diffusion.make_schedule(config.schedule)
-    module = base.make_module(config.model)
-    denoiser = base.Denoiser(module, schedule, config.model.prediction)
+    denoiser = helpers.denoisers(config)[0]  # the diffusion model
+    module = denoiser.module
     tcfg = config.pretrain
     tcfg.update(num_steps=num_steps, checkpoint_every=2, log_every=1, batch_size=4)
 
