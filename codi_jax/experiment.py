@@ -222,7 +222,12 @@ def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
         data_cfg=config.data,
         teacher=model.denoisers.diffusion if keep_teacher else None,
         teacher_params={"unet": teacher_unet} if keep_teacher else None,
-        extra={"variant": config.variant, "timings_s": job.timings, "teacher_fingerprint": teacher_fingerprint},
+        extra={
+            "variant": config.variant,
+            "timings_s": job.timings,
+            "teacher_fingerprint": teacher_fingerprint,
+            "data": train.data_stats(job.workdir),  # per stage: the corrupt records skipped
+        },
         **model.space.eval_kwargs(frozen, job.eval_batch),
     )
     job.timings["eval_s"] = round(time.perf_counter() - t0, 1)  # the report holds `timings`: these land in it

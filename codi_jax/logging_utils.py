@@ -128,6 +128,7 @@ class Progress:
         every_n_steps: int = 100,
         name: str = "train",
         clock: Callable[[], float] = time.monotonic,
+        unit: str = "step",
     ):
         if every_n_steps < 1:
             raise ValueError("every_n_steps must be >= 1")
@@ -135,6 +136,7 @@ class Progress:
         self.start_step = int(start_step)
         self.every_n_steps = int(every_n_steps)
         self.name = name
+        self.unit = unit  # what is counted: 'step' (training), 'record' (data preparation)
         self._clock = clock
         self._first_step: int | None = None  # step/time of the first update call
         self._first_time: float | None = None
@@ -173,13 +175,13 @@ class Progress:
         self._last_step, self._last_time = step, now
 
         pct = 100.0 * step / self.total_steps if self.total_steps > 0 else 100.0
-        parts = [f"{self.name} step {step}/{self.total_steps} ({pct:.1f}%)"]
+        parts = [f"{self.name} {self.unit} {step}/{self.total_steps} ({pct:.1f}%)"]
         if self.steps_per_sec:
             remaining = max(self.total_steps - step, 0)
-            parts.append(f"{self.steps_per_sec:.2f} steps/s")
+            parts.append(f"{self.steps_per_sec:.2f} {self.unit}s/s")
             parts.append(f"ETA {format_duration(remaining / self.steps_per_sec)}")
         else:
-            parts.append("-- steps/s")
+            parts.append(f"-- {self.unit}s/s")
             parts.append("ETA ?")
         if scalars:
             parts.append(" ".join(f"{k} {_format_value(v)}" for k, v in scalars.items()))

@@ -391,8 +391,9 @@ def run_stage(
         if pending:
             step, m = pending[-1]
             scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-            writer.write_scalars(step, scalars)
-            progress.update(step, **scalars)
+            skipped = data_iter.skipped_records  # corrupt records dropped so far (data.max_skipped_fraction)
+            writer.write_scalars(step, dict(scalars, skipped_records=skipped))
+            progress.update(step, **scalars, **({"skipped_records": skipped} if skipped else {}))
         pending.clear()
 
     try:
@@ -413,6 +414,8 @@ def run_stage(
                         state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
                     ),
                 )
+                if is_main:
+                    write_data_stats(stage_dir, step, data_iter.skipped_records)
         if image_fn is not None:
             writer.write_images(tcfg.num_steps, image_fn(state))
     finally:
@@ -420,6 +423,28 @@ def run_stage(
         mgr.close()
         writer.close()
     return state
+
+
+DATA_STATS = "data.json"
+
+
+def write_data_stats(stage_dir: str, step: int, skipped: int) -> None:
+    """The stage's data counts at its latest checkpoint (metrics.json gathers them)."""
+    tmp = os.path.join(stage_dir, DATA_STATS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": int(step), "skipped_records": int(skipped)}, f)
+    os.replace(tmp, os.path.join(stage_dir, DATA_STATS))
+
+
+def data_stats(workdir: str) -> dict:
+    """{stage: its data counts} of the stages trained in `workdir`."""
+    out = {}
+    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+        path = os.path.join(workdir, name, DATA_STATS)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[name] = json.load(f)
+    return out
 
 
 def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh, rules=None, logical=None):

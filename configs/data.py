@@ -8,11 +8,16 @@ Sources
 * `source='embedded'`: colour photographs (and a few grayscale ones, made RGB)
   that ship inside scikit-image / scikit-learn, so everything works offline.
   Valid names: see `codi_jax.data.sources.EMBEDDED_IMAGE_NAMES`.
-* `source='folder'`: every image file directly inside `folder` (sorted by
-  name, not recursive; undecodable files are skipped and reported). Eval images
-  come from `eval_folder`; when `eval_folder` is empty, the last
-  `ceil(eval_fraction * N)` files of `folder` (sorted by name) are held out
-  for evaluation and never used for training.
+* `source='folder'`: every image file under `folder`, recursive (sorted by
+  path; only the file list is built at start, each image is decoded when read;
+  undecodable files are skipped and counted). Eval images come from
+  `eval_folder`; when `eval_folder` is empty, the last `ceil(eval_fraction * N)`
+  files of `folder` (sorted by path) are held out for evaluation and never used
+  for training.
+* `source='array_record'`: a folder `python -m codi_jax.data.prepare` wrote
+  (`path`; docs/data.md): ArrayRecord shards read record by record, for
+  datasets of any size. Eval records come from `eval_path`, or the last
+  `ceil(eval_fraction * N)` records of `path`.
 
 Train and eval images must be disjoint; an overlap raises a ValueError.
 """
@@ -181,7 +186,12 @@ def get_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # 'embedded' (package images) | 'folder' | paired datasets (codi_jax/data/paired.py):
     # 'edit_jsonl' | 'ip2p_folder' (task edit), 'depth_folder' (task depth)
+    # 'array_record': shards that `python -m codi_jax.data.prepare` wrote (docs/data.md), read as they are needed
     c.source = "embedded"
+    c.path = ""  # source='array_record': the prepared folder (its manifest.json and shards)
+    c.eval_path = ""  # source='array_record': a prepared eval folder; '' = hold out the last eval_fraction of `path`
+    # Records that do not decode are skipped and counted; more than this fraction of those read stops the run.
+    c.max_skipped_fraction = 0.1
     c.folder = ""  # image directory for source='folder' (the dataset's root for paired sources)
     c.pairs_file = ""  # source='edit_jsonl': the JSONL file of (input, edited, instruction)
     c.tfds = ml_collections.ConfigDict(

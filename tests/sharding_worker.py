@@ -136,6 +136,10 @@ class _Concat:
         parts = [next(it) for it in self.its]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    @property
+    def skipped_records(self):
+        return sum(it.skipped_records for it in self.its)
+
     def get_state(self):
         return json.dumps([it.get_state() for it in self.its]).encode()
 

@@ -157,14 +157,25 @@ def _write_folder(path, n_good=2, corrupt=True):
         f.write("ignored")
 
 
-def test_folder_skips_corrupt_file(tmp_path, caplog):
+def test_a_folder_lists_its_files_recursively_and_decodes_each_when_read(tmp_path, caplog):
+    """Only the file list is built at start (subfolders too); an undecodable file reads as a Corrupt
+    marker naming it, and the training stream skips it, counts it and logs it."""
     _write_folder(str(tmp_path))
+    os.makedirs(tmp_path / "sub")
+    Image.fromarray(np.full((40, 50, 3), 7, np.uint8)).save(tmp_path / "sub" / "img9.png")
     src = sources.FolderImageSource(str(tmp_path))
-    assert len(src) == 2 and src.num_skipped == 1
-    assert [os.path.basename(f) for f in src.files] == ["img0.png", "img1.png"]
-    assert src[0].shape == (40, 50, 3)
-    assert "bad.png" in caplog.text
+    names = [os.path.relpath(f, tmp_path) for f in src.files]
+    assert names == ["bad.png", "img0.png", "img1.png", "sub/img9.png"]
+    assert isinstance(src[0], sources.Corrupt) and src[0].key.endswith("bad.png")
+    assert src[1].shape == (40, 50, 3) and src[3].shape == (40, 50, 3)
     assert repr(src) == repr(sources.FolderImageSource(str(tmp_path)))
+    c = get_data_config()
+    c.source, c.folder, c.image_downscale = "folder", str(tmp_path), 1
+    c.eval_fraction = 0.25  # holds out sub/img9.png
+    it = pipeline.make_train_iterator(c, task="uncond", global_batch_size=3, seed=0)
+    batches = [next(it) for _ in range(4)]  # 12 good crops of img0/img1 with bad.png in between
+    assert all(b["image"].shape == (3, 32, 32, 3) for b in batches)
+    assert it.skipped_records >= 3 and "bad.png" in caplog.text
 
 
 def test_missing_folder_error_names_path(tmp_path):

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from codi_jax import build, experiment
-from codi_jax.data import pipeline, tasks
+from codi_jax.data import pipeline, sources, tasks
 from codi_jax.evaluation import evaluate
 from codi_jax.methods import text
 from codi_jax.pretrained import text_encoder
@@ -343,8 +344,15 @@ def test_depth_folder_layout(tmp_path):
         tasks.prompts(cfg2.data, "depth")
     np.save(tmp_path / "depth" / "im1.npy", np.ones((5, 5), np.float32))
     cfg3 = _paired_cfg("depth", source="depth_folder", folder=str(tmp_path), pairs_file="y")
-    with pytest.raises(ValueError, match="depth map .*im1.npy is 5x5 but its image is 24x28"):
-        pipeline.make_train_iterator(cfg3.data, task="depth", global_batch_size=2, seed=0)
+    # A map of the wrong size makes its record corrupt: it reads as a marker naming the file, and
+    # training skips it and counts it (records are decoded when read, not at start).
+    from codi_jax.data import catalog
+
+    bad = catalog.make_source(cfg3.data, "train", "depth")[1]
+    assert isinstance(bad, sources.Corrupt) and re.search("depth map .*im1.npy is 5x5 but its image is 24x28", bad.reason)
+    it = pipeline.make_train_iterator(cfg3.data, task="depth", global_batch_size=2, seed=0)
+    batches = [next(it) for _ in range(3)]
+    assert all(b["image"].shape[0] == 2 for b in batches) and it.skipped_records >= 1
 
 
 def test_missing_depth_maps_are_made_once_by_a_depth_model(tmp_path):

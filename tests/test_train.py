@@ -81,6 +81,10 @@ class _PoisonedIterator:
             batch = dict(batch, image=batch["image"] * np.nan)
         return batch
 
+    @property
+    def skipped_records(self):
+        return self._it.skipped_records
+
     # grain's checkpoint handler stores a non-grain iterator's state as bytes.
     def get_state(self):
         return json.dumps(self._it.get_state()).encode()

@@ -17,7 +17,9 @@
                  (a float depth feature is depth, larger = farther; an integer one inverse depth, near = bright).
                  Splits `data.tfds.train_split` and `data.tfds.eval_split` ('' = hold out of the train split).
 Records are dicts: 'a' uint8 [H, W, 3] (the input / the image), 'b' uint8 [H, W, 3] (the edited image) or
-float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts).
+float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts). Only the
+rows (paths and texts) or the tfds index live in memory; a record is decoded when it is read. For
+datasets of millions of records, prepare ArrayRecord shards (`source='array_record'`, docs/data.md).
 The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out for evaluation.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -157,8 +160,8 @@ def _text(x) -> str:
     return (x.decode() if isinstance(x, bytes) else str(x)).strip()
 
 
-def _tfds_split(data_config, split: str):
-    """(records of `split` as dicts of numpy values, held-out count) of a tfds dataset."""
+def _tfds_split(data_config, split: str, skip_images: bool = False):
+    """The `tfds.data_source` of `split` (records read one at a time, nothing materialised)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -166,62 +169,64 @@ def _tfds_split(data_config, split: str):
     t = data_config.tfds
     name = t.eval_split if split == "eval" and t.eval_split else t.train_split
     try:
-        ds = tfds.data_source(t.name, split=name, data_dir=t.data_dir or None)
+        decoders = None
+        if skip_images:  # reading the texts only: leave the images undecoded
+            info = tfds.builder(t.name, data_dir=t.data_dir or None).info
+            decoders = {
+                k: tfds.decode.SkipDecoding() for k, f in info.features.items() if isinstance(f, tfds.features.Image)
+            }
+        return tfds.data_source(t.name, split=name, data_dir=t.data_dir or None, download=False, decoders=decoders)
     except Exception as e:  # tfds raises many kinds for a missing dataset / split
         raise FileNotFoundError(
             f"data.tfds: cannot open {t.name!r} split {name!r} in {t.data_dir!r}: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
-    return [ds[i] for i in range(len(ds))]
+
+
+def _tfds_roles(dc, task: str):
+    keys = dc.tfds.features
+    return (keys.input, keys.edited, keys.instruction) if task == "edit" else (keys.image, keys.depth, keys.caption)
 
 
 @functools.lru_cache(maxsize=4)
-def _tfds_records(data_config_json: str, task: str):
+def _tfds_prompts(data_config_json: str, task: str):
+    """The distinct texts of the dataset's splits, sorted (one pass over the text feature)."""
     from ml_collections import ConfigDict
 
     dc = ConfigDict(json.loads(data_config_json))
-    keys = dc.tfds.features
-    a_key, b_key, text_key = (
-        (keys.input, keys.edited, keys.instruction) if task == "edit" else (keys.image, keys.depth, keys.caption)
-    )
-    splits = {"train": _tfds_split(dc, "train")}
-    if dc.tfds.eval_split:
-        splits["eval"] = _tfds_split(dc, "eval")
-    out = {}
-    for split, records in splits.items():
-        rows = []
-        for i, r in enumerate(records):
+    a_key, b_key, text_key = _tfds_roles(dc, task)
+    texts = set()
+    for split in ("train", "eval") if dc.tfds.eval_split else ("train",):
+        ds = _tfds_split(dc, split, skip_images=True)
+        for i in range(len(ds)):
+            r = ds[i]
             missing = [k for k in (a_key, b_key, text_key) if k not in r]
             if missing:
                 raise ValueError(f"data.tfds: {dc.tfds.name} has no feature {missing[0]!r} (data.tfds.features)")
             text = _text(r[text_key])
             if not text:
                 raise ValueError(f"data.tfds: {dc.tfds.name} {split} example {i} has an empty {text_key!r}")
-            a = sources.to_rgb_uint8(np.asarray(r[a_key]))
-            b = np.asarray(r[b_key])
-            if task == "depth":
-                b = b[..., 0] if b.ndim == 3 else b
-                b = (
-                    1.0 / np.maximum(b.astype(np.float32), 1e-6)
-                    if np.issubdtype(b.dtype, np.floating)
-                    else b.astype(np.float32)
-                )
-            else:
-                b = sources.to_rgb_uint8(b)
-            if b.shape[:2] != a.shape[:2]:
-                raise ValueError(
-                    f"data.tfds: {dc.tfds.name} {split} example {i}: {b_key} is {b.shape[:2]}, {a_key} {a.shape[:2]}"
-                )
-            rows.append((f"{split}{i:08d}", a, b, text))
-        out[split] = rows
-    prompts = sorted({r[3] for rows in out.values() for r in rows})
-    return out, prompts
+            texts.add(text)
+    return sorted(texts)
 
 
-def _tfds_of(data_config, task: str):
-    return _tfds_records(
-        json.dumps({"tfds": data_config.tfds.to_dict(), "image_downscale": data_config.image_downscale}), task
-    )
+def _tfds_record(r, roles, task: str, where: str):
+    """One tfds example as a paired record's (a, b, text)."""
+    a_key, b_key, text_key = roles
+    a = sources.to_rgb_uint8(np.asarray(r[a_key]))
+    b = np.asarray(r[b_key])
+    if task == "depth":
+        b = b[..., 0] if b.ndim == 3 else b
+        b = 1.0 / np.maximum(b.astype(np.float32), 1e-6) if np.issubdtype(b.dtype, np.floating) else b.astype(np.float32)
+    else:
+        b = sources.to_rgb_uint8(b)
+    if b.shape[:2] != a.shape[:2]:
+        raise ValueError(f"{where}: {b_key} is {b.shape[:2]}, {a_key} {a.shape[:2]}")
+    return a, b, _text(r[text_key])
+
+
+def _tfds_key(data_config) -> str:
+    return json.dumps({"tfds": data_config.tfds.to_dict(), "image_downscale": data_config.image_downscale})
 
 
 def _rows_of(data_config):
@@ -236,58 +241,51 @@ def _rows_of(data_config):
 
 def dataset_prompts(data_config, task: str = "edit") -> list[str]:
     if data_config.source == "tfds":
-        return list(_tfds_of(data_config, task)[1])
+        return list(_tfds_prompts(_tfds_key(data_config), task))
     return list(_rows_of(data_config)[1])
 
 
-def _hold_out(rows, fraction: float, split: str, what: str):
-    """The train rows, or the last ceil(fraction * N) rows held out for evaluation."""
-    k = math.ceil(fraction * len(rows))
-    if k < 1 or k >= len(rows):
+def _hold_out(n: int, fraction: float, split: str, what: str) -> range:
+    """The train indices, or the last ceil(fraction * n) held out for evaluation."""
+    k = math.ceil(fraction * n)
+    if k < 1 or k >= n:
         raise ValueError(
-            f"{what} has {len(rows)} records; data.eval_fraction={fraction} must leave at least one "
+            f"{what} has {n} records; data.eval_fraction={fraction} must leave at least one "
             "for eval and one for training"
         )
-    return rows[:-k] if split == "train" else rows[-k:]
+    return range(n - k) if split == "train" else range(n - k, n)
 
 
 class PairedSource:
-    """In-memory records of a paired dataset split (grain RandomAccessDataSource)."""
+    """Records of a paired dataset split, decoded when read (grain RandomAccessDataSource): only the
+    rows (paths and texts) or the tfds index are held. A record that does not decode reads as a
+    `sources.Corrupt` marker, which the training pipeline skips and counts."""
 
     def __init__(self, data_config, split: str, task: str = "edit"):
+        self.source, self.task, self.factor = data_config.source, task, data_config.image_downscale
+        self._index = {p: i for i, p in enumerate(dataset_prompts(data_config, task))}
         if data_config.source == "tfds":
-            self._init_tfds(data_config, split, task)
+            self._ds = _tfds_split(data_config, split)
+            self._roles = _tfds_roles(data_config, task)
+            if data_config.tfds.eval_split:
+                self._ids = range(len(self._ds))
+            else:  # no eval split: hold out the last records of the train split
+                what = "data.tfds (or set data.tfds.eval_split)"
+                self._ids = _hold_out(len(self._ds), data_config.eval_fraction, split, what)
+            self._repr = f"PairedSource('tfds', {data_config.tfds.name!r}, {split!r}, {self._ids!r})"
             return
-        rows, prompts = _rows_of(data_config)
-        rows = _hold_out(rows, data_config.eval_fraction, split, f"data.source={data_config.source!r}")
-        index = {p: i for i, p in enumerate(prompts)}
-        factor = data_config.image_downscale
-        self.keys = tuple(r[0] for r in rows)
-        self._records = []
-        for key, a_path, b_path, text in rows:
-            a = _image(a_path, factor, f"record {key}")
-            if data_config.source == "depth_folder":
-                b = _inverse_depth(b_path, a.shape, factor)
-            else:
-                b = _image(b_path, factor, f"record {key}")
-                if b.shape != a.shape:
-                    raise ValueError(f"record {key}: edited image {b.shape[:2]} and input {a.shape[:2]} differ in size")
-            self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
-        self._repr = f"PairedSource({data_config.source!r}, {split!r}, {self.keys!r})"
+        rows, _ = _rows_of(data_config)
+        ids = _hold_out(len(rows), data_config.eval_fraction, split, f"data.source={data_config.source!r}")
+        self._rows = [rows[i] for i in ids]
+        self._ids = range(len(self._rows))
+        digest = hashlib.sha1(json.dumps([r[0] for r in self._rows]).encode()).hexdigest()[:12]
+        self._repr = f"PairedSource({data_config.source!r}, {split!r}, {len(self._rows)} records sha1={digest})"
 
-    def _init_tfds(self, data_config, split, task):
-        splits, prompts = _tfds_of(data_config, task)
-        if data_config.tfds.eval_split:
-            rows = splits[split]
-        else:  # no eval split: hold out the last records of the train split
-            rows = _hold_out(
-                splits["train"], data_config.eval_fraction, split, "data.tfds (or set data.tfds.eval_split)"
-            )
-        index = {p: i for i, p in enumerate(prompts)}
-        factor = data_config.image_downscale
-        self.keys = tuple(r[0] for r in rows)
-        self._records = []
-        for _key, a, b, text in rows:
+    def _read(self, i: int) -> dict:
+        factor = self.factor
+        if self.source == "tfds":
+            j = self._ids[i]
+            a, b, text = _tfds_record(self._ds[j], self._roles, self.task, f"data.tfds example {j}")
             if factor != 1:
                 a = sources.downscale(a, factor)
                 b = (
@@ -295,14 +293,25 @@ class PairedSource:
                     if b.dtype == np.uint8
                     else np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX))
                 )
-            self._records.append({"a": a, "b": b, "prompt": np.int32(index[text])})
-        self._repr = f"PairedSource('tfds', {data_config.tfds.name!r}, {split!r}, {self.keys!r})"
+            return {"a": a, "b": b, "prompt": np.int32(self._index[text])}
+        key, a_path, b_path, text = self._rows[i]
+        a = _image(a_path, factor, f"record {key}")
+        if self.source == "depth_folder":
+            b = _inverse_depth(b_path, a.shape, factor)
+        else:
+            b = _image(b_path, factor, f"record {key}")
+            if b.shape != a.shape:
+                raise ValueError(f"record {key}: edited image {b.shape[:2]} and input {a.shape[:2]} differ in size")
+        return {"a": a, "b": b, "prompt": np.int32(self._index[text])}
 
     def __len__(self):
-        return len(self._records)
+        return len(self._ids)
 
     def __getitem__(self, i):
-        return self._records[i]
+        try:
+            return self._read(int(i))
+        except (OSError, ValueError, KeyError) as e:
+            return sources.Corrupt(f"{self._repr} [{i}]", f"{type(e).__name__}: {e}")
 
     def __repr__(self):
         return self._repr

@@ -1,16 +1,19 @@
 """grain input pipelines for unconditional generation and super-resolution.
 
 Training stream (global, identical for any process count):
-  images -> shuffle (reseeded each epoch) -> repeat forever
+  records -> shuffle (reseeded each epoch) -> repeat forever
   -> random_map(crop, flip, [USM, degrade]) with grain's per-index RNG
-  -> process shard [process_index::process_count] -> batch.
+  -> process shard [process_index::process_count] -> drop and count corrupt records -> batch.
 Because the random map runs before sharding, record i of the global stream is
-the same no matter how many processes read it.
+the same no matter how many processes read it. Everything is lazy: a process decodes
+only the records of its own shard, when the batch that holds them is made.
 
 Batches are dicts of numpy arrays:
   'image': float32 [B, S, S, 3] in [-1, 1] (HR crop)
   'cond':  float32 [B, S, S, 3] in [-1, 1] (bicubic-upsampled LR; sr only)
   'lr':    float32 [B, S/scale, S/scale, 3] in [-1, 1] (degraded LR; sr only)
+The iterator's `skipped_records` is the count of corrupt records dropped since the stream began
+(SkipAndBatch; part of the checkpointed state).
 Tasks 'inpaint', 'depth' and 'edit' make their records in `codi_jax.data.tasks` (keys there).
 """
 
@@ -18,8 +21,9 @@ from __future__ import annotations
 
 import grain
 import numpy as np
+from absl import logging
 
-from codi_jax.data import catalog, degradation, sources, tasks
+from codi_jax.data import catalog, degradation, records, sources, tasks
 
 TASKS = ("uncond", "sr", "inpaint", "depth", "edit")
 _MIN_SHUFFLE_LEN = 1 << 16  # performance constant, see make_train_dataset
@@ -69,6 +73,8 @@ def make_example(
     """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
     the other tasks' records from `tasks.MAKERS` (they read `data_config`), or
     from a paired dataset's record (a dict: `codi_jax.data.paired`)."""
+    if isinstance(img, sources.Corrupt):
+        return img  # dropped and counted by SkipAndBatch
     if isinstance(img, dict):
         return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size, flip=flip)
     crop = random_crop(img, crop_size, rng)
@@ -116,6 +122,82 @@ class _TrainTransform:
         return f"_TrainTransform(task={self.task!r})"
 
 
+SKIPPED = "skipped_records"
+_MIN_RECORDS_BEFORE_GIVING_UP = 100  # corrupt records seen before max_skipped_fraction is enforced
+
+
+class SkipAndBatch(grain.IterDataset):
+    """Batches of `batch_size` examples; `sources.Corrupt` markers (records that did not decode) are
+    dropped, logged and counted. Each batch carries the count so far under SKIPPED; the count is part
+    of the iterator's state, so it survives a checkpoint. More than `max_fraction` of the records
+    corrupt (after the first hundred) stops the run: the data, not a few files, is broken.
+    (The count rides in the batch through grain's worker processes; TrainIterator takes it off.)"""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, max_fraction: float, what: str):
+        super().__init__(parent)
+        self.batch_size, self.max_fraction, self.what = int(batch_size), float(max_fraction), what
+
+    def __iter__(self):
+        return _SkipAndBatchIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"SkipAndBatch(batch_size={self.batch_size})"
+
+
+class _SkipAndBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, spec: SkipAndBatch):
+        super().__init__(parent)
+        self._spec = spec
+        self._seen = 0
+        self._skipped = 0
+
+    def __next__(self):
+        examples = []
+        while len(examples) < self._spec.batch_size:
+            e = next(self._parent)
+            self._seen += 1
+            if isinstance(e, sources.Corrupt):
+                self._skipped += 1
+                if self._skipped <= 10 or self._skipped % 1000 == 0:
+                    logging.warning("skipped corrupt record %s (%s); %d so far", e.key, e.reason, self._skipped)
+                if self._seen >= _MIN_RECORDS_BEFORE_GIVING_UP and self._skipped > self._spec.max_fraction * self._seen:
+                    raise ValueError(
+                        f"{self._skipped} of {self._seen} records of {self._spec.what} do not decode, more than "
+                        f"config data.max_skipped_fraction={self._spec.max_fraction} (last: {e.key}: {e.reason})"
+                    )
+                continue
+            examples.append(e)
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        batch[SKIPPED] = np.int64(self._skipped)
+        return batch
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "seen": self._seen, "skipped": self._skipped}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._seen, self._skipped = int(state["seen"]), int(state["skipped"])
+
+
+class TrainIterator(grain.DatasetIterator):
+    """The training batches, arrays only; `skipped_records` is the corrupt records dropped so far."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.skipped_records = 0
+
+    def __next__(self) -> dict:
+        batch = dict(next(self._parent))
+        self.skipped_records = int(batch.pop(SKIPPED))
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
 def make_train_dataset(
     data_config, *, task: str, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> grain.IterDataset:
@@ -135,15 +217,16 @@ def make_train_dataset(
     ds = ds.repeat()
     ds = ds.random_map(_TrainTransform(data_config, task))
     ds = ds[process_index::process_count]
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    per_process = global_batch_size // process_count
     # Bounded prefetch: grain's default (16 threads x 500 elements) would
     # compute hundreds of batches ahead and starve the training step.
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(
             num_threads=int(data_config.read_threads),
-            prefetch_buffer_size=int(data_config.prefetch_batches),
+            prefetch_buffer_size=int(data_config.prefetch_batches) * per_process,
         )
     )
+    it_ds = SkipAndBatch(it_ds, per_process, data_config.max_skipped_fraction, repr(src))
     workers = int(data_config.worker_count)
     if workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -159,16 +242,34 @@ def make_train_iterator(
     module docstring for keys). Deterministic given `seed`; supports
     `get_state()` / `set_state()` and grain's orbax CheckpointSave/Restore.
     """
-    return iter(
-        make_train_dataset(
-            data_config,
-            task=task,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
+    return TrainIterator(
+        iter(
+            make_train_dataset(
+                data_config,
+                task=task,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                process_index=process_index,
+                process_count=process_count,
+            )
         )
     )
+
+
+def _decodable(src, n: int) -> list:
+    """The first n records of `src` that decode (all of them, if fewer), in order; corrupt ones logged."""
+    out = []
+    for i in range(len(src)):
+        r = src[i]
+        if isinstance(r, sources.Corrupt):
+            logging.warning("eval: skipped corrupt record %s (%s)", r.key, r.reason)
+            continue
+        out.append(r)
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"no record of the eval split decodes ({src!r})")
+    return out
 
 
 def make_eval_batch(
@@ -188,12 +289,13 @@ def make_eval_batch(
             f"data split {split!r} has {len(src)} images; at least {max(min_images, 1)} asked (eval min_images)"
         )
     usm = data_config.usm if data_config.eval_usm_sharpen_gt else None
+    records_ = _decodable(src, num_examples)
     examples = []
     for i in range(num_examples):
         rng = np.random.default_rng([seed, i])
         examples.append(
             make_example(
-                src[i % len(src)],
+                records_[i % len(records_)],
                 rng,
                 task=task,
                 crop_size=data_config.crop_size,

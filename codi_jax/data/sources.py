@@ -1,11 +1,13 @@
-"""In-memory RGB image sources (grain RandomAccessDataSource protocol).
+"""RGB image sources (grain RandomAccessDataSource protocol): the embedded photographs, image folders.
 
-Each record is a read-only uint8 array of shape [H, W, 3]. Sources are small
-(a few dozen images), so everything is decoded once and held in memory.
+Each record is a read-only uint8 array of shape [H, W, 3]. The embedded photographs (a few dozen)
+are decoded once and held in memory; a folder holds only its file list and decodes a file when it
+is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -14,7 +16,6 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from absl import logging
 from PIL import Image, ImageOps
 
 _RESAMPLE = {
@@ -121,6 +122,14 @@ def downscale(img: np.ndarray, factor: float, resample: str = "box") -> np.ndarr
     return np.asarray(Image.fromarray(img).resize(size, _RESAMPLE[resample]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Corrupt:
+    """A record that could not be decoded, in place of its array: the pipeline skips and counts it."""
+
+    key: str
+    reason: str
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)  # records are shared; transforms must copy
     return a
@@ -189,25 +198,40 @@ class EmbeddedImageSource(_InMemoryImageSource):
         )
 
 
-def list_image_files(path: str, config_key: str = "data.folder") -> list[str]:
-    """Image files directly inside `path`, sorted by name."""
+def list_image_files(path: str, config_key: str = "data.folder", recursive: bool = False) -> list[str]:
+    """Image files inside `path` (and its subfolders if `recursive`; hidden ones left out), sorted by path."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Image folder not found: {path!r} ({config_key}).")
-    return sorted(
-        os.path.join(path, f)
-        for f in os.listdir(path)
-        if not f.startswith(".")
-        and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        and os.path.isfile(os.path.join(path, f))
-    )
+    out = []
+    for dirpath, dirnames, files in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        out += [
+            os.path.join(dirpath, f)
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(out)
 
 
 def file_digest(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
-class FolderImageSource(_InMemoryImageSource):
-    """All decodable image files of a local directory (or a given file list)."""
+def decode_image_file(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file, fully decoded (truncated files fail here), EXIF orientation applied."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return to_rgb_uint8(ImageOps.exif_transpose(im))
+
+
+class FolderImageSource:
+    """The image files of a folder, recursive (or a given file list), each decoded when it is read.
+
+    Only the sorted file list is built at start. A file that does not decode reads as a
+    `Corrupt` marker, which the training pipeline skips and counts.
+    """
 
     def __init__(
         self,
@@ -219,56 +243,37 @@ class FolderImageSource(_InMemoryImageSource):
         config_key: str = "data.folder",
     ):
         self.path = os.path.abspath(path)
-        if files is None:
-            files = list_image_files(self.path, config_key)
+        self.files = list(files) if files is not None else list_image_files(self.path, config_key, recursive=True)
+        if not self.files:
+            raise ValueError(f"No image files in {self.path!r} ({config_key}).")
         self.downscale_factor = downscale_factor
         self.resample = resample
-        self.files: list[str] = []
-        self.digests: list[str] = []
-        self._images = []
-        skipped = []
-        for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    data = fh.read()
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()  # forces a full decode so truncated files fail here
-                    im = ImageOps.exif_transpose(im)
-                    arr = to_rgb_uint8(im)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                skipped.append(os.path.basename(f))
-                continue
-            self.files.append(f)
-            self.digests.append(file_digest(data))
-            self._images.append(_readonly(downscale(arr, downscale_factor, resample)))
-        self.num_skipped = len(skipped)
-        self.skipped_files = tuple(skipped)
-        if skipped:
-            logging.warning(
-                "Skipped %d undecodable image file(s) in %s: %s", len(skipped), self.path, ", ".join(skipped)
-            )
-        if not self._images:
-            raise ValueError(f"No decodable images in {self.path!r} ({config_key}).")
+        self._list_digest = hashlib.sha1("\n".join(os.path.relpath(f, self.path) for f in self.files).encode()).hexdigest()
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Content digests used for the train/eval disjointness check."""
-        return tuple(self.digests)
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        f = self.files[index]
+        try:
+            arr = decode_image_file(f)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return Corrupt(f, f"{type(e).__name__}: {e}")
+        return _readonly(downscale(arr, self.downscale_factor, self.resample))
 
     def __repr__(self) -> str:
-        names = [os.path.basename(f) for f in self.files]
+        # Stable across runs and short for any folder size (grain checkpoints may record it).
         return (
-            f"FolderImageSource(path={self.path!r}, files={names!r}, "
-            f"downscale_factor={self.downscale_factor!r}, "
-            f"resample={self.resample!r})"
+            f"FolderImageSource(path={self.path!r}, files={len(self.files)} sha1={self._list_digest[:12]}, "
+            f"downscale_factor={self.downscale_factor!r}, resample={self.resample!r})"
         )
 
 
 def folder_split(data_config) -> tuple[list[str], list[str]]:
     """(train files, eval files) for source='folder'."""
-    train = list_image_files(data_config.folder)
+    train = list_image_files(data_config.folder, recursive=True)
     if data_config.eval_folder:
-        return train, list_image_files(data_config.eval_folder, "data.eval_folder")
+        return train, list_image_files(data_config.eval_folder, "data.eval_folder", recursive=True)
     k = math.ceil(data_config.eval_fraction * len(train))
     if k < 1 or k >= len(train):
         raise ValueError(
@@ -295,15 +300,13 @@ def check_disjoint(data_config) -> None:
         if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):
             raise ValueError("data.folder and data.eval_folder share image files.")
 
-        # Same content under different names also counts as overlap.
-        def digests(files):
-            out = {}
-            for f in files:
-                with open(f, "rb") as fh:
-                    out[file_digest(fh.read())] = os.path.basename(f)
-            return out
+        # Same content under different names also counts as overlap: the eval files' digests are held,
+        # the training files are streamed past them (memory: the eval split's size).
+        def digest(f):
+            with open(f, "rb") as fh:
+                return file_digest(fh.read())
 
-        dt, de = digests(train), digests(evl)
-        common = sorted(de[d] for d in set(dt) & set(de))
+        de = {digest(f): os.path.relpath(f, data_config.eval_folder or data_config.folder) for f in evl}
+        common = sorted({de[d] for d in map(digest, train) if d in de})
         if common:
             raise ValueError(f"Eval images duplicate training images in data.folder: {common}.")

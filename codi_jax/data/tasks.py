@@ -24,7 +24,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from codi_jax.data import degradation, paired
+from codi_jax.data import catalog, degradation, paired
 
 PROMPT_TASKS = ("depth", "edit")
 COND_CHANNELS = {"sr": 3, "inpaint": 4, "depth": 1, "edit": 3}
@@ -259,6 +259,8 @@ def prompts(data_config, task: str) -> list[str]:
     """The task's prompt list; a record's 'prompt' is an index into it."""
     if data_config.source in paired.PAIRED_SOURCES:
         return paired.dataset_prompts(data_config, task)
+    if data_config.source == "array_record" and task in PROMPT_TASKS and catalog.record_kind(data_config) != "image":
+        return catalog.record_prompts(data_config)
     if task == "edit":
         return edit_instructions(data_config.edit)
     if task == "depth":
