@@ -349,7 +349,9 @@ def test_depth_folder_layout(tmp_path):
     from codi_jax.data import catalog
 
     bad = catalog.make_source(cfg3.data, "train", "depth")[1]
-    assert isinstance(bad, sources.Corrupt) and re.search("depth map .*im1.npy is 5x5 but its image is 24x28", bad.reason)
+    assert isinstance(bad, sources.Corrupt) and re.search(
+        "depth map .*im1.npy is 5x5 but its image is 24x28", bad.reason
+    )
     it = pipeline.make_train_iterator(cfg3.data, task="depth", global_batch_size=2, seed=0)
     batches = [next(it) for _ in range(3)]
     assert all(b["image"].shape[0] == 2 for b in batches) and it.skipped_records >= 1
@@ -460,42 +462,10 @@ def test_latent_loss_keeps_the_prompts_context():
     np.testing.assert_array_equal(seen["context"], -7.0)
 
 
-def _build_tfds(data_dir, name, features, examples):
-    """A tiny tfds dataset in ArrayRecord files, written without TensorFlow (images as PNG bytes)."""
-    import io
+def _build_tfds(data_dir, name, features, rows):
+    from codi_jax.data import examples
 
-    import tensorflow_datasets as tfds
-    from PIL import Image
-
-    def png(x):
-        buf = io.BytesIO()
-        Image.fromarray(x).save(buf, format="PNG")
-        return buf.getvalue()
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i, ex in enumerate(examples):
-            yield i, {k: png(v) if isinstance(v, np.ndarray) and v.dtype == np.uint8 else v for k, v in ex.items()}
-
-    # tfds names a builder after its class (CamelCase -> snake_case) and registers it once per process.
-    camel = "".join(w.capitalize() for w in name.split("_"))
-    builder = type(
-        camel,
-        (tfds.core.GeneratorBasedBuilder,),
-        dict(
-            VERSION=tfds.core.Version("1.0.0"),
-            _info=_info,
-            _split_generators=_split_generators,
-            _generate_examples=_generate_examples,
-            __module__=__name__,
-        ),
-    )
-    builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    examples.build_tfds(str(data_dir), name, features, rows)
 
 
 def test_tfds_edit_and_depth_datasets(tmp_path):

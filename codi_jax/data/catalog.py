@@ -16,7 +16,9 @@ def record_kind(data_config) -> str:
 
 def record_prompts(data_config) -> list[str]:
     """The distinct texts of the prepared train (and eval) folders, sorted: one prompt list for both splits."""
-    paths = [("data.path", data_config.path)] + ([("data.eval_path", data_config.eval_path)] if data_config.eval_path else [])
+    paths = [("data.path", data_config.path)] + (
+        [("data.eval_path", data_config.eval_path)] if data_config.eval_path else []
+    )
     texts = set()
     for key, path in paths:
         texts.update(records.read_prompts(records.read_manifest(path, key)["folder"]))
@@ -29,11 +31,15 @@ def record_source(data_config, split: str, task: str = ""):
         raise ValueError("data.path must be set when data.source='array_record' (a folder codi_jax.data.prepare wrote)")
     use_eval = split == "eval" and data_config.eval_path
     if data_config.eval_path:
-        train_m, eval_m = (records.read_manifest(p, k) for p, k in ((data_config.path, "data.path"), (data_config.eval_path, "data.eval_path")))
+        train_m, eval_m = (
+            records.read_manifest(p, k)
+            for p, k in ((data_config.path, "data.path"), (data_config.eval_path, "data.eval_path"))
+        )
         if train_m["content_hash"] == eval_m["content_hash"]:
             raise ValueError("data.path and data.eval_path hold the same records; eval records must be held out")
     key = "data.eval_path" if use_eval else "data.path"
     m = records.read_manifest(data_config.eval_path if use_eval else data_config.path, key)
+    records.check_shard_counts(m)
     if task and task not in KIND_TASKS[m["kind"]]:
         raise ValueError(f"{key}: records of kind {m['kind']!r} serve tasks {KIND_TASKS[m['kind']]}, not {task!r}")
     if m["kind"] != "image":

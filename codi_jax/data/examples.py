@@ -89,7 +89,9 @@ def write_edit_jsonl(root: str, n: int = 10) -> str:
         out, text = _edit(p, i)
         _save(os.path.join(root, "edit_images", f"in{i:03d}.png"), p)
         _save(os.path.join(root, "edit_images", f"out{i:03d}.png"), out)
-        lines.append({"input": f"edit_images/in{i:03d}.png", "edited": f"edit_images/out{i:03d}.png", "instruction": text})
+        lines.append(
+            {"input": f"edit_images/in{i:03d}.png", "edited": f"edit_images/out{i:03d}.png", "instruction": text}
+        )
     lines.append({"input": "edit_images/missing.png", "edited": "edit_images/out000.png", "instruction": "x"})
     path = os.path.join(root, "edits.jsonl")
     with open(path, "w") as f:
@@ -170,7 +172,8 @@ def build_tfds(data_dir: str, name: str, features: dict, examples: list[dict]) -
             _info=_info,
             _split_generators=_split_generators,
             _generate_examples=_generate_examples,
-            __module__=__name__,
+            # one dotless name: tfds then looks for no code files (it would in a package)
+            __module__="codi_example_datasets",
         ),
     )
     builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
@@ -204,16 +207,14 @@ def write_all(output: str) -> dict:
     }
 
 
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for the example inputs.")
-
-
 def main(argv):
     del argv
-    if not _OUTPUT.value:
+    if not flags.FLAGS.output:
         raise ValueError("--output is required")
-    for layout, path in write_all(_OUTPUT.value).items():
+    for layout, path in write_all(flags.FLAGS.output).items():
         print(f"{layout:13s} {path}")
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("output", None, "Folder for the example inputs.")
     logging_utils.run_cli(main)

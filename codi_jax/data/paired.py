@@ -217,7 +217,11 @@ def _tfds_record(r, roles, task: str, where: str):
     b = np.asarray(r[b_key])
     if task == "depth":
         b = b[..., 0] if b.ndim == 3 else b
-        b = 1.0 / np.maximum(b.astype(np.float32), 1e-6) if np.issubdtype(b.dtype, np.floating) else b.astype(np.float32)
+        b = (
+            1.0 / np.maximum(b.astype(np.float32), 1e-6)
+            if np.issubdtype(b.dtype, np.floating)
+            else b.astype(np.float32)
+        )
     else:
         b = sources.to_rgb_uint8(b)
     if b.shape[:2] != a.shape[:2]:

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from codi_jax.data import catalog, degradation, records, sources, tasks
+from codi_jax.data import catalog, degradation, sources, tasks
 
 TASKS = ("uncond", "sr", "inpaint", "depth", "edit")
 _MIN_SHUFFLE_LEN = 1 << 16  # performance constant, see make_train_dataset

@@ -270,7 +270,11 @@ class Tfds:
         except Exception as e:  # tfds raises many kinds for a missing dataset / split
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FileNotFoundError(f"--input={path!r} split {tfds_split!r} in {tfds_data_dir!r}: {first}") from None
-        wanted = {"image": ("image", "caption"), "edit": ("input", "edited", "instruction"), "depth": ("image", "depth", "caption")}
+        wanted = {
+            "image": ("image", "caption"),
+            "edit": ("input", "edited", "instruction"),
+            "depth": ("image", "depth", "caption"),
+        }
         have = set(builder.info.features)
         for role in wanted[kind]:
             name = features.get(role, "")
@@ -301,8 +305,17 @@ class Tfds:
             text = _text(r[f["instruction"]])
             if not text:
                 raise SkipInput(f"{key}: empty instruction")
-            return {"key": key, "image": self._image(r[f["input"]]), "edited": self._image(r[f["edited"]]), "text": text}
-        out = {"key": key, "image": self._image(r[f["image"]]), "text": _text(r[f["caption"]]) if f.get("caption") else ""}
+            return {
+                "key": key,
+                "image": self._image(r[f["input"]]),
+                "edited": self._image(r[f["edited"]]),
+                "text": text,
+            }
+        out = {
+            "key": key,
+            "image": self._image(r[f["image"]]),
+            "text": _text(r[f["caption"]]) if f.get("caption") else "",
+        }
         if self.kind == "depth":
             b = np.asarray(r[f["depth"]])
             b = b[..., 0] if b.ndim == 3 else b
@@ -483,9 +496,7 @@ def prepare(
         raise ValueError(f"--process_index={process_index} must be in [0, --process_count={process_count})")
     kind = kind or ("image" if layout == "tfds" else "")
     feats = dict(DEFAULT_FEATURES.get(kind, {}), **(features or {}))
-    reader = READERS[layout](
-        input_path, kind=kind, features=feats, tfds_data_dir=tfds_data_dir, tfds_split=tfds_split
-    )
+    reader = READERS[layout](input_path, kind=kind, features=feats, tfds_data_dir=tfds_data_dir, tfds_split=tfds_split)
     items = reader.items()
     plan = plan_of(layout, input_path, reader.kind, items, records_per_shard)
     if not items:
@@ -512,7 +523,9 @@ def prepare(
         "prepare %s (%s, %d inputs) -> %s: %d shards, this process %d of %d writes %d (%d already complete)",
         input_path, layout, len(items), output, n, process_index, process_count, len(todo), len(mine) - len(todo),
     )  # fmt: skip
-    progress = logging_utils.Progress(own_inputs, every_n_steps=max(1, min(1000, own_inputs // 20)), name="prepare", unit="record")
+    progress = logging_utils.Progress(
+        own_inputs, every_n_steps=max(1, min(1000, own_inputs // 20)), name="prepare", unit="record"
+    )
     done = 0
     for j in todo:
         chunk = items[j * records_per_shard : (j + 1) * records_per_shard]
@@ -534,45 +547,50 @@ def prepare(
 
 # ----------------------------------------------------------------------------- the command line
 
-_INPUT = flags.DEFINE_string("input", None, "The dataset: a folder, a JSONL file, tar shards, or a tfds name.")
-_LAYOUT = flags.DEFINE_enum("layout", None, LAYOUTS, "How the input is laid out (see the module docstring).")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for the shards and the manifest.")
-_PER_SHARD = flags.DEFINE_integer("records_per_shard", 1000, "Inputs per shard (about 100-500 MB shards suit GCS).")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", 0, "This process's index (split over processes / hosts).")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", 1, "How many processes share the work.")
-_KIND = flags.DEFINE_enum("kind", "", ("", *records.KINDS), "layout 'tfds': image, edit or depth records.")
-_FEATURES = flags.DEFINE_list(
-    "features", [], "layout 'tfds': role=feature pairs, e.g. image=image,caption=text (defaults: docs/data.md)."
-)
-_TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "layout 'tfds': the data_dir ('' = tfds' default).")
-_TFDS_SPLIT = flags.DEFINE_string("tfds_split", "train", "layout 'tfds': the split.")
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a command: the module is also a library)."""
+    flags.DEFINE_string("input", None, "The dataset: a folder, a JSONL file, tar shards, or a tfds name.")
+    flags.DEFINE_enum("layout", None, LAYOUTS, "How the input is laid out (see the module docstring).")
+    flags.DEFINE_string("output", None, "Folder for the shards and the manifest.")
+    flags.DEFINE_integer("records_per_shard", 1000, "Inputs per shard (about 100-500 MB shards suit GCS).")
+    flags.DEFINE_integer("process_index", 0, "This process's index (split over processes / hosts).")
+    flags.DEFINE_integer("process_count", 1, "How many processes share the work.")
+    flags.DEFINE_enum("kind", "", ("", *records.KINDS), "layout 'tfds': image, edit or depth records.")
+    flags.DEFINE_list(
+        "features", [], "layout 'tfds': role=feature pairs, e.g. image=image,caption=text (defaults: docs/data.md)."
+    )
+    flags.DEFINE_string("tfds_data_dir", "", "layout 'tfds': the data_dir ('' = tfds' default).")
+    flags.DEFINE_string("tfds_split", "train", "layout 'tfds': the split.")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    for flag in (_INPUT, _LAYOUT, _OUTPUT):
-        if not flag.value:
-            raise ValueError(f"--{flag.name} is required")
+    F = flags.FLAGS
+    for name in ("input", "layout", "output"):
+        if not F[name].value:
+            raise ValueError(f"--{name} is required")
     features = {}
-    for pair in _FEATURES.value:
+    for pair in F.features:
         role, sep, name = pair.partition("=")
         if not sep:
             raise ValueError(f"--features: {pair!r} is not role=feature")
         features[role.strip()] = name.strip()
     prepare(
-        _INPUT.value,
-        _LAYOUT.value,
-        _OUTPUT.value,
-        records_per_shard=_PER_SHARD.value,
-        process_index=_PROCESS_INDEX.value,
-        process_count=_PROCESS_COUNT.value,
-        kind=_KIND.value,
+        F.input,
+        F.layout,
+        F.output,
+        records_per_shard=F.records_per_shard,
+        process_index=F.process_index,
+        process_count=F.process_count,
+        kind=F.kind,
         features=features,
-        tfds_data_dir=_TFDS_DIR.value,
-        tfds_split=_TFDS_SPLIT.value,
+        tfds_data_dir=F.tfds_data_dir,
+        tfds_split=F.tfds_split,
     )
 
 
 if __name__ == "__main__":
+    define_flags()
     logging_utils.run_cli(main)

@@ -111,7 +111,9 @@ def read_manifest(path: str, config_key: str = "data.path") -> dict:
     with open(mpath) as f:
         m = json.load(f)
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ValueError(f"{mpath}: format {m.get('format')!r} version {m.get('version')!r}; expected {FORMAT} {VERSION}")
+        raise ValueError(
+            f"{mpath}: format {m.get('format')!r} version {m.get('version')!r}; expected {FORMAT} {VERSION}"
+        )
     if m.get("kind") not in KINDS:
         raise ValueError(f"{mpath}: field 'kind' is {m.get('kind')!r}, not one of {KINDS}")
     total = 0
@@ -241,4 +243,6 @@ class RecordSource:
 
     def __repr__(self) -> str:
         # Stable across runs: grain checkpoints may record it.
-        return f"RecordSource({self.manifest['folder']!r}, [{self.start}, {self.stop}), {self.manifest['content_hash']})"
+        return (
+            f"RecordSource({self.manifest['folder']!r}, [{self.start}, {self.stop}), {self.manifest['content_hash']})"
+        )

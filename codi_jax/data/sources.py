@@ -248,7 +248,9 @@ class FolderImageSource:
             raise ValueError(f"No image files in {self.path!r} ({config_key}).")
         self.downscale_factor = downscale_factor
         self.resample = resample
-        self._list_digest = hashlib.sha1("\n".join(os.path.relpath(f, self.path) for f in self.files).encode()).hexdigest()
+        self._list_digest = hashlib.sha1(
+            "\n".join(os.path.relpath(f, self.path) for f in self.files).encode()
+        ).hexdigest()
 
     def __len__(self) -> int:
         return len(self.files)
