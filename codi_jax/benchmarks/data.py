@@ -1,0 +1,275 @@
+"""What the data path costs: SR batches per second and per core, the prepare command's rate, and memory
+against the dataset's size.
+
+    python -m codi_jax.benchmarks.data [--workdir=/tmp/codi_data_bench] [--out=FILE.json]
+
+1. **SR throughput.** The training iterator of `data.pipeline` exactly as a run builds it, at the paper's
+   recipe: ArrayRecord read, JPEG decode, a random 512 px crop and flip, USM, Real-ESRGAN's second-order
+   degradation (configs/data.py `realesrgan_degradation`), batching; with 0..N grain worker processes.
+   The input: the embedded photographs, upscaled to `--photo_side` px and stored as JPEG (quality 95).
+2. **prepare.** records/s of `codi_jax.data.prepare` on webdataset tars (one process, one core): the
+   large photos above and `--large` small synthetic JPEGs.
+3. **Memory.** Peak resident memory (the kernel's ru_maxrss of each child process) of
+   - the training iterator alone, over a `--small`-record set and over a `--large`-record set, each
+     read for `--small` records, and the large set read for `--read_large` records;
+   - a whole smoke training job (configs/sr.py:smoke: teacher, CoDi, evaluation) on each set.
+   Goal: the large and the small set less than 100 MB apart.
+
+The synthetic sets are made by the benchmark in `--workdir` (kept between runs: a rerun reuses them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+from absl import flags
+
+from codi_jax import logging_utils
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/codi_data_bench", "Scratch folder for the synthetic sets.")
+_OUT = flags.DEFINE_string("out", "", "JSON file for every figure.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker process counts to measure.")
+_SECONDS = flags.DEFINE_float("seconds", 20.0, "Measuring time per worker count (after a warm-up batch).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Global batch size of the throughput run.")
+_CROP = flags.DEFINE_integer("crop", 512, "Crop side of the throughput run (the paper's 512).")
+_PHOTO_SIDE = flags.DEFINE_integer("photo_side", 768, "Side of the large JPEG photos.")
+_PHOTOS = flags.DEFINE_integer("photos", 64, "How many large photos.")
+_SMALL = flags.DEFINE_integer("small", 1000, "Records of the small synthetic set.")
+_LARGE = flags.DEFINE_integer("large", 100_000, "Records of the large synthetic set.")
+_READ_LARGE = flags.DEFINE_integer("read_large", 100_000, "Records the iterator reads from the large set.")
+_JOBS = flags.DEFINE_bool("jobs", True, "Also measure whole smoke training jobs on both sets.")
+_PART = flags.DEFINE_string("part", "", "internal: run one measurement in this process")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _write_tar(path: str, items) -> None:
+    """A webdataset tar (<key>.jpg + <key>.txt) as img2dataset writes one."""
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w") as tf:
+        for key, jpg, text in items:
+            for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", text.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def _photo_items(n: int, side: int):
+    from codi_jax.data import degradation, examples, sources
+
+    names = examples.PHOTOS
+    for i in range(n):
+        img = sources.EmbeddedImageSource([names[i % len(names)]])[0]
+        big = np.round(degradation.bicubic_upsample(img.astype(np.float32) / 255.0, (side, side)) * 255)
+        big = np.clip(big, 0, 255).astype(np.uint8)
+        if (i // len(names)) % 2:
+            big = big[:, ::-1]
+        yield f"photo{i:06d}", _jpeg(np.ascontiguousarray(big)), f"photograph {i}"
+
+
+def _synthetic_items(n: int, side: int = 48):
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    for i in range(n):
+        base = rng.integers(0, 256, 3).astype(np.float32)
+        img = (base[None, None] * 0.6 + ramp[:, None, None] * 0.4 + rng.normal(0, 12, (side, side, 3))).clip(0, 255)
+        yield f"s{i:07d}", _jpeg(img.astype(np.uint8), 90), f"synthetic image {i % 997}"
+
+
+def _prepared(name: str, items, n: int) -> tuple[str, dict]:
+    """Tar (made once) -> prepared folder (made once); returns (folder, prepare timing)."""
+    from codi_jax.data import prepare, records
+
+    root = os.path.join(_WORKDIR.value, name)
+    tar = os.path.join(root, "tars", "00000.tar")
+    out = os.path.join(root, "records")
+    timing_path = os.path.join(root, "prepare_timing.json")
+    if not os.path.isfile(tar):
+        os.makedirs(os.path.dirname(tar), exist_ok=True)
+        _write_tar(tar, items)
+    if not os.path.isfile(os.path.join(out, records.MANIFEST)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        m = prepare.prepare(os.path.dirname(tar), "webdataset", out, records_per_shard=max(100, n // 20))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        timing = dict(records=m["num_records"], wall_s=round(wall, 2), cpu_s=round(cpu, 2))
+        timing["records_per_s"] = round(m["num_records"] / wall, 1)
+        timing["records_per_cpu_s"] = round(m["num_records"] / cpu, 1)
+        timing["bytes"] = sum(os.path.getsize(os.path.join(out, s["file"])) for s in m["shards"])
+        with open(timing_path, "w") as f:
+            json.dump(timing, f)
+    with open(timing_path) as f:
+        return out, json.load(f)
+
+
+def _sr_data_config(path: str, crop: int, workers: int):
+    from configs import data as data_configs
+
+    c = data_configs.get_data_config()
+    c.update(
+        source="array_record", path=path, crop_size=crop, image_downscale=1, worker_count=workers, eval_fraction=0.02
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------- measurements in child processes
+
+
+def _run_part(spec: dict) -> dict:
+    part = spec["part"]
+    if part == "throughput":
+        from codi_jax.data import pipeline
+
+        c = _sr_data_config(spec["path"], spec["crop"], spec["workers"])
+        it = pipeline.make_train_iterator(c, task="sr", global_batch_size=spec["batch"], seed=0)
+        next(it)  # warm-up: worker start, first decode
+        t0, c0, n = time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - t0 < spec["seconds"]:
+            b = next(it)
+            n += b["image"].shape[0]
+        wall = time.perf_counter() - t0
+        cpu_self = time.process_time() - c0
+        return dict(images=n, wall_s=round(wall, 2), images_per_s=round(n / wall, 2), main_cpu_s=round(cpu_self, 2))
+    if part == "iterate":
+        from codi_jax.data import pipeline
+
+        c = _sr_data_config(spec["path"], 32, 0)
+        c.usm_sharpen_gt = True
+        it = pipeline.make_train_iterator(c, task="uncond", global_batch_size=50, seed=0)
+        t0 = time.perf_counter()
+        for _ in range(spec["records"] // 50):
+            next(it)
+        return dict(records=spec["records"], wall_s=round(time.perf_counter() - t0, 1))
+    if part == "job":
+        from codi_jax import experiment
+        from configs import sr
+
+        config = sr.get_config("smoke")
+        config.data.update(source="array_record", path=spec["path"], image_downscale=1, eval_fraction=0.01)
+        config.eval.previews = False
+        t0 = time.perf_counter()
+        experiment.run(config, spec["workdir"])
+        return dict(wall_s=round(time.perf_counter() - t0, 1))
+    raise ValueError(f"--part: unknown part {part!r}")
+
+
+def _peak(part: str, **kw) -> dict:
+    """A child measurement with its own peak RSS (ru_maxrss, KiB on Linux) read from wait4."""
+    cmd = [sys.executable, "-m", "codi_jax.benchmarks.data", f"--part={json.dumps(dict(kw, part=part))}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = io.BytesIO()
+    err = io.BytesIO()
+    # Read the pipes as the child runs (a full pipe would block it), then reap it with wait4 for its rusage.
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    open_pipes = 2
+    while open_pipes:
+        for key, _ in sel.select():
+            chunk = os.read(key.fileobj.fileno(), 1 << 16)
+            if chunk:
+                key.data.write(chunk)
+            else:
+                sel.unregister(key.fileobj)
+                open_pipes -= 1
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        tail = err.getvalue().decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"benchmark part {part} failed: {tail[-1] if tail else proc.returncode}")
+    result = json.loads(out.getvalue().decode().strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return result
+
+
+def main(argv):
+    del argv
+    if _PART.value:
+        spec = json.loads(_PART.value)
+        print(json.dumps(_run_part(spec)))
+        return
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": {"cpu_count": os.cpu_count(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
+    }
+    print(f"making the sets in {_WORKDIR.value} (once) ...", flush=True)
+    photos, photo_prep = _prepared(
+        f"photos{_PHOTO_SIDE.value}", _photo_items(_PHOTOS.value, _PHOTO_SIDE.value), _PHOTOS.value
+    )
+    small, small_prep = _prepared(f"synthetic{_SMALL.value}", _synthetic_items(_SMALL.value), _SMALL.value)
+    large, large_prep = _prepared(f"synthetic{_LARGE.value}", _synthetic_items(_LARGE.value), _LARGE.value)
+    report["prepare"] = {"photos": photo_prep, "small": small_prep, "large": large_prep}
+
+    rows = []
+    for w in map(int, _WORKERS.value):
+        r = _peak("throughput", path=photos, crop=_CROP.value, batch=_BATCH.value, workers=w, seconds=_SECONDS.value)
+        r["workers"] = w
+        r["cores"] = max(1, min(w, os.cpu_count()))
+        r["images_per_s_per_core"] = round(r["images_per_s"] / r["cores"], 2)
+        rows.append(r)
+        print(f"workers {w}: {r['images_per_s']:.2f} images/s ({r['images_per_s_per_core']:.2f} per core)", flush=True)
+    report["sr_throughput"] = dict(crop=_CROP.value, batch=_BATCH.value, photo_side=_PHOTO_SIDE.value, rows=rows)
+
+    mem = {
+        "iterator_small_set": _peak("iterate", path=small, records=_SMALL.value),
+        "iterator_large_set": _peak("iterate", path=large, records=_SMALL.value),
+        "iterator_large_set_long": _peak("iterate", path=large, records=_READ_LARGE.value),
+    }
+    if _JOBS.value:
+        for name, path in (("job_small_set", small), ("job_large_set", large)):
+            wd = os.path.join(_WORKDIR.value, f"run_{name}_{time.time_ns()}")
+            mem[name] = _peak("job", path=path, workdir=wd)
+    report["memory"] = mem
+    report["memory"]["iterator_difference_mb"] = round(
+        mem["iterator_large_set"]["peak_rss_mb"] - mem["iterator_small_set"]["peak_rss_mb"], 1
+    )
+    if _JOBS.value:
+        report["memory"]["job_difference_mb"] = round(
+            mem["job_large_set"]["peak_rss_mb"] - mem["job_small_set"]["peak_rss_mb"], 1
+        )
+    report["host"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    _print(report)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _print(report):
+    print(f"\n{report['date']}, {report['host']['cpu_count']} CPUs, load {report['host']['load_average_at_start']}")
+    t = report["sr_throughput"]
+    print(f"SR batches at {t['crop']} px from {t['photo_side']} px JPEGs (batch {t['batch']}):")
+    for r in t["rows"]:
+        print(
+            f"  workers {r['workers']}: {r['images_per_s']:7.2f} images/s  {r['images_per_s_per_core']:7.2f} per core  peak RSS {r['peak_rss_mb']} MB"
+        )
+    for name, p in report["prepare"].items():
+        print(
+            f"prepare {name}: {p['records']} records, {p['records_per_s']} records/s ({p['records_per_cpu_s']} per CPU s)"
+        )
+    for name, m in report["memory"].items():
+        if isinstance(m, dict):
+            print(f"memory {name}: peak RSS {m['peak_rss_mb']} MB ({m.get('records', '')} records, {m['wall_s']} s)")
+    print(f"iterator: large - small set = {report['memory']['iterator_difference_mb']} MB")
+    if "job_difference_mb" in report["memory"]:
+        print(f"training job: large - small set = {report['memory']['job_difference_mb']} MB")
+
+
+if __name__ == "__main__":
+    logging_utils.run_cli(main)
