@@ -12,8 +12,10 @@ import os
 import jax
 import ml_collections as mlc
 import numpy as np
+from absl import logging
 
 from codi_jax import diffusion
+from codi_jax.data import catalog, paired
 from codi_jax.data import tasks as task_data
 from codi_jax.methods import base, latent, text
 from codi_jax.models import adapter as adapter_lib
@@ -81,42 +83,84 @@ def with_pretrained(config, workdir):
     return config, pre, factor
 
 
+@dataclasses.dataclass
+class Prompts:
+    """How a task with prompts gets its contexts (`text.prompt_source`, codi_jax/pretrained/text_encoder.py)."""
+
+    source: str  # 'table' | 'encoder'
+    negative: np.ndarray  # the negative prompt's embedding [1, L, D]
+    table: np.ndarray | None = None  # 'table': [1 + P, L, D], row 0 the empty prompt
+    encoder: text_encoder.TextEncoder | None = None  # 'encoder': run in the step on each record's tokens
+
+    @property
+    def tokenize(self):
+        """The data pipeline's prompt_fn: a record's text -> its tokens ('encoder'); None: table indices."""
+        return None if self.encoder is None else text_encoder.Tokenize(self.encoder.tokenizer, self.encoder.max_length)
+
+    def context(self, prompt) -> np.ndarray:
+        """Contexts [n, L, D] of a batch's 'prompt': table indices [n] or token ids [n, L]."""
+        prompt = np.asarray(prompt)
+        if prompt.ndim == 2:
+            return self.encoder.embed_tokens(prompt)
+        return self.table[prompt + 1]
+
+    def loss(self, loss_fn, dropout: float, constant: bool):
+        """`loss_fn` with each example's context from its prompt (methods/text.py); `constant`: the table or
+        the encoder's params are constants of the step (the tiny teacher's), not frozen params."""
+        if self.encoder is None:
+            return text.with_prompts(loss_fn, dropout, table=self.table if constant else None)
+        enc = self.encoder
+        encode = (lambda _, ids: enc.encode(enc.params, ids)) if constant else enc.encode
+        empty = self.tokenize("")
+        return text.with_prompts(loss_fn, dropout, encode=encode, empty_tokens=empty)
+
+    def frozen(self) -> dict:
+        if self.encoder is None:
+            return {"prompt_table": self.table}
+        return {"text_encoder": self.encoder.params}
+
+
 class Space:
     """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
 
-    def __init__(self, config, pre=None, codec=None, factor=1, prompt_table=None, negative=None):
+    def __init__(self, config, pre=None, codec=None, factor=1, prompts: Prompts | None = None):
         self.codec, self.pre = codec, pre
         side = config.data.crop_size // factor
         self.shape = (side, side, config.model.unet.in_channels)
         self.context = None if pre is None else pre.context
         self._decode = None if codec is None else jax.jit(codec.decode)
-        # Tasks with prompts: [1 + P, L, D] embeddings (row 0 ''), the negative prompt's [1, L, D].
-        self.prompt_table, self.negative = prompt_table, negative
-        self.guidance_scale = float(config.text.guidance_scale) if prompt_table is not None else 1.0
+        self.prompts = prompts  # tasks with prompts: how contexts are made
+        self.negative = None if prompts is None else prompts.negative
+        self.guidance_scale = float(config.text.guidance_scale) if prompts is not None else 1.0
+
+    @property
+    def prompt_fn(self):
+        """What the data pipeline makes of a record's text (None: an index into the prompt table)."""
+        return None if self.prompts is None else self.prompts.tokenize
 
     def batch_context(self, n, prompt=None):
         """The cross-attention context of n examples (their prompts' embeddings in tasks with prompts)."""
-        if self.prompt_table is not None:
-            return self.prompt_table[np.asarray(prompt) + 1]
+        if self.prompts is not None:
+            return self.prompts.context(prompt)
         return None if self.context is None else np.broadcast_to(self.context, (n,) + self.context.shape[1:])
 
     def sampling_context(self, n, prompt=None):
         """What the method's sampler takes as context: under classifier-free guidance (`guided`) the
         prompts' and the negative prompt's embeddings."""
-        if self.prompt_table is None:
+        if self.prompts is None:
             return self.batch_context(n)
         return {"prompt": self.batch_context(n, prompt), "negative": self.negative}
 
     def guided(self, denoiser):
-        return denoiser if self.prompt_table is None else text.Guided(denoiser, self.guidance_scale)
+        return denoiser if self.prompts is None else text.Guided(denoiser, self.guidance_scale)
 
     def with_frozen(self, frozen):
         """A stage's frozen params plus what its loss and evaluation read: the VAE and prompt context
-        (latent space), the prompt table (tasks with prompts)."""
+        (latent space), the prompt table or the text encoder (tasks with prompts)."""
         if self.pre is not None:
             frozen = dict(frozen, vae=self.pre.vae_params, context=self.pre.context)
-        if self.prompt_table is not None:
-            frozen = dict(frozen, prompt_table=self.prompt_table)
+        if self.prompts is not None:
+            frozen = dict(frozen, **self.prompts.frozen())
         return frozen
 
     def to_pixels(self, x, frozen):
@@ -128,7 +172,7 @@ class Space:
         out = {}
         if self.codec is not None:
             out = dict(sample_shape=self.shape, to_pixels=lambda x: self.to_pixels(x, frozen))
-        if self.prompt_table is not None or self.codec is not None:
+        if self.prompts is not None or self.codec is not None:
             out.update(context=self.sampling_context(n, prompt), teacher_context=self.batch_context(n, prompt))
         return out
 
@@ -151,22 +195,51 @@ class Model:
         return self.denoisers.consistency if self.config.method == "codi" else self.denoisers.diffusion
 
 
-def prompt_embeddings(config, workdir: str):
-    """(prompt table [1 + P, L, D], negative prompt [1, L, D]) of a task with prompts, else (None, None);
-    computed by the frozen text encoder once and cached in WORKDIR/cache."""
+def prompt_source(config) -> str:
+    """'table' or 'encoder' (`text.prompt_source`; 'auto': the table up to text.max_cached_prompts
+    distinct prompts). The tiny tasks' computable prompts are table indices."""
+    want = config.text.prompt_source
+    d = config.data
+    if d.source == "array_record":
+        texts = catalog.record_kind(d) != "image"
+    else:
+        texts = d.source in paired.PAIRED_SOURCES
+    if not texts:
+        if want == "encoder":
+            raise ValueError(
+                f"config text.prompt_source='encoder' needs records with texts (data.source {d.source!r} gives "
+                "the tiny task's computable prompts, table indices): use 'auto' or 'table'"
+            )
+        return "table"
+    if want != "auto":
+        return want
+    count = catalog.record_text_count(d) if d.source == "array_record" else len(task_data.prompts(d, config.task))
+    return "table" if count <= config.text.max_cached_prompts else "encoder"
+
+
+def prompt_embeddings(config, workdir: str) -> Prompts | None:
+    """How a task with prompts gets its contexts (`Prompts`), else None: the prompt table (computed by
+    the frozen text encoder once, cached in WORKDIR/cache) or the encoder itself, run in the step."""
     if config.task not in task_data.PROMPT_TASKS:
-        return None, None
+        return None
     cache = os.path.join(workdir, "cache")
-    task_prompts = task_data.prompts(config.data, config.task)
+    source = prompt_source(config)
+    # the tiny encoder's tokenizer is made of the prompts' words; a real one needs no list
+    task_prompts = (
+        task_data.prompts(config.data, config.task) if source == "table" or config.text.encoder == "tiny" else []
+    )
     encoder = text_encoder.make_encoder(config, task_prompts, cache)
-    table = text_encoder.prompt_table(encoder, task_prompts, cache, config.text.max_cached_prompts)
-    negative = text_encoder.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
-    width = config.model.unet.cross_attention_dim
-    if table.shape[-1] != width:
+    if encoder.width != config.model.unet.cross_attention_dim:
         raise ValueError(
-            f"config text.encoder gives {table.shape[-1]}-wide embeddings but model.unet.cross_attention_dim={width}"
+            f"config text.encoder gives {encoder.width}-wide embeddings but model.unet.cross_attention_dim="
+            f"{config.model.unet.cross_attention_dim}"
         )
-    return table, negative
+    negative = text_encoder.prompt_table(encoder, [config.text.negative_prompt], cache, 1)[1:]
+    if source == "encoder":
+        logging.info("prompts: the text encoder runs in the train step on each record's tokens")
+        return Prompts("encoder", negative, encoder=encoder)
+    table = text_encoder.prompt_table(encoder, task_prompts, cache, config.text.max_cached_prompts)
+    return Prompts("table", negative, table=table)
 
 
 def build_model(config, workdir: str) -> Model:
@@ -181,6 +254,5 @@ def build_model(config, workdir: str) -> Model:
             sample_posterior=config.teacher.sample_latents,
         )
     denoisers = base.make_denoisers(config.model, diffusion.make_schedule(config.schedule), config.codi.boundary)
-    table, negative = prompt_embeddings(config, workdir)
-    space = Space(config, pre, codec, factor, table, negative)
+    space = Space(config, pre, codec, factor, prompt_embeddings(config, workdir))
     return Model(config, pre, codec, space, denoisers.diffusion.module, denoisers)

@@ -85,7 +85,11 @@ def setup(config, workdir: str) -> Job:
         with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     eval_batch = pipeline.make_eval_batch(
-        config.data, task=config.task, num_examples=config.eval.num_examples, seed=config.eval.seed
+        config.data,
+        task=config.task,
+        num_examples=config.eval.num_examples,
+        seed=config.eval.seed,
+        prompt_fn=space.prompt_fn,
     )
     teacher_images, method_images = None, None
     if jax.process_count() == 1 and config.eval.previews:  # previews read whole arrays on one process
@@ -121,15 +125,16 @@ def teacher_stage(job: Job):
         unet = state["ema_params"]["unet"]
     else:
         loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=model.denoisers.diffusion, use_cond=False)
-        with_prompts = model.space.prompt_table is not None
-        if with_prompts:
-            # A text-to-image teacher of the task's images and prompts; the prompt table is a constant
-            # of its step, so its checkpoint is the backbone alone (any task's runs can load it).
-            loss_fn = text.with_prompts(loss_fn, config.text.dropout, table=model.space.prompt_table)
+        prompts = model.space.prompts
+        if prompts is not None:
+            # A text-to-image teacher of the task's images and prompts; the prompt table (or the text
+            # encoder's params) is a constant of its step, so its checkpoint is the backbone alone (any
+            # task's runs can load it).
+            loss_fn = prompts.loss(loss_fn, config.text.dropout, constant=True)
         state = train.run_stage(
             name="teacher", workdir=job.workdir, tcfg=config.pretrain, loss_fn=loss_fn, init_fn=init_fn,
-            data_cfg=config.data, task=config.task if with_prompts else "uncond", seed=config.seed,
-            image_fn=job.teacher_images, **job.place,
+            data_cfg=config.data, task=config.task if prompts is not None else "uncond", seed=config.seed,
+            image_fn=job.teacher_images, prompt_fn=model.space.prompt_fn, **job.place,
         )  # fmt: skip
         unet = state["ema_params"]["unet"]
     job.timings["teacher_s"] = round(time.perf_counter() - t0, 1)
@@ -254,11 +259,12 @@ def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image
     else:
         if job.model.codec is not None:
             loss_fn = latent.latent_loss(loss_fn, job.model.codec)
-        if space.prompt_table is not None:
-            loss_fn = text.with_prompts(loss_fn, config.text.dropout)
+        if space.prompts is not None:
+            loss_fn = space.prompts.loss(loss_fn, config.text.dropout, constant=False)
         state = train.run_stage(
-            **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn, **job.place
-        )
+            **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn,
+            prompt_fn=space.prompt_fn, **job.place,
+        )  # fmt: skip
     job.timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
     return state
 

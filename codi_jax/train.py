@@ -311,6 +311,7 @@ def run_stage(
     image_fn: Callable | None = None,
     rules=None,
     logical=None,
+    prompt_fn: Callable | None = None,
 ):
     """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
 
@@ -319,6 +320,7 @@ def run_stage(
     image_fn(state) -> {name: images} is called for TensorBoard images.
     rules / logical: the logical axis rules (sharding.rules_from_config) and the params'
     logical names (see `initial_state`); None: batch over 'data' and 'fsdp', state replicated.
+    prompt_fn: a record's text -> its 'prompt' (data.pipeline; None: prompt table indices).
     """
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = os.path.join(workdir, name)
@@ -340,6 +342,7 @@ def run_stage(
         seed=seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        prompt_fn=prompt_fn,
     )
 
     mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)

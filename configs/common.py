@@ -222,6 +222,11 @@ def text():
             guidance_scale=1.0,  # sampling: classifier-free guidance weight w (1: off, one model pass per step)
             negative_prompt="",  # sampling: the prompt guidance steers away from
             max_cached_prompts=4096,  # distinct prompts whose embeddings are cached (in device memory)
+            # How a training example's prompt becomes its context: 'table' (the embeddings of the dataset's
+            # distinct prompts, computed once, looked up in the step) | 'encoder' (each record's tokens
+            # travel with it; the frozen text encoder runs inside the jitted step: any number of prompts) |
+            # 'auto' (table up to max_cached_prompts distinct prompts, else encoder)
+            prompt_source="auto",
             tiny=dict(width=32, intermediate=64, layers=2, heads=2, max_length=16, seed=0),  # the 'tiny' encoder
         )
     )

@@ -285,3 +285,71 @@ def test_a_folder_source_decodes_a_file_only_when_it_is_read(tmp_path, monkeypat
     assert calls == [] and len(src) == 14
     assert src[3].shape == (96, 128, 3)
     assert len(calls) == 1
+
+
+def _many_instructions(tmp_path, n):
+    """An edit JSONL of n distinct instructions over one pair of 40 x 40 photos, prepared."""
+    photo = examples.photos(1, 40, 40)[0]
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    Image.fromarray(255 - photo).save(tmp_path / "out.png")
+    with open(tmp_path / "edits.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"input": "in.png", "edited": "out.png", "instruction": f"invert edit {i}"}) + "\n")
+    out = str(tmp_path / "many")
+    prepare.prepare(str(tmp_path / "edits.jsonl"), "edit_jsonl", out, records_per_shard=1000)
+    return out
+
+
+def test_prompts_encoded_in_the_step_equal_the_table_rows(tmp_path):
+    """text.prompt_source: 'auto' keeps the table up to text.max_cached_prompts distinct prompts and runs
+    the encoder in the step beyond; a record's tokens give the context its table row gives, and a
+    dropped prompt the empty prompt's."""
+    import jax
+    import jax.numpy as jnp
+
+    from codi_jax import build
+
+    path = _many_instructions(tmp_path, 6)
+    config = _smoke(edit, path, image_downscale=1)
+    table = build.prompt_embeddings(config, str(tmp_path / "run"))
+    assert table.source == "table" and table.tokenize is None
+    config.text.max_cached_prompts = 5  # fewer than the set's 6 distinct instructions
+    enc = build.prompt_embeddings(config, str(tmp_path / "run"))
+    assert enc.source == "encoder" and enc.table is None
+    texts = records.read_prompts(path)
+    tokens = np.stack([enc.tokenize(t) for t in texts])
+    np.testing.assert_allclose(enc.context(tokens), table.context(np.arange(6)), atol=1e-5)
+
+    seen = {}
+
+    def loss(params, frozen, ema, batch, rng):
+        seen["context"] = batch["context"]
+        return 0.0, {}
+
+    batch = {"prompt": jnp.asarray(tokens[:4])}
+    for dropout, want in ((0.0, table.table[1:5]), (1.0, np.repeat(table.table[:1], 4, 0))):
+        enc.loss(loss, dropout, constant=False)(None, enc.frozen(), None, batch, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(seen["context"], want, atol=1e-5)
+    # The pipeline hands the step tokens: the same batch of prompts, as token ids.
+    it = pipeline.make_train_iterator(config.data, task="edit", global_batch_size=2, seed=0, prompt_fn=enc.tokenize)
+    b = next(it)
+    assert b["prompt"].shape == (2, config.text.tiny.max_length) and b["prompt"].dtype == np.int32
+    config.text.prompt_source = "encoder"
+    config.data.source = "embedded"  # the tiny task's computable prompts are table indices only
+    with pytest.raises(ValueError, match="text.prompt_source='encoder' needs records with texts"):
+        build.prompt_embeddings(config, str(tmp_path / "run"))
+
+
+@pytest.mark.heavy(60)
+def test_a_set_of_more_distinct_instructions_than_the_table_holds_trains(tmp_path):
+    """5,000 distinct instructions (more than text.max_cached_prompts = 4096, as InstructPix2Pix's ~313k
+    are): 'auto' runs the text encoder in the step; teacher, CoDi and evaluation train and finish."""
+    path = _many_instructions(tmp_path, 5000)
+    config = _smoke(edit, path, image_downscale=1)
+    assert config.text.max_cached_prompts < 5000
+    report = experiment.run(config, str(tmp_path / "run"))
+    _finite(report, "codi_1step")
+    assert not any(
+        f.startswith("prompts_") and "npy" in f and os.path.getsize(os.path.join(tmp_path, "run", "cache", f)) > 10_000
+        for f in os.listdir(tmp_path / "run" / "cache")
+    )  # no table of 5,000 rows

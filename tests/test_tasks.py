@@ -417,7 +417,8 @@ def test_pretrained_text_encoder_gives_the_prompt_table(tmp_path):
     config = edit_configs.get_config("")
     config.teacher.pretrained_path = folder
     config.model.unet.cross_attention_dim = 32  # the tiny SD folder's width (the run takes it from the folder)
-    table, negative = build.prompt_embeddings(config, str(tmp_path / "run"))
+    prompts = build.prompt_embeddings(config, str(tmp_path / "run"))
+    table, negative = prompts.table, prompts.negative
     words = tasks.prompts(config.data, "edit")
     assert table.shape[0] == 1 + len(words) and negative.shape == (1,) + table.shape[1:]
     for i in (0, 3):

@@ -14,6 +14,15 @@ def record_kind(data_config) -> str:
     return records.read_manifest(data_config.path, "data.path")["kind"]
 
 
+def record_text_count(data_config) -> int:
+    """Distinct texts of the prepared train (and eval) folders, from their manifests (an upper bound of
+    the union's size; nothing else is read)."""
+    paths = [("data.path", data_config.path)] + (
+        [("data.eval_path", data_config.eval_path)] if data_config.eval_path else []
+    )
+    return sum(int(records.read_manifest(path, key)["num_texts"]) for key, path in paths)
+
+
 def record_prompts(data_config) -> list[str]:
     """The distinct texts of the prepared train (and eval) folders, sorted: one prompt list for both splits."""
     paths = [("data.path", data_config.path)] + (
@@ -50,17 +59,14 @@ def record_source(data_config, split: str, task: str = ""):
                 f"{key}: the smallest image is {side} px (manifest image_size), smaller than data.crop_size="
                 f"{data_config.crop_size} x data.image_downscale={factor}"
             )
-    prompt_index = None
-    if task in ("edit", "depth") and m["kind"] != "image":
-        prompt_index = {p: i for i, p in enumerate(record_prompts(data_config))}
     kw = dict(downscale_factor=data_config.image_downscale, resample=data_config.downscale_resample)
     n = m["num_records"]
     if use_eval:
-        return records.RecordSource(m, prompt_index=prompt_index, **kw)
+        return records.RecordSource(m, **kw)
     k = records.hold_out(n, data_config.eval_fraction, key) if not data_config.eval_path else 0
     if split == "train":
-        return records.RecordSource(m, stop=n - k, prompt_index=prompt_index, **kw)
-    return records.RecordSource(m, start=n - k, prompt_index=prompt_index, **kw)
+        return records.RecordSource(m, stop=n - k, **kw)
+    return records.RecordSource(m, start=n - k, **kw)
 
 
 def make_source(data_config, split: str, task: str = ""):

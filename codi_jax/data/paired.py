@@ -17,7 +17,7 @@
                  (a float depth feature is depth, larger = farther; an integer one inverse depth, near = bright).
                  Splits `data.tfds.train_split` and `data.tfds.eval_split` ('' = hold out of the train split).
 Records are dicts: 'a' uint8 [H, W, 3] (the input / the image), 'b' uint8 [H, W, 3] (the edited image) or
-float32 [H, W] (inverse depth), 'prompt' int (index into the dataset's sorted distinct prompts). Only the
+float32 [H, W] (inverse depth), 'text' str (the caption or instruction; the pipeline makes it a prompt). Only the
 rows (paths and texts) or the tfds index live in memory; a record is decoded when it is read. For
 datasets of millions of records, prepare ArrayRecord shards (`source='array_record'`, docs/data.md).
 The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out for evaluation.
@@ -267,7 +267,6 @@ class PairedSource:
 
     def __init__(self, data_config, split: str, task: str = "edit"):
         self.source, self.task, self.factor = data_config.source, task, data_config.image_downscale
-        self._index = {p: i for i, p in enumerate(dataset_prompts(data_config, task))}
         if data_config.source == "tfds":
             self._ds = _tfds_split(data_config, split)
             self._roles = _tfds_roles(data_config, task)
@@ -297,7 +296,7 @@ class PairedSource:
                     if b.dtype == np.uint8
                     else np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX))
                 )
-            return {"a": a, "b": b, "prompt": np.int32(self._index[text])}
+            return {"a": a, "b": b, "text": text}
         key, a_path, b_path, text = self._rows[i]
         a = _image(a_path, factor, f"record {key}")
         if self.source == "depth_folder":
@@ -306,7 +305,7 @@ class PairedSource:
             b = _image(b_path, factor, f"record {key}")
             if b.shape != a.shape:
                 raise ValueError(f"record {key}: edited image {b.shape[:2]} and input {a.shape[:2]} differ in size")
-        return {"a": a, "b": b, "prompt": np.int32(self._index[text])}
+        return {"a": a, "b": b, "text": text}
 
     def __len__(self):
         return len(self._ids)

@@ -69,6 +69,7 @@ def make_example(
     deg_config=None,
     usm_config=None,
     data_config=None,
+    prompt_of=None,
 ) -> dict[str, np.ndarray]:
     """One record: crop (+flip) and, for 'sr', USM + degradation + condition;
     the other tasks' records from `tasks.MAKERS` (they read `data_config`), or
@@ -76,7 +77,7 @@ def make_example(
     if isinstance(img, sources.Corrupt):
         return img  # dropped and counted by SkipAndBatch
     if isinstance(img, dict):
-        return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size, flip=flip)
+        return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size, flip=flip, prompt_of=prompt_of)
     crop = random_crop(img, crop_size, rng)
     if flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -93,10 +94,31 @@ def make_example(
     return {"image": to_signed(hr), "cond": to_signed(cond), "lr": to_signed(lr)}
 
 
-class _TrainTransform:
-    """Picklable random-map callable (needed when worker_count > 0)."""
+class PromptIndex:
+    """A record's text -> its index in the task's prompt list (`tasks.prompts`), the row of the prompt
+    table; the list is read on first use (in each worker process). Picklable."""
 
     def __init__(self, data_config, task: str):
+        self.data_config, self.task = data_config, task
+        self._index = None
+
+    def __call__(self, text: str) -> np.ndarray:
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(tasks.prompts(self.data_config, self.task))}
+        if text not in self._index:
+            raise ValueError(f"text {text[:80]!r} is not in the dataset's prompt list")
+        return np.int32(self._index[text])
+
+    def __getstate__(self):
+        return {"data_config": self.data_config, "task": self.task, "_index": None}
+
+
+class _TrainTransform:
+    """Picklable random-map callable (needed when worker_count > 0). `prompt_fn` turns a record's text
+    into its 'prompt': an index into the prompt table (default, PromptIndex) or the text's tokens for
+    a text encoder run in the step (`pretrained.text_encoder.Tokenize`)."""
+
+    def __init__(self, data_config, task: str, prompt_fn=None):
         self.task = task
         self.crop_size = int(data_config.crop_size)
         self.flip = bool(data_config.random_flip)
@@ -104,6 +126,7 @@ class _TrainTransform:
         self.deg = data_config.degradation
         self.usm = data_config.usm if data_config.usm_sharpen_gt else None
         self.data_config = data_config
+        self.prompt_of = prompt_fn or PromptIndex(data_config, task)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator):
         return make_example(
@@ -116,6 +139,7 @@ class _TrainTransform:
             deg_config=self.deg,
             usm_config=self.usm,
             data_config=self.data_config,
+            prompt_of=self.prompt_of,
         )
 
     def __repr__(self) -> str:
@@ -199,7 +223,14 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_dataset(
-    data_config, *, task: str, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_config,
+    *,
+    task: str,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    prompt_fn=None,
 ) -> grain.IterDataset:
     """The training IterDataset behind `make_train_iterator`."""
     _check(data_config, task)
@@ -215,7 +246,7 @@ def make_train_dataset(
     copies = -(-_MIN_SHUFFLE_LEN // len(src))
     ds = grain.MapDataset.source(src).repeat(copies).seed(seed).shuffle()
     ds = ds.repeat()
-    ds = ds.random_map(_TrainTransform(data_config, task))
+    ds = ds.random_map(_TrainTransform(data_config, task, prompt_fn))
     ds = ds[process_index::process_count]
     per_process = global_batch_size // process_count
     # Bounded prefetch: grain's default (16 threads x 500 elements) would
@@ -234,7 +265,14 @@ def make_train_dataset(
 
 
 def make_train_iterator(
-    data_config, *, task: str, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_config,
+    *,
+    task: str,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    prompt_fn=None,
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator over this process's training batches.
 
@@ -251,6 +289,7 @@ def make_train_iterator(
                 seed=seed,
                 process_index=process_index,
                 process_count=process_count,
+                prompt_fn=prompt_fn,
             )
         )
     )
@@ -273,7 +312,14 @@ def _decodable(src, n: int) -> list:
 
 
 def make_eval_batch(
-    data_config, *, task: str, num_examples: int, seed: int, split: str = "eval", min_images: int = 1
+    data_config,
+    *,
+    task: str,
+    num_examples: int,
+    seed: int,
+    split: str = "eval",
+    min_images: int = 1,
+    prompt_fn=None,
 ) -> dict[str, np.ndarray]:
     """Fixed batch from the held-out eval images (or `split`'s; same keys as training).
 
@@ -304,6 +350,7 @@ def make_eval_batch(
                 deg_config=data_config.eval_degradation,
                 usm_config=usm,
                 data_config=data_config,
+                prompt_of=prompt_fn or PromptIndex(data_config, task),
             )
         )
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -184,8 +184,9 @@ def hold_out(n: int, fraction: float, what: str) -> int:
 class RecordSource:
     """Records [start, stop) of a prepared folder, decoded on read (grain RandomAccessDataSource).
 
-    kind 'image' gives uint8 [H, W, 3]; 'edit' / 'depth' give {'a', 'b', 'prompt'} like the paired
-    sources (`prompt` an index into prompts.json). Only the shards' indices are held in memory.
+    kind 'image' gives uint8 [H, W, 3]; 'edit' / 'depth' give {'a', 'b', 'text'} like the paired
+    sources (the pipeline turns the text into a prompt index or tokens). Only the shards' indices are
+    held in memory.
     """
 
     def __init__(
@@ -196,7 +197,6 @@ class RecordSource:
         stop: int | None = None,
         downscale_factor: float = 1,
         resample: str = "box",
-        prompt_index: dict | None = None,
     ):
         import grain
 
@@ -209,7 +209,6 @@ class RecordSource:
         if not 0 <= self.start < self.stop <= n:
             raise ValueError(f"records [{self.start}, {self.stop}) outside the dataset's {n}")
         self.downscale_factor, self.resample = downscale_factor, resample
-        self._prompt_index = prompt_index
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -238,8 +237,7 @@ class RecordSource:
                 raise ValueError(f"depth map {b.shape} and image {(d['h'], d['w'])} differ in size")
             if f != 1:
                 b = np.asarray(Image.fromarray(b).resize((a.shape[1], a.shape[0]), Image.Resampling.BOX))
-        prompt = self._prompt_index[d.get("text", "")] if self._prompt_index is not None else -1
-        return {"a": a, "b": b, "prompt": np.int32(prompt)}
+        return {"a": a, "b": b, "text": d.get("text", "")}
 
     def __repr__(self) -> str:
         # Stable across runs: grain checkpoints may record it.

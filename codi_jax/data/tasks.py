@@ -236,9 +236,12 @@ def make_depth_example(crop: np.ndarray, rng: np.random.Generator, data_config) 
     }
 
 
-def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_size: int, flip: bool) -> dict:
-    """A record of a paired dataset (codi_jax/data/paired.py): the same random crop (and horizontal
-    flip) of both images; depth's inverse depth normalised per crop to [-1, 1]."""
+def make_paired_example(
+    rec: dict, rng: np.random.Generator, *, task: str, crop_size: int, flip: bool, prompt_of
+) -> dict:
+    """A record of a paired dataset (codi_jax/data/paired.py, records.py): the same random crop (and
+    horizontal flip) of both images; depth's inverse depth normalised per crop to [-1, 1]; 'prompt' =
+    prompt_of(the record's text): its index in the prompt list, or its tokens (pipeline.PromptIndex)."""
     a, b = rec["a"], rec["b"]
     h, w = a.shape[:2]
     if min(h, w) < crop_size:
@@ -247,7 +250,7 @@ def make_paired_example(rec: dict, rng: np.random.Generator, *, task: str, crop_
     a, b = a[y : y + crop_size, x : x + crop_size], b[y : y + crop_size, x : x + crop_size]
     if flip and rng.random() < 0.5:
         a, b = a[:, ::-1], b[:, ::-1]
-    prompt = np.int32(rec["prompt"])
+    prompt = prompt_of(rec["text"])
     if task == "edit":
         return {"image": _signed(b / 255.0), "cond": _signed(a / 255.0), "prompt": prompt}
     if task == "depth":

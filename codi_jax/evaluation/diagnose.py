@@ -132,7 +132,9 @@ def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_di
     params, _, step = runs.restore_final(model.config, run_dir, model=model)
     den = model.method_denoiser
     ecfg = config.eval
-    batch = pipeline.make_eval_batch(config.data, task=config.task, num_examples=ecfg.num_examples, seed=ecfg.seed)
+    batch = pipeline.make_eval_batch(
+        config.data, task=config.task, num_examples=ecfg.num_examples, seed=ecfg.seed, prompt_fn=model.space.prompt_fn
+    )
     hr, cond = np.asarray(batch["image"]), batch["cond"]
     report = {
         "run": os.path.abspath(run_dir),

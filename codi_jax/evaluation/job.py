@@ -65,7 +65,13 @@ def run(ecfg, workdir: str) -> dict | None:
     seed = run_cfg.eval.seed if ecfg.seed < 0 else ecfg.seed
     n = ecfg.num_examples or run_cfg.eval.num_examples
     batch = pipeline.make_eval_batch(
-        run_cfg.data, task=run_cfg.task, num_examples=n, seed=seed, split=ecfg.split, min_images=ecfg.min_images
+        run_cfg.data,
+        task=run_cfg.task,
+        num_examples=n,
+        seed=seed,
+        split=ecfg.split,
+        min_images=ecfg.min_images,
+        prompt_fn=model.space.prompt_fn,
     )
     hr, cond = batch["image"], batch["cond"]
     kw = model.space.eval_kwargs(frozen, batch)

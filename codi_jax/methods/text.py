@@ -4,7 +4,8 @@ Prompt dropout (`text.dropout`): a training example's context is the empty promp
 probability, so the model also learns the unconditional prediction that classifier-free guidance
 needs: eps = eps(c, neg) + w (eps(c, prompt) - eps(c, neg)) (Ho & Salimans 2022), with `neg` the
 negative prompt's embedding ('' by default) and w = `text.guidance_scale` (1: off, one pass). The
-embeddings come from `codi_jax/pretrained/text_encoder.py`'s prompt table.
+embeddings come from `codi_jax/pretrained/text_encoder.py`: its prompt table, or its encoder run in
+the step on each record's tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 
 from codi_jax.methods import base
 
+PROMPT_SOURCES = ("auto", "table", "encoder")
+
 
 def validate(t) -> None:
     """One line naming the first bad field of the `text` config section (tasks with prompts)."""
@@ -23,6 +26,8 @@ def validate(t) -> None:
         raise ValueError(f"config text.dropout={t.dropout} must be in [0, 1)")
     if t.guidance_scale < 0:
         raise ValueError(f"config text.guidance_scale={t.guidance_scale} must be >= 0")
+    if t.prompt_source not in PROMPT_SOURCES:
+        raise ValueError(f"config text.prompt_source={t.prompt_source!r} is not one of {PROMPT_SOURCES}")
 
 
 def lookup(table, prompt_index):
@@ -30,19 +35,27 @@ def lookup(table, prompt_index):
     return jnp.take(table, prompt_index + 1, axis=0)
 
 
-def with_prompts(loss_fn, dropout: float, table=None):
-    """Wrap a loss: batch['context'] = the prompts' embeddings from frozen['prompt_table'] (or from
-    `table`, a constant of the step: the tiny teacher's, so its checkpoints hold no prompts and one
-    teacher can serve every task), each replaced by the empty prompt's with probability `dropout`
-    (for classifier-free guidance)."""
+def with_prompts(loss_fn, dropout: float, table=None, encode=None, empty_tokens=None):
+    """Wrap a loss: batch['context'] = the embeddings of the batch's prompts, each replaced by the empty
+    prompt's with probability `dropout` (for classifier-free guidance).
+
+    batch['prompt'] [B] int: rows of the prompt table, frozen['prompt_table'] (or `table`, a constant of
+    the step: the tiny teacher's, so its checkpoints hold no prompts and one teacher serves every task).
+    batch['prompt'] [B, L] int: token ids, encoded in the step by encode(frozen['text_encoder'], ids)
+    (or encode(None, ids) when `encode` holds its params as constants); a dropped prompt's ids become
+    `empty_tokens` [L]. The encoder is frozen: no gradient flows into it."""
 
     def wrapped(params, frozen, ema_params, batch, rng):
         idx = batch["prompt"]
         keys = base.example_keys(rng, idx.shape[0])
         k_drop, k_loss = base.split_each(keys)
         drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
-        rows = frozen["prompt_table"] if table is None else jnp.asarray(table)
-        ctx = jnp.take(rows, jnp.where(drop, 0, idx + 1), axis=0)
+        if idx.ndim == 2:
+            ids = jnp.where(drop[:, None], jnp.asarray(empty_tokens)[None], idx)
+            ctx = jax.lax.stop_gradient(encode(frozen.get("text_encoder"), ids))
+        else:
+            rows = frozen["prompt_table"] if table is None else jnp.asarray(table)
+            ctx = jnp.take(rows, jnp.where(drop, 0, idx + 1), axis=0)
         return loss_fn(params, frozen, ema_params, dict(batch, context=ctx), k_loss)
 
     return wrapped

@@ -1,11 +1,16 @@
 """The frozen text encoder of the tasks with prompts: tokenizer + CLIP text model, cached embeddings.
 
-A task with prompts (depth captions, editing instructions) gives every record an integer 'prompt',
-an index into the task's prompt list. The frozen text encoder embeds the list once per dataset:
-the table `[1 + P, L, D]`, row 0 the empty prompt, row i + 1 prompt i, cached as a .npy file in the
-job's workdir (keyed by the encoder and the prompts). The table rides in the train state's frozen
-params ('prompt_table'), so a train step looks contexts up instead of running the encoder. Prompt
-dropout and classifier-free guidance, which use the table, are in `codi_jax/methods/text.py`.
+A task with prompts (depth captions, editing instructions) turns each record's text into its context
+in one of two ways (`text.prompt_source`):
+  table    the record's 'prompt' is an index into the task's prompt list. The frozen text encoder
+           embeds the list once per dataset: the table `[1 + P, L, D]`, row 0 the empty prompt, row
+           i + 1 prompt i, cached as a .npy file in the job's workdir (keyed by the encoder and the
+           prompts). The table rides in the train state's frozen params ('prompt_table'), so a train
+           step looks contexts up instead of running the encoder.
+  encoder  the record's 'prompt' is its token ids (`Tokenize`, in the data pipeline); the encoder's
+           params ride in the frozen params ('text_encoder') and the step runs it: any number of
+           distinct prompts (InstructPix2Pix's ~313k instructions, LAION captions).
+Prompt dropout and classifier-free guidance are in `codi_jax/methods/text.py`.
 
 Encoders (`text.encoder`):
   'pretrained'  tokenizer/ and text_encoder/ of `teacher.pretrained_path` (Stable Diffusion's CLIP);
@@ -85,6 +90,13 @@ class TextEncoder:
     def width(self) -> int:
         return int(self.module.cfg.hidden_size)
 
+    def encode(self, params, ids):
+        """last_hidden_state of token ids [B, L]: traceable, for the jitted train step."""
+        return self.module.apply({"params": params}, ids)[0]
+
+    def embed_tokens(self, ids) -> np.ndarray:
+        return np.asarray(self._apply(self.params, np.asarray(ids, np.int32)), np.float32)
+
     def embed(self, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """last_hidden_state [n, max_length, width] (float32); longer prompts are cut with a warning."""
         ids = clip_text.encode_prompts(self.tokenizer, list(prompts), max_length=self.max_length)
@@ -99,6 +111,17 @@ class TextEncoder:
     def _apply(self):
         """The encoder's forward, jitted once per encoder (compiled once per batch shape)."""
         return jax.jit(lambda p, i: self.module.apply({"params": p}, i)[0])
+
+
+class Tokenize:
+    """A record's text -> its token ids int32 [max_length] (the data pipeline's `prompt_fn` when the text
+    encoder runs in the train step). Picklable, for grain's worker processes."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
+
+    def __call__(self, text: str) -> np.ndarray:
+        return clip_text.encode_prompts(self.tokenizer, [text], max_length=self.max_length)[0]
 
 
 def tiny_encoder(tcfg, words: Sequence[str], folder: str) -> TextEncoder:
