@@ -237,6 +237,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     # grain multiprocessing workers (0 = in-process; >0 needs absl flags
     # parsed, i.e. running under absl.app).
     c.worker_count = 0
+    c.worker_threads = 1  # BLAS/OpenMP threads per grain worker process (0 = the libraries' default)
     c.read_threads = 1  # grain prefetch threads (in-process)
     c.prefetch_batches = 2  # batches computed ahead of the consumer
     c.usm_sharpen_gt = True  # USM-sharpen the training GT (Real-ESRGAN)

@@ -5,7 +5,10 @@ against the dataset's size.
 
 1. **SR throughput.** The training iterator of `data.pipeline` exactly as a run builds it, at the paper's
    recipe: ArrayRecord read, JPEG decode, a random 512 px crop and flip, USM, Real-ESRGAN's second-order
-   degradation (configs/data.py `realesrgan_degradation`), batching; with 0..N grain worker processes.
+   degradation (configs/data.py `realesrgan_degradation`), batching; with 0..N grain worker processes,
+   one thread per process. Beside it, the same steps by basicsr's reference implementation
+   (benchmarks/basicsr_reference.py: cv2 decode, its kernels, USMSharp and feed_data's torch ops, one
+   thread), same parameters, same records, same run.
    The input: the embedded photographs, upscaled to `--photo_side` px and stored as JPEG (quality 95).
 2. **prepare.** records/s of `codi_jax.data.prepare` on webdataset tars (one process, one core): the
    large photos above and `--large` small synthetic JPEGs.
@@ -45,6 +48,9 @@ _PHOTOS = flags.DEFINE_integer("photos", 64, "How many large photos.")
 _SMALL = flags.DEFINE_integer("small", 1000, "Records of the small synthetic set.")
 _LARGE = flags.DEFINE_integer("large", 100_000, "Records of the large synthetic set.")
 _READ_LARGE = flags.DEFINE_integer("read_large", 100_000, "Records the iterator reads from the large set.")
+_BASICSR = flags.DEFINE_bool(
+    "basicsr", True, "Also measure basicsr's reference degradation (pip install basicsr-fixed)."
+)
 _JOBS = flags.DEFINE_bool("jobs", True, "Also measure whole smoke training jobs on both sets.")
 _PART = flags.DEFINE_string("part", "", "internal: run one measurement in this process")
 
@@ -118,6 +124,13 @@ def _prepared(name: str, items, n: int) -> tuple[str, dict]:
         return out, json.load(f)
 
 
+def degradation_bicubic(lq: np.ndarray, size: int) -> np.ndarray:
+    """The bicubic-upsampled condition, as our pipeline makes it (data.degradation.bicubic_upsample)."""
+    from codi_jax.data import degradation
+
+    return degradation.bicubic_upsample(np.round(np.clip(lq, 0, 1) * 255).astype(np.uint8), size)
+
+
 def _sr_data_config(path: str, crop: int, workers: int):
     from configs import data as data_configs
 
@@ -138,7 +151,8 @@ def _run_part(spec: dict) -> dict:
 
         c = _sr_data_config(spec["path"], spec["crop"], spec["workers"])
         it = pipeline.make_train_iterator(c, task="sr", global_batch_size=spec["batch"], seed=0)
-        next(it)  # warm-up: worker start, first decode
+        for _ in range(2 * max(1, spec["workers"])):  # warm-up: every worker started and delivering
+            next(it)
         t0, c0, n = time.perf_counter(), time.process_time(), 0
         while time.perf_counter() - t0 < spec["seconds"]:
             b = next(it)
@@ -146,6 +160,46 @@ def _run_part(spec: dict) -> dict:
         wall = time.perf_counter() - t0
         cpu_self = time.process_time() - c0
         return dict(images=n, wall_s=round(wall, 2), images_per_s=round(n / wall, 2), main_cpu_s=round(cpu_self, 2))
+    if part == "throughput_basicsr":
+        import random
+
+        import cv2
+        import torch
+
+        from codi_jax.benchmarks import basicsr_reference
+        from codi_jax.data import catalog, pipeline, records
+
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        c = _sr_data_config(spec["path"], spec["crop"], 0)
+        src = catalog.make_source(c, "train", "sr")
+        raw = src._source  # the same ArrayRecord shards; basicsr decodes with cv2 (utils.imfrombytes)
+        deg = basicsr_reference.Degrader(c.degradation, c.sr_scale, usm=c.usm)
+        rng, crop, k = np.random.default_rng(0), spec["crop"], 0
+
+        def one():
+            nonlocal k
+            d = records.decode_fields(raw[int(rng.integers(len(src)))])
+            img = cv2.imdecode(np.frombuffer(d["image"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+            y, x = (int(rng.integers(n - crop + 1)) for n in img.shape[:2])
+            hr = img[y : y + crop, x : x + crop].astype(np.float32) / 255.0
+            if random.random() < 0.5:
+                hr = hr[:, ::-1]
+            gt, lq = deg(hr, k)
+            k += 1
+            cond = degradation_bicubic(lq, crop)
+            return {"image": pipeline.to_signed(gt), "cond": pipeline.to_signed(cond), "lr": pipeline.to_signed(lq)}
+
+        def batch():
+            ex = [one() for _ in range(spec["batch"])]
+            return {key: np.stack([e[key] for e in ex]) for key in ex[0]}
+
+        batch()
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < spec["seconds"]:
+            n += batch()["image"].shape[0]
+        wall = time.perf_counter() - t0
+        return dict(images=n, wall_s=round(wall, 2), images_per_s=round(n / wall, 2))
     if part == "iterate":
         from codi_jax.data import pipeline
 
@@ -169,10 +223,16 @@ def _run_part(spec: dict) -> dict:
     raise ValueError(f"--part: unknown part {part!r}")
 
 
-def _peak(part: str, **kw) -> dict:
+# One thread per process for the throughput parts: "per core" then means one core (BLAS, OpenMP and
+# torch would otherwise spread one process over every core, and oversubscribe them under grain workers).
+ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _peak(part: str, single_thread: bool = False, **kw) -> dict:
     """A child measurement with its own peak RSS (ru_maxrss, KiB on Linux) read from wait4."""
     cmd = [sys.executable, "-m", "codi_jax.benchmarks.data", f"--part={json.dumps(dict(kw, part=part))}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(os.environ, **(ONE_THREAD if single_thread else {}))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = io.BytesIO()
     err = io.BytesIO()
     # Read the pipes as the child runs (a full pipe would block it), then reap it with wait4 for its rusage.
@@ -218,14 +278,28 @@ def main(argv):
     report["prepare"] = {"photos": photo_prep, "small": small_prep, "large": large_prep}
 
     rows = []
+    kw = dict(path=photos, crop=_CROP.value, batch=_BATCH.value, seconds=_SECONDS.value, single_thread=True)
+    ref = None
+    if _BASICSR.value:
+        ref = _peak("throughput_basicsr", **kw)
+        print(f"basicsr (reference), one process: {ref['images_per_s']:.2f} images/s", flush=True)
     for w in map(int, _WORKERS.value):
-        r = _peak("throughput", path=photos, crop=_CROP.value, batch=_BATCH.value, workers=w, seconds=_SECONDS.value)
+        r = _peak("throughput", workers=w, **kw)
         r["workers"] = w
         r["cores"] = max(1, min(w, os.cpu_count()))
         r["images_per_s_per_core"] = round(r["images_per_s"] / r["cores"], 2)
         rows.append(r)
         print(f"workers {w}: {r['images_per_s']:.2f} images/s ({r['images_per_s_per_core']:.2f} per core)", flush=True)
-    report["sr_throughput"] = dict(crop=_CROP.value, batch=_BATCH.value, photo_side=_PHOTO_SIDE.value, rows=rows)
+    report["sr_throughput"] = dict(
+        crop=_CROP.value,
+        batch=_BATCH.value,
+        photo_side=_PHOTO_SIDE.value,
+        rows=rows,
+        basicsr=ref,
+        threads_per_process=1,
+    )
+    if ref:
+        report["sr_throughput"]["ours_over_basicsr_per_core"] = round(rows[0]["images_per_s"] / ref["images_per_s"], 2)
 
     mem = {
         "iterator_small_set": _peak("iterate", path=small, records=_SMALL.value),
@@ -255,6 +329,11 @@ def _print(report):
     print(f"\n{report['date']}, {report['host']['cpu_count']} CPUs, load {report['host']['load_average_at_start']}")
     t = report["sr_throughput"]
     print(f"SR batches at {t['crop']} px from {t['photo_side']} px JPEGs (batch {t['batch']}):")
+    if t.get("basicsr"):
+        b = t["basicsr"]
+        print(
+            f"  basicsr reference: {b['images_per_s']:7.2f} images/s per core  (ours / basicsr: {t['ours_over_basicsr_per_core']})"
+        )
     for r in t["rows"]:
         print(
             f"  workers {r['workers']}: {r['images_per_s']:7.2f} images/s  {r['images_per_s_per_core']:7.2f} per core  peak RSS {r['peak_rss_mb']} MB"

@@ -94,6 +94,25 @@ def make_example(
     return {"image": to_signed(hr), "cond": to_signed(cond), "lr": to_signed(lr)}
 
 
+_THREADS_LIMITED = False
+
+
+def _limit_worker_threads(n: int) -> None:
+    """In a grain worker process, cap BLAS/OpenMP threads at `n` (data.worker_threads) once: N workers with
+    a thread per core each would oversubscribe the cores (measured on 2 cores: 2 workers gave 4.0
+    images/s at 512 px with default threads against 6.6 in one process; docs/benchmarks.md)."""
+    global _THREADS_LIMITED
+    if _THREADS_LIMITED or n <= 0:
+        return
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(n)
+    _THREADS_LIMITED = True
+
+
 class PromptIndex:
     """A record's text -> its index in the task's prompt list (`tasks.prompts`), the row of the prompt
     table; the list is read on first use (in each worker process). Picklable."""
@@ -127,8 +146,10 @@ class _TrainTransform:
         self.usm = data_config.usm if data_config.usm_sharpen_gt else None
         self.data_config = data_config
         self.prompt_of = prompt_fn or PromptIndex(data_config, task)
+        self.worker_threads = int(data_config.worker_threads)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator):
+        _limit_worker_threads(self.worker_threads)
         return make_example(
             img,
             rng,
