@@ -20,7 +20,7 @@ from codi_jax.data import tasks as task_data
 from codi_jax.methods import base, latent, text
 from codi_jax.models import adapter as adapter_lib
 from codi_jax.models import vae as vae_lib
-from codi_jax.pretrained import stable_diffusion, text_encoder
+from codi_jax.pretrained import record_cache, stable_diffusion, text_encoder
 
 
 def validate_model(config) -> None:
@@ -91,6 +91,9 @@ class Prompts:
     negative: np.ndarray  # the negative prompt's embedding [1, L, D]
     table: np.ndarray | None = None  # 'table': [1 + P, L, D], row 0 the empty prompt
     encoder: text_encoder.TextEncoder | None = None  # 'encoder': run in the step on each record's tokens
+    # 'encoder' with the records' cached encoder outputs (cache_fields): the step reads batch['context'],
+    # the train state holds no encoder; `empty` [1, L, D] is the empty prompt's (prompt dropout)
+    empty: np.ndarray | None = None
 
     @property
     def tokenize(self):
@@ -110,6 +113,8 @@ class Prompts:
         if self.encoder is None:
             return text.with_prompts(loss_fn, dropout, table=self.table if constant else None)
         enc = self.encoder
+        if self.empty is not None:
+            return text.with_prompts(loss_fn, dropout, empty_context=self.empty)
         encode = (lambda _, ids: enc.encode(enc.params, ids)) if constant else enc.encode
         empty = self.tokenize("")
         return text.with_prompts(loss_fn, dropout, encode=encode, empty_tokens=empty)
@@ -117,14 +122,15 @@ class Prompts:
     def frozen(self) -> dict:
         if self.encoder is None:
             return {"prompt_table": self.table}
-        return {"text_encoder": self.encoder.params}
+        return {} if self.empty is not None else {"text_encoder": self.encoder.params}
 
 
 class Space:
     """Where samples live: pixels, or VAE latents (shape, prompt context, decoder)."""
 
-    def __init__(self, config, pre=None, codec=None, factor=1, prompts: Prompts | None = None):
+    def __init__(self, config, pre=None, codec=None, factor=1, prompts: Prompts | None = None, cache_fields=()):
         self.codec, self.pre = codec, pre
+        self.cache_fields = tuple(cache_fields)  # what the training batches carry of the records' cache
         side = config.data.crop_size // factor
         self.shape = (side, side, config.model.unet.in_channels)
         self.context = None if pre is None else pre.context
@@ -242,6 +248,72 @@ def prompt_embeddings(config, workdir: str) -> Prompts | None:
     return Prompts("table", negative, table=table)
 
 
+CACHE_MODES = ("auto", "off")
+
+
+def cache_fields(config, pre, factor: int, prompts: Prompts | None) -> tuple:
+    """What of the prepared records' cache (codi_jax.pretrained.record_cache) the training step uses:
+    'latent' (latent-space models; replaces the VAE encoder) and 'context' (text.prompt_source 'encoder';
+    replaces the text encoder). `data.cache='off'` uses neither. A cache that does not fit the run is a
+    one-line error naming the manifest's field and the config key."""
+    d = config.data
+    if d.cache not in CACHE_MODES:
+        raise ValueError(f"config data.cache={d.cache!r} is not one of {CACHE_MODES}")
+    c = catalog.record_cache(d) if d.cache == "auto" else None
+    if not c:
+        return ()
+    if pre is None:
+        logging.info("data: %s carries VAE latents, but the model is in pixel space: the cache is not used", d.path)
+        return ()
+    where = f"data.path={d.path!r}: {os.path.join(d.path, 'manifest.json')} cache"
+    off = "(or set data.cache='off')"
+    for field, key in (("crop_size", "crop_size"), ("image_downscale", "image_downscale")):
+        if float(c[field]) != float(d[key]):
+            raise ValueError(
+                f"{where}.{field}={c[field]} but config data.{key}={d[key]}: re-run the cache pass with "
+                f"--{field}={d[key]} {off}"
+            )
+    if c["downscale_resample"] != d.downscale_resample and float(c["image_downscale"]) != 1:
+        raise ValueError(
+            f"{where}.downscale_resample={c['downscale_resample']!r} but config data.downscale_resample="
+            f"{d.downscale_resample!r} {off}"
+        )
+    if d.random_flip:
+        raise ValueError(
+            f"{where}: the cached latents are of fixed, unflipped crops but config data.random_flip=True: set "
+            f"data.random_flip=False {off}"
+        )
+    side = d.crop_size // factor
+    want = [side, side, int(config.model.unet.in_channels)]
+    if list(c["latent_shape"]) != want:
+        raise ValueError(f"{where}.latent_shape={c['latent_shape']} but the teacher's VAE and U-Net make {want}")
+    if c["vae"]["digest"] != record_cache.param_digest(pre.vae_params):
+        raise ValueError(
+            f"{where}.vae: the latents were made by another VAE ({c['vae']['folder']}) than "
+            f"teacher.pretrained_path={config.teacher.pretrained_path!r}'s {off}"
+        )
+    fields = ("latent",)
+    if c.get("text_encoder") and prompts is not None and prompts.source == "encoder":
+        enc = prompts.encoder
+        if list(c["context_shape"]) != [enc.max_length, enc.width]:
+            raise ValueError(
+                f"{where}.context_shape={c['context_shape']} but config text.encoder gives "
+                f"{[enc.max_length, enc.width]}"
+            )
+        if c["text_encoder"]["digest"] != record_cache.param_digest(enc.params):
+            raise ValueError(
+                f"{where}.text_encoder: the contexts were made by another text encoder "
+                f"({c['text_encoder']['folder']}) than config text.encoder={config.text.encoder!r}'s {off}"
+            )
+        fields += ("context",)
+    logging.info(
+        "data: the records carry the VAE posterior of %d px crops%s: the train step skips the VAE encoder%s",
+        d.crop_size, " and text-encoder outputs" if "context" in fields else "",
+        " and the text encoder" if "context" in fields else "",
+    )  # fmt: skip
+    return fields
+
+
 def build_model(config, workdir: str) -> Model:
     """The networks and the sample space of `config` (a diffusers teacher is loaded; caches in WORKDIR/cache)."""
     pre, codec, factor = None, None, 1
@@ -254,5 +326,9 @@ def build_model(config, workdir: str) -> Model:
             sample_posterior=config.teacher.sample_latents,
         )
     denoisers = base.make_denoisers(config.model, diffusion.make_schedule(config.schedule), config.codi.boundary)
-    space = Space(config, pre, codec, factor, prompt_embeddings(config, workdir))
+    prompts = prompt_embeddings(config, workdir)
+    fields = cache_fields(config, pre, factor, prompts)
+    if "context" in fields:
+        prompts = dataclasses.replace(prompts, empty=prompts.encoder.embed([""]))
+    space = Space(config, pre, codec, factor, prompts, fields)
     return Model(config, pre, codec, space, denoisers.diffusion.module, denoisers)

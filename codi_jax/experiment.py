@@ -263,7 +263,7 @@ def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image
             loss_fn = space.prompts.loss(loss_fn, config.text.dropout, constant=False)
         state = train.run_stage(
             **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn,
-            prompt_fn=space.prompt_fn, **job.place,
+            prompt_fn=space.prompt_fn, cache_fields=space.cache_fields, **job.place,
         )  # fmt: skip
     job.timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
     return state

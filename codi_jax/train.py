@@ -312,6 +312,7 @@ def run_stage(
     rules=None,
     logical=None,
     prompt_fn: Callable | None = None,
+    cache_fields: tuple = (),
 ):
     """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
 
@@ -321,6 +322,7 @@ def run_stage(
     rules / logical: the logical axis rules (sharding.rules_from_config) and the params'
     logical names (see `initial_state`); None: batch over 'data' and 'fsdp', state replicated.
     prompt_fn: a record's text -> its 'prompt' (data.pipeline; None: prompt table indices).
+    cache_fields: what of the records' cache the batches carry (build.cache_fields).
     """
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = os.path.join(workdir, name)
@@ -343,6 +345,7 @@ def run_stage(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         prompt_fn=prompt_fn,
+        cache_fields=cache_fields,
     )
 
     mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)

@@ -192,6 +192,9 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.eval_path = ""  # source='array_record': a prepared eval folder; '' = hold out the last eval_fraction of `path`
     # Records that do not decode are skipped and counted; more than this fraction of those read stops the run.
     c.max_skipped_fraction = 0.1
+    # source='array_record' with a cache (codi_jax.pretrained.record_cache): 'auto' = the train step reads the
+    # records' VAE latents (and text-encoder outputs) instead of running those encoders; 'off' = ignore it
+    c.cache = "auto"
     c.folder = ""  # image directory for source='folder' (the dataset's root for paired sources)
     c.pairs_file = ""  # source='edit_jsonl': the JSONL file of (input, edited, instruction)
     c.tfds = ml_collections.ConfigDict(

@@ -23,11 +23,11 @@ def tiny_clip_tokenizer(path, model_max_length=8):
     return vocab
 
 
-def make_tiny_sd(path, *, prediction_type="epsilon", width=32):
+def make_tiny_sd(path, *, prediction_type="epsilon", width=32, seed=0):
     import diffusers
     import transformers
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,

@@ -34,8 +34,16 @@ def record_prompts(data_config) -> list[str]:
     return sorted(texts)
 
 
-def record_source(data_config, split: str, task: str = ""):
-    """The train or eval records of a prepared folder (source='array_record')."""
+def record_cache(data_config) -> dict | None:
+    """The 'cache' section of the prepared train folder's manifest (codi_jax.pretrained.record_cache), or None."""
+    if data_config.source != "array_record" or not data_config.path:
+        return None
+    return records.read_manifest(data_config.path, "data.path").get("cache")
+
+
+def record_source(data_config, split: str, task: str = "", cache_fields: tuple = ()):
+    """The train or eval records of a prepared folder (source='array_record'); the training records with
+    the cache arrays `cache_fields` (the eval batch is computed from pixels and texts)."""
     if not data_config.path:
         raise ValueError("data.path must be set when data.source='array_record' (a folder codi_jax.data.prepare wrote)")
     use_eval = split == "eval" and data_config.eval_path
@@ -65,12 +73,12 @@ def record_source(data_config, split: str, task: str = ""):
         return records.RecordSource(m, **kw)
     k = records.hold_out(n, data_config.eval_fraction, key) if not data_config.eval_path else 0
     if split == "train":
-        return records.RecordSource(m, stop=n - k, **kw)
+        return records.RecordSource(m, stop=n - k, cache_fields=cache_fields, **kw)
     return records.RecordSource(m, start=n - k, **kw)
 
 
-def make_source(data_config, split: str, task: str = ""):
-    """Builds the train or eval source described by `data_config`."""
+def make_source(data_config, split: str, task: str = "", cache_fields: tuple = ()):
+    """Builds the train or eval source described by `data_config` (`cache_fields`: record_source)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
     kw = dict(downscale_factor=data_config.image_downscale, resample=data_config.downscale_resample)
@@ -88,7 +96,7 @@ def make_source(data_config, split: str, task: str = ""):
         key = "data.eval_folder" if data_config.eval_folder else "data.folder"
         return sources.FolderImageSource(path, files=evl, config_key=key, **kw)
     if data_config.source == "array_record":
-        return record_source(data_config, split, task)
+        return record_source(data_config, split, task, cache_fields)
     if data_config.source in paired.PAIRED_SOURCES:
         return paired.PairedSource(data_config, split, task)
     raise ValueError(f"data.source must be one of {SOURCES}, got {data_config.source!r}.")

@@ -12,6 +12,8 @@ Batches are dicts of numpy arrays:
   'image': float32 [B, S, S, 3] in [-1, 1] (HR crop)
   'cond':  float32 [B, S, S, 3] in [-1, 1] (bicubic-upsampled LR; sr only)
   'lr':    float32 [B, S/scale, S/scale, 3] in [-1, 1] (degraded LR; sr only)
+  'latent_mean', 'latent_logvar', 'context': float32, what the frozen encoders made of the image and the
+           text, when the records carry them and the model uses them (`cache_fields`; docs/data.md)
 The iterator's `skipped_records` is the count of corrupt records dropped since the stream began
 (SkipAndBatch; part of the checkpointed state).
 Tasks 'inpaint', 'depth' and 'edit' make their records in `codi_jax.data.tasks` (keys there).
@@ -76,6 +78,12 @@ def make_example(
     from a paired dataset's record (a dict: `codi_jax.data.paired`)."""
     if isinstance(img, sources.Corrupt):
         return img  # dropped and counted by SkipAndBatch
+    if isinstance(img, dict) and "cache" in img:
+        # A cached record (records.RecordSource): its pixels are the cached crop (side crop_size, so the
+        # crop below takes all of it), its cache arrays ride along to the step.
+        kw = dict(task=task, crop_size=crop_size, flip=False, sr_scale=sr_scale, deg_config=deg_config)
+        kw.update(usm_config=usm_config, data_config=data_config, prompt_of=prompt_of)
+        return dict(make_example(img["pixels"], rng, **kw), **img["cache"])
     if isinstance(img, dict):
         return tasks.make_paired_example(img, rng, task=task, crop_size=crop_size, flip=flip, prompt_of=prompt_of)
     crop = random_crop(img, crop_size, rng)
@@ -252,6 +260,7 @@ def make_train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     prompt_fn=None,
+    cache_fields: tuple = (),
 ) -> grain.IterDataset:
     """The training IterDataset behind `make_train_iterator`."""
     _check(data_config, task)
@@ -260,7 +269,7 @@ def make_train_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     sources.check_disjoint(data_config)
-    src = catalog.make_source(data_config, "train", task)
+    src = catalog.make_source(data_config, "train", task, cache_fields=cache_fields)
     # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
     # so shuffle blocks of >= 2**16 records (k copies of the images, each
     # image exactly k times per block) and repeat the block forever.
@@ -294,12 +303,14 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     prompt_fn=None,
+    cache_fields: tuple = (),
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator over this process's training batches.
 
     Yields dicts with leading dim global_batch_size // process_count (see the
     module docstring for keys). Deterministic given `seed`; supports
-    `get_state()` / `set_state()` and grain's orbax CheckpointSave/Restore.
+    `get_state()` / `set_state()` and grain's orbax CheckpointSave/Restore. `cache_fields`: what of the
+    records' cache the batches carry (build.cache_fields; source 'array_record' only).
     """
     return TrainIterator(
         iter(
@@ -311,6 +322,7 @@ def make_train_iterator(
                 process_index=process_index,
                 process_count=process_count,
                 prompt_fn=prompt_fn,
+                cache_fields=cache_fields,
             )
         )
     )

@@ -392,49 +392,65 @@ def plan_of(layout: str, input_path: str, kind: str, items: list, records_per_sh
     )
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
+class ShardWriter:
+    """One shard written to a temporary file, renamed by close(), which returns its statistics for the
+    manifest (records, sha256, skipped inputs, texts, image sizes)."""
+
+    def __init__(self, path: str):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path, self._tmp = path, path + ".tmp"
+        self._writer = ArrayRecordWriter(self._tmp, records.WRITER_OPTIONS)
+        self.n, self.skipped, self.texts, self.hs, self.ws = 0, [], set(), [], []
+
+    def add(self, fields: dict) -> None:
+        self._writer.write(records.encode_record(fields))
+        self.n += 1
+        self.texts.add(fields.get("text", ""))
+        self.hs.append(fields["h"])
+        self.ws.append(fields["w"])
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped.append([name, why])
+
+    def close(self) -> dict:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        hs, ws = self.hs, self.ws
+        return dict(
+            file=os.path.basename(self.path),
+            records=self.n,
+            sha256=records.file_sha256(self.path),
+            skipped=self.skipped,
+            texts=sorted(self.texts),
+            h=[min(hs, default=0), max(hs, default=0), int(np.sum(hs))],
+            w=[min(ws, default=0), max(ws, default=0), int(np.sum(ws))],
+        )
+
+
 def write_shard(reader, items: list, kind: str, path: str, progress=None, done_before: int = 0) -> dict:
     """Write one shard (via a temporary file); returns its statistics for the manifest."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
-    n, skipped, texts = 0, [], set()
-    hs, ws = [], []
+    shard = ShardWriter(path)
     for i, item in enumerate(items):
         try:
-            fields = finish_record(reader.read(item), kind)
+            shard.add(finish_record(reader.read(item), kind))
         except SkipInput as e:
-            skipped.append([_name(item), str(e)])
-        else:
-            writer.write(records.encode_record(fields))
-            n += 1
-            texts.add(fields.get("text", ""))
-            hs.append(fields["h"])
-            ws.append(fields["w"])
+            shard.skip(_name(item), str(e))
         if progress is not None:
             progress.update(done_before + i + 1)
-    writer.close()
-    os.replace(tmp, path)
-    return dict(
-        file=os.path.basename(path),
-        records=n,
-        sha256=records.file_sha256(path),
-        skipped=skipped,
-        texts=sorted(texts),
-        h=[min(hs, default=0), max(hs, default=0), int(np.sum(hs))],
-        w=[min(ws, default=0), max(ws, default=0), int(np.sum(ws))],
-    )
+    return shard.close()
 
 
-def finalize(output: str, plan: dict) -> dict | None:
-    """manifest.json, prompts.json, skipped.log from the shards' parts, once all are written."""
+def finalize(output: str, plan: dict, extra: dict | None = None) -> dict | None:
+    """manifest.json, prompts.json, skipped.log from the shards' parts, once all are written (`extra`:
+    more manifest fields)."""
     parts_dir = os.path.join(output, "parts")
     n = plan["num_shards"]
     parts = []
@@ -450,7 +466,7 @@ def finalize(output: str, plan: dict) -> dict | None:
     with open(os.path.join(output, records.SKIPPED_LOG), "w") as f:
         f.writelines(f"{name}\t{why}\n" for name, why in skipped)
     texts = sorted({t for s in parts for t in s["texts"]} - {""})
-    _write_json(os.path.join(output, records.PROMPTS), texts)
+    write_json(os.path.join(output, records.PROMPTS), texts)
     hmin = min((s["h"][0] for s in parts if s["records"]), default=0)
     wmin = min((s["w"][0] for s in parts if s["records"]), default=0)
     manifest = dict(
@@ -472,8 +488,9 @@ def finalize(output: str, plan: dict) -> dict | None:
         source=dict(layout=plan["layout"], input=plan["input"], inputs_sha256=plan["inputs_sha256"]),
         content_hash=records.content_hash(shards),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     )
-    _write_json(os.path.join(output, records.MANIFEST), manifest)
+    write_json(os.path.join(output, records.MANIFEST), manifest)
     return manifest
 
 
@@ -505,6 +522,22 @@ def prepare(
     plan = plan_of(layout, input_path, reader.kind, items, records_per_shard)
     if not items:
         raise ValueError(f"--input={input_path!r}: no inputs of layout {layout!r}")
+    sizes = [len(items[j * records_per_shard : (j + 1) * records_per_shard]) for j in range(plan["num_shards"])]
+
+    def write(j, path, progress, done):
+        chunk = items[j * records_per_shard : (j + 1) * records_per_shard]
+        return write_shard(reader, chunk, reader.kind, path, progress, done)
+
+    what = f"prepare {input_path} ({layout}, {len(items)} inputs)"
+    return run_shards(output, plan, sizes, write, process_index=process_index, process_count=process_count, what=what)
+
+
+def run_shards(output, plan, sizes, write, *, process_index, process_count, what, extra=None) -> dict | None:
+    """The resumable loop over a plan's shards, split over processes: record the plan in DIR/parts
+    (a rerun must have the same one), write this process's incomplete shards with
+    write(j, path, progress, done_before) -> the shard's statistics, and finalize once all are there.
+    `sizes[j]`: shard j's inputs, for the progress bar. Returns the manifest, or None while other
+    processes still have shards to write."""
     parts_dir = os.path.join(output, "parts")
     os.makedirs(parts_dir, exist_ok=True)
     plan_path = os.path.join(parts_dir, "plan.json")
@@ -518,26 +551,24 @@ def prepare(
                 "use a new --output folder"
             )
     else:
-        _write_json(plan_path, plan)
+        write_json(plan_path, plan)
     n = plan["num_shards"]
     mine = [j for j in range(n) if j % process_count == process_index]
     todo = [j for j in mine if not os.path.isfile(os.path.join(parts_dir, records.shard_name(j, n) + ".json"))]
-    own_inputs = sum(len(items[j * records_per_shard : (j + 1) * records_per_shard]) for j in todo)
+    own_inputs = sum(sizes[j] for j in todo)
     logging.info(
-        "prepare %s (%s, %d inputs) -> %s: %d shards, this process %d of %d writes %d (%d already complete)",
-        input_path, layout, len(items), output, n, process_index, process_count, len(todo), len(mine) - len(todo),
+        "%s -> %s: %d shards, this process %d of %d writes %d (%d already complete)",
+        what, output, n, process_index, process_count, len(todo), len(mine) - len(todo),
     )  # fmt: skip
     progress = logging_utils.Progress(
         own_inputs, every_n_steps=max(1, min(1000, own_inputs // 20)), name="prepare", unit="record"
     )
     done = 0
     for j in todo:
-        chunk = items[j * records_per_shard : (j + 1) * records_per_shard]
-        path = os.path.join(output, records.shard_name(j, n))
-        stats = write_shard(reader, chunk, reader.kind, path, progress, done)
-        done += len(chunk)
-        _write_json(os.path.join(parts_dir, records.shard_name(j, n) + ".json"), stats)
-    manifest = finalize(output, plan)
+        stats = write(j, os.path.join(output, records.shard_name(j, n)), progress, done)
+        done += sizes[j]
+        write_json(os.path.join(parts_dir, records.shard_name(j, n) + ".json"), stats)
+    manifest = finalize(output, plan, extra)
     if manifest is None:
         logging.info("prepare: this process's shards are complete; the last process to finish writes the manifest")
         return None

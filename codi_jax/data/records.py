@@ -19,6 +19,18 @@ One record is a msgpack map (format version 1):
   text    str    the caption or instruction ('' when the input has none)
   h, w    int    the image's size after its EXIF orientation
 
+The cache pass (`python -m codi_jax.pretrained.record_cache`, docs/data.md) adds, to every record, what
+the frozen VAE encoder and text encoder make of it; the manifest's 'cache' section gives their shapes,
+dtype and the weights' digests:
+
+  crop          [y, x]  top-left corner of the cached crop (side cache.crop_size, in the image after
+                        cache.image_downscale)
+  latent_mean   bytes   the VAE posterior's mean of the crop's target image, cache.latent_shape [h, w, C]
+  latent_logvar bytes   its log-variance (the step draws z = mean + exp(logvar / 2) * noise as it would)
+  context       bytes   the text encoder's last hidden state of the record's text, cache.context_shape [L, D]
+
+Fields a reader does not know are ignored, so a cached set also trains without its cache.
+
 Kinds: 'image' (folders, webdataset, tfds images), 'edit' (edit_jsonl, ip2p_folder, tfds edits), 'depth'
 (depth_folder, tfds depth). Decoding happens when the pipeline asks for a record; a record that does not
 decode becomes a `Corrupt` marker, which the pipeline drops and counts (pipeline.SkipAndBatch).
@@ -167,6 +179,37 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- the cache's fields
+
+# What a record's cache gives the pipeline: 'latent' (latent_mean and latent_logvar) and 'context'.
+CACHE_FIELDS = ("latent", "context")
+
+
+def array_bytes(x: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(x, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def _array(d: dict, field: str, shape, dtype: str) -> np.ndarray:
+    raw = d.get(field)
+    if raw is None:
+        raise KeyError(f"record has no {field!r} field (the manifest's cache says every record has)")
+    x = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
+    if x.size != math.prod(shape):
+        raise ValueError(f"field {field!r} holds {x.size} values, not the manifest's cache shape {list(shape)}")
+    return x.reshape(shape).astype(np.float32)
+
+
+def cache_arrays(d: dict, cache: dict, fields) -> dict:
+    """A record's cached arrays (float32), under the batch keys the loss reads (methods/latent.py, text.py)."""
+    out = {}
+    if "latent" in fields:
+        for key in ("latent_mean", "latent_logvar"):
+            out[key] = _array(d, key, cache["latent_shape"], cache["dtype"])
+    if "context" in fields:
+        out["context"] = _array(d, "context", cache["context_shape"], cache["dtype"])
+    return out
+
+
 # ----------------------------------------------------------------------------- the streaming source
 
 
@@ -197,6 +240,7 @@ class RecordSource:
         stop: int | None = None,
         downscale_factor: float = 1,
         resample: str = "box",
+        cache_fields: tuple = (),
     ):
         import grain
 
@@ -209,6 +253,12 @@ class RecordSource:
         if not 0 <= self.start < self.stop <= n:
             raise ValueError(f"records [{self.start}, {self.stop}) outside the dataset's {n}")
         self.downscale_factor, self.resample = downscale_factor, resample
+        self.cache_fields = tuple(cache_fields)
+        for name in self.cache_fields:
+            if name not in CACHE_FIELDS:
+                raise ValueError(f"cache field {name!r} is not one of {CACHE_FIELDS}")
+        if self.cache_fields and not manifest.get("cache"):
+            raise ValueError(f"{manifest['folder']}: the records carry no cache (manifest has no 'cache' section)")
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -222,6 +272,17 @@ class RecordSource:
             return Corrupt(key, f"{type(e).__name__}: {e}")
 
     def _decode(self, d: dict):
+        out = self._decode_pixels(d)
+        if not self.cache_fields:
+            return out
+        # The cached crop, and what the frozen encoders made of it: the pipeline crops nothing more.
+        y, x = (int(v) for v in d["crop"])
+        s = int(self.manifest["cache"]["crop_size"])
+        cut = lambda im: np.ascontiguousarray(im[y : y + s, x : x + s])
+        pixels = cut(out) if self.kind == "image" else dict(out, a=cut(out["a"]), b=cut(out["b"]))
+        return {"pixels": pixels, "cache": cache_arrays(d, self.manifest["cache"], self.cache_fields)}
+
+    def _decode_pixels(self, d: dict):
         f, rs = self.downscale_factor, self.resample
         a = sources.downscale(decode_rgb(d["image"]), f, rs)
         if self.kind == "image":

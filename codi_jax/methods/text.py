@@ -35,7 +35,7 @@ def lookup(table, prompt_index):
     return jnp.take(table, prompt_index + 1, axis=0)
 
 
-def with_prompts(loss_fn, dropout: float, table=None, encode=None, empty_tokens=None):
+def with_prompts(loss_fn, dropout: float, table=None, encode=None, empty_tokens=None, empty_context=None):
     """Wrap a loss: batch['context'] = the embeddings of the batch's prompts, each replaced by the empty
     prompt's with probability `dropout` (for classifier-free guidance).
 
@@ -43,14 +43,19 @@ def with_prompts(loss_fn, dropout: float, table=None, encode=None, empty_tokens=
     the step: the tiny teacher's, so its checkpoints hold no prompts and one teacher serves every task).
     batch['prompt'] [B, L] int: token ids, encoded in the step by encode(frozen['text_encoder'], ids)
     (or encode(None, ids) when `encode` holds its params as constants); a dropped prompt's ids become
-    `empty_tokens` [L]. The encoder is frozen: no gradient flows into it."""
+    `empty_tokens` [L]. The encoder is frozen: no gradient flows into it.
+    batch['context'] [B, L, D]: the records' cached encoder outputs (docs/data.md); a dropped prompt's
+    becomes `empty_context` [1, L, D], the empty prompt's embedding."""
 
     def wrapped(params, frozen, ema_params, batch, rng):
         idx = batch["prompt"]
         keys = base.example_keys(rng, idx.shape[0])
         k_drop, k_loss = base.split_each(keys)
         drop = jax.vmap(lambda k: jax.random.uniform(k) < dropout)(k_drop)
-        if idx.ndim == 2:
+        if "context" in batch:
+            cached = batch["context"]
+            ctx = jnp.where(drop[:, None, None], jnp.asarray(empty_context, cached.dtype), cached)
+        elif idx.ndim == 2:
             ids = jnp.where(drop[:, None], jnp.asarray(empty_tokens)[None], idx)
             ctx = jax.lax.stop_gradient(encode(frozen.get("text_encoder"), ids))
         else:
