@@ -18,6 +18,13 @@ against the dataset's size.
    - a whole smoke training job (configs/sr.py:smoke: teacher, CoDi, evaluation) on each set.
    Goal: the large and the small set less than 100 MB apart.
 
+4. **The record cache** (`--cache`). What the cache saves and costs at Stable Diffusion 1.5 size (random
+   weights: the shapes are what costs): FLOPs per example of the SD-1.5 VAE encoder at `--crop` px, of
+   CLIP ViT-L/14's text encoder at 77 tokens, of the U-Net + adapter forward, and of the whole CoDi train
+   step (`codi_jax.train`'s, as `benchmarks.sd_step` builds it) at batch 1 and 8, from XLA's cost
+   analysis of the lowered programs (nothing is compiled or run at that size); and the cache pass's
+   records/s (`codi_jax.pretrained.record_cache`, VAE only) over `--cache_records` of the large photos.
+
 The synthetic sets are made by the benchmark in `--workdir` (kept between runs: a rerun reuses them).
 """
 
@@ -52,6 +59,9 @@ _BASICSR = flags.DEFINE_bool(
     "basicsr", True, "Also measure basicsr's reference degradation (pip install basicsr-fixed)."
 )
 _JOBS = flags.DEFINE_bool("jobs", True, "Also measure whole smoke training jobs on both sets.")
+_JOB_REPEATS = flags.DEFINE_integer("job_repeats", 3, "Runs of each smoke job (the median peak RSS is compared).")
+_CACHE = flags.DEFINE_bool("cache", True, "Also measure the record cache at SD-1.5 size (FLOPs, the cache pass).")
+_CACHE_RECORDS = flags.DEFINE_integer("cache_records", 8, "Records the cache pass encodes (SD-1.5 VAE on CPU).")
 _PART = flags.DEFINE_string("part", "", "internal: run one measurement in this process")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,6 +151,121 @@ def _sr_data_config(path: str, crop: int, workers: int):
     return c
 
 
+# SD 1.5's VAE (vae/config.json) and CLIP ViT-L/14's text encoder (text_encoder/config.json): published configs.
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+
+
+def _lowered_flops(fn, *args) -> float:
+    """FLOPs of fn(*args) (abstract arguments) from XLA's cost analysis of the lowered program."""
+    import jax
+
+    return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
+
+
+def _encoder_flops(crop: int) -> dict:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections as mlc
+
+    from codi_jax import diffusion, train
+    from codi_jax.methods import base, codi
+    from codi_jax.models import clip_text
+    from codi_jax.models import vae as vae_lib
+    from configs import common
+
+    f32, side = jnp.float32, crop // 8
+    S = jax.ShapeDtypeStruct
+    vcfg = vae_lib.vae_config_from_diffusers(SD15_VAE)
+    vae = vae_lib.AutoencoderKL(vcfg)
+    vae_f = _lowered_flops(
+        lambda p, x: vae.apply({"params": p}, x, method=vae.encode),
+        vae_lib.init_shapes(vae, vcfg),
+        S((1, crop, crop, 3), f32),
+    )
+    tm = clip_text.CLIPTextModel(clip_text.clip_text_config_from_transformers(CLIP_L))
+    tp = jax.eval_shape(lambda: tm.init(jax.random.PRNGKey(0), jnp.zeros((1, 77), jnp.int32)))["params"]
+    text_f = _lowered_flops(lambda p, i: tm.apply({"params": p}, i)[0], tp, S((1, 77), jnp.int32))
+    mcfg = common.model(common.sd15_unet())
+    mcfg.prediction = "eps"
+    mcfg.adapter.conditioning_embedding_out_channels = (16, 32, 96, 256)  # as benchmarks.sd_step
+    cfg = common.codi_method()
+    cfg.train = common.train(num_steps=100, batch_size=1, lr=1e-5)
+    sched = mlc.ConfigDict(dict(kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
+    den = base.make_denoisers(mcfg, diffusion.make_schedule(sched), cfg.boundary)
+    module = den.diffusion.module
+    params = jax.eval_shape(lambda r: base.init_model_params(module, mcfg, r, side, crop), jax.random.PRNGKey(0))
+    unet_f = _lowered_flops(
+        lambda p, z, t, c, ctx: module.apply({"params": p}, z, t, c, ctx),
+        params, S((1, side, side, 4), f32), S((1,), f32), S((1, crop, crop, 3), f32), S((1, 77, 768), f32),
+    )  # fmt: skip
+    tx, lr = train.make_optimizer(cfg.train)
+
+    def state(r):
+        trainable, frozen = codi.split_params(
+            base.adapted(base.init_model_params(module, mcfg, r, side, crop)), "full", "prev"
+        )
+        return train.create_state(trainable, frozen, tx, r)
+
+    abstract = jax.eval_shape(state, jax.random.PRNGKey(0))
+    loss_fn = functools.partial(codi.codi_loss, denoiser=den.consistency, teacher=den.diffusion, cfg=cfg)
+    step = train.make_train_step(loss_fn, tx, lr, 0.9999)
+    per_example = {}
+    for b in (1, 8):
+        batch = {
+            "image": S((b, side, side, 4), f32),
+            "cond": S((b, crop, crop, 3), f32),
+            "context": S((b, 77, 768), f32),
+        }
+        per_example[str(b)] = _lowered_flops(step, abstract, batch) / b
+    g = 1e9
+    step_f = per_example["8"]
+    return dict(
+        crop=crop,
+        vae_encoder_gflop=round(vae_f / g, 1),
+        text_encoder_gflop=round(text_f / g, 1),
+        unet_adapter_forward_gflop=round(unet_f / g, 1),
+        codi_step_gflop_per_example={k: round(v / g, 1) for k, v in per_example.items()},
+        encoders_share_of_an_uncached_step=round((vae_f + text_f) / (step_f + vae_f + text_f), 4),
+    )
+
+
+def _sd_vae_folder(path: str) -> str:
+    """A diffusers folder holding SD 1.5's VAE architecture with random weights (written once)."""
+    if not os.path.isfile(os.path.join(path, "vae", "config.json")):
+        import diffusers
+        import torch
+
+        torch.manual_seed(0)
+        cfg = {k: v for k, v in SD15_VAE.items()}
+        diffusers.AutoencoderKL(**cfg).save_pretrained(os.path.join(path, "vae"))
+        with open(os.path.join(path, "model_index.json"), "w") as f:
+            json.dump({"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}, f)
+    return path
+
+
 # ----------------------------------------------------------------------------- measurements in child processes
 
 
@@ -220,6 +345,23 @@ def _run_part(spec: dict) -> dict:
         t0 = time.perf_counter()
         experiment.run(config, spec["workdir"])
         return dict(wall_s=round(time.perf_counter() - t0, 1))
+    if part == "encoder_flops":
+        return _encoder_flops(spec["crop"])
+    if part == "cache_pass":
+        from codi_jax.pretrained import record_cache
+
+        out = os.path.join(_WORKDIR.value, f"cache_pass_{time.time_ns()}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        m = record_cache.cache_records(spec["path"], out, spec["sd"], crop_size=spec["crop"], text=False)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        per = sum(os.path.getsize(os.path.join(out, s["file"])) for s in m["shards"]) / m["num_records"]
+        return dict(
+            records=m["num_records"],
+            wall_s=round(wall, 1),
+            cpu_s=round(cpu, 1),
+            records_per_s=round(m["num_records"] / wall, 3),
+            bytes_per_record=round(per),
+        )
     raise ValueError(f"--part: unknown part {part!r}")
 
 
@@ -307,9 +449,16 @@ def main(argv):
         "iterator_large_set_long": _peak("iterate", path=large, records=_READ_LARGE.value),
     }
     if _JOBS.value:
-        for name, path in (("job_small_set", small), ("job_large_set", large)):
-            wd = os.path.join(_WORKDIR.value, f"run_{name}_{time.time_ns()}")
-            mem[name] = _peak("job", path=path, workdir=wd)
+        # A job's peak RSS varies from run to run by tens of MB (XLA compilation, allocator arenas; once
+        # 328 MB), so each set's job runs --job_repeats times, interleaved, and the medians are compared.
+        runs = {"job_small_set": [], "job_large_set": []}
+        for _ in range(_JOB_REPEATS.value):
+            for name, path in (("job_small_set", small), ("job_large_set", large)):
+                wd = os.path.join(_WORKDIR.value, f"run_{name}_{time.time_ns()}")
+                runs[name].append(_peak("job", path=path, workdir=wd))
+        for name, rs in runs.items():
+            peaks = [r["peak_rss_mb"] for r in rs]
+            mem[name] = dict(peak_rss_mb=float(np.median(peaks)), peak_rss_mb_all=peaks, wall_s=rs[0]["wall_s"])
     report["memory"] = mem
     report["memory"]["iterator_difference_mb"] = round(
         mem["iterator_large_set"]["peak_rss_mb"] - mem["iterator_small_set"]["peak_rss_mb"], 1
@@ -318,6 +467,15 @@ def main(argv):
         report["memory"]["job_difference_mb"] = round(
             mem["job_large_set"]["peak_rss_mb"] - mem["job_small_set"]["peak_rss_mb"], 1
         )
+    if _CACHE.value:
+        report["cache"] = {"flops": _peak("encoder_flops", crop=_CROP.value)}
+        few, _ = _prepared(
+            f"photos{_PHOTO_SIDE.value}_{_CACHE_RECORDS.value}",
+            _photo_items(_CACHE_RECORDS.value, _PHOTO_SIDE.value),
+            _CACHE_RECORDS.value,
+        )
+        sd = _sd_vae_folder(os.path.join(_WORKDIR.value, "sd15_vae_random"))
+        report["cache"]["pass"] = _peak("cache_pass", path=few, sd=sd, crop=_CROP.value)
     report["host"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     _print(report)
     if _OUT.value:
@@ -344,10 +502,23 @@ def _print(report):
         )
     for name, m in report["memory"].items():
         if isinstance(m, dict):
-            print(f"memory {name}: peak RSS {m['peak_rss_mb']} MB ({m.get('records', '')} records, {m['wall_s']} s)")
+            what = f"{m['records']} records, " if "records" in m else f"median of {m.get('peak_rss_mb_all')}, "
+            print(f"memory {name}: peak RSS {m['peak_rss_mb']} MB ({what}{m['wall_s']} s)")
     print(f"iterator: large - small set = {report['memory']['iterator_difference_mb']} MB")
     if "job_difference_mb" in report["memory"]:
         print(f"training job: large - small set = {report['memory']['job_difference_mb']} MB")
+    if "cache" in report:
+        f, p = report["cache"]["flops"], report["cache"]["pass"]
+        print(
+            f"SD-1.5 size, GFLOP per example: VAE encoder {f['vae_encoder_gflop']} ({f['crop']} px), text encoder "
+            f"{f['text_encoder_gflop']}, U-Net + adapter forward {f['unet_adapter_forward_gflop']}, CoDi step "
+            f"{f['codi_step_gflop_per_example']}; the encoders' share of an uncached step: "
+            f"{100 * f['encoders_share_of_an_uncached_step']:.1f}%"
+        )
+        print(
+            f"cache pass (SD-1.5 VAE, CPU): {p['records']} records in {p['wall_s']} s ({p['records_per_s']} records/s), "
+            f"{p['bytes_per_record']} bytes per record"
+        )
 
 
 if __name__ == "__main__":
