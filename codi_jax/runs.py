@@ -57,6 +57,11 @@ ADDED_FIELDS = (
     ("finetune.train.grad_accum_steps", 1),
     ("gd.train.mu_lr_multiplier", 1.0),
     ("gd.train.grad_accum_steps", 1),
+    ("compilation_cache_dir", "auto"),
+    ("pretrain.profile_steps", (0, 0)),
+    ("codi.train.profile_steps", (0, 0)),
+    ("finetune.train.profile_steps", (0, 0)),
+    ("gd.train.profile_steps", (0, 0)),
 )
 
 

@@ -259,6 +259,14 @@ def constrain(x, names):
 # Multi-host
 
 
+def sync_processes(name: str) -> None:
+    """A barrier across processes (nothing with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def initialize_distributed(
     coordinator: str = "",
     num_processes: int = 0,

@@ -20,7 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from codi_jax import logging_utils, sharding
+from codi_jax import logging_utils, preemption, sharding
 from codi_jax.data import pipeline
 
 
@@ -44,6 +44,17 @@ def validate_train(tcfg, prefix: str) -> None:
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
         if tcfg[key] < 1:
             raise ValueError(f"config {prefix}.{key}={tcfg[key]} must be >= 1")
+    lo, hi = profile_range(tcfg)
+    if (lo, hi) != (0, 0) and not 0 <= lo < hi <= tcfg.num_steps:
+        raise ValueError(
+            f"config {prefix}.profile_steps={(lo, hi)} must be (start, stop) with 0 <= start < stop <= "
+            f"num_steps={tcfg.num_steps} (steps start+1..stop are traced), or (0, 0) for none"
+        )
+
+
+def profile_range(tcfg) -> tuple[int, int]:
+    lo, hi = tuple(tcfg.profile_steps)
+    return int(lo), int(hi)
 
 
 def make_optimizer(tcfg):
@@ -253,8 +264,11 @@ def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) 
     # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
     meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
     meta = getattr(meta, "item_metadata", None) or meta
+    tree = getattr(meta, "tree", meta)
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise OSError(f"checkpoint {mgr.directory}/{step}/state holds no readable parameter metadata")
     check_shapes(
-        shapes_by_path(_model_parts(getattr(meta, "tree", meta))),
+        shapes_by_path(_model_parts(tree)),
         shapes_by_path(_model_parts(init_state)),
         f"checkpoint {mgr.directory}/{step}",
     )
@@ -267,6 +281,50 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_shard
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     return mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+DAMAGED = "damaged_checkpoints"
+
+
+def restore_newest_readable(mgr, init_state, state_sharding, data_iter, stage_dir: str, name: str):
+    """(state, step, manager) from the newest checkpoint that reads; (init_state, None, manager) if none.
+
+    A checkpoint that does not read (files emptied or cut short by a crash mid-save on a filesystem
+    without atomic renames, a lost object) is named in a warning and moved, whole, to
+    STAGE/damaged_checkpoints/<step> (kept for inspection, out of orbax's way: the run will save that
+    step again); the next older one (orbax keeps `keep_checkpoints`) is tried. A checkpoint that reads
+    but holds another model (CheckpointMismatchError) stops the run: that is a config error.
+    """
+    damaged = []
+    state, step = init_state, None
+    for candidate in sorted(mgr.all_steps(), reverse=True):
+        try:
+            state, step = restore_state(mgr, candidate, init_state, state_sharding, data_iter), candidate
+            break
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read is a damaged checkpoint
+            logging.warning(
+                "%s: checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
+                name,
+                candidate,
+                mgr.directory,
+                type(e).__name__,
+                logging_utils.one_line_error(e),
+            )
+            damaged.append(candidate)
+    if damaged:
+        if jax.process_index() == 0:
+            for bad in damaged:
+                dest = os.path.join(stage_dir, DAMAGED, f"{bad}.{time.strftime('%Y%m%d-%H%M%S')}")
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(os.path.join(str(mgr.directory), str(bad)), dest)
+                logging.warning("%s: moved the unreadable checkpoint step %d to %s", name, bad, dest)
+        sharding.sync_processes(f"{name}_damaged_checkpoints")
+        mgr.reload()  # forget the moved steps
+        if step is None:
+            logging.warning("%s: no readable checkpoint; starting from step 0", name)
+    return state, step, mgr
 
 
 def _first_nonfinite(pending):
@@ -326,6 +384,8 @@ def run_stage(
     """
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = os.path.join(workdir, name)
+    if preemption.requested():  # a notice that arrived after the previous stage's last step
+        raise preemption.Preempted(f"{name}: not started: a preemption notice arrived. Run the same command to resume.")
     sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
     accum = tcfg.grad_accum_steps
     if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
@@ -349,9 +409,8 @@ def run_stage(
     )
 
     mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)
-    latest = mgr.latest_step()
+    state, latest, mgr = restore_newest_readable(mgr, state, state_sharding, data_iter, stage_dir, name)
     if latest is not None:
-        state = restore_state(mgr, latest, state, state_sharding, data_iter)
         logging.info("%s: resumed from step %d (%s)", name, latest, mgr.directory)
     start = int(state["step"])
     if start >= tcfg.num_steps:
@@ -402,33 +461,59 @@ def run_stage(
             progress.update(step, **scalars, **({"skipped_records": skipped} if skipped else {}))
         pending.clear()
 
+    profile_lo, profile_hi = profile_range(tcfg)
+    tracing = False
     try:
         for step in range(start + 1, tcfg.num_steps + 1):
             batch = first_batch if step == start + 1 else sharding.put_batch(next(data_iter), mesh, rules)
+            if profile_lo < step <= profile_hi and not tracing:  # TensorBoard's profile plugin reads it
+                jax.profiler.start_trace(writer.logdir)
+                tracing = True
             state, metrics = step_fn(state, batch)
+            if tracing and step == profile_hi:
+                tracing = _stop_trace(state, name, profile_lo, profile_hi, writer.logdir)
             pending.append((step, metrics))
             last = step == tcfg.num_steps
             if step % tcfg.log_every == 0 or last:
                 flush_pending()
             if tcfg.image_every and step % tcfg.image_every == 0 and image_fn is not None:
                 writer.write_images(step, image_fn(state))
-            if step % tcfg.checkpoint_every == 0 or last:
+            preempted = preemption.reached(step)  # SIGTERM here, or on any host: every process agrees
+            if step % tcfg.checkpoint_every == 0 or last or preempted:
                 flush_pending()  # never save a state that followed a non-finite step
+                if preempted:
+                    logging.warning("%s: preemption notice: saving step %d, then stopping", name, step)
                 mgr.save(
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
                     ),
+                    force=preempted,
                 )
                 if is_main:
                     write_data_stats(stage_dir, step, data_iter.skipped_records)
+            if preempted and not last:
+                mgr.wait_until_finished()
+                raise preemption.Preempted(
+                    f"{name}: stopped at step {step} on a preemption notice; checkpoint saved in {mgr.directory}. "
+                    f"Run the same command to resume."
+                )
         if image_fn is not None:
             writer.write_images(tcfg.num_steps, image_fn(state))
     finally:
+        if tracing:
+            _stop_trace(state, name, profile_lo, profile_hi, writer.logdir)
         mgr.wait_until_finished()
         mgr.close()
         writer.close()
     return state
+
+
+def _stop_trace(state, name, lo, hi, logdir) -> bool:
+    jax.block_until_ready(state)  # the traced steps' device work, not only their dispatch
+    jax.profiler.stop_trace()
+    logging.info("%s: profiler trace of steps %d-%d in %s (TensorBoard's profile tab)", name, lo + 1, hi, logdir)
+    return False
 
 
 DATA_STATS = "data.json"

@@ -125,6 +125,10 @@ def train(num_steps, batch_size, lr):
             checkpoint_every=200,  # Orbax saves (async); the last step is always saved
             keep_checkpoints=2,
             image_every=0,  # TensorBoard sample images every N steps (0: only at the end)
+            profile_steps=(
+                0,
+                0,
+            ),  # (start, stop): a JAX profiler trace of steps start+1..stop in tensorboard/ ((0, 0): none)
         )
     )
 
@@ -285,6 +289,9 @@ def recipe(task: str) -> mlc.ConfigDict:
     config.variant = ""  # the variant the task file was asked for ('', 'tiny', 'smoke'): recorded, never tested
     config.task = task  # 'sr' | 'inpaint' | 'depth' | 'edit'
     config.seed = 0
+    # XLA's compiled programs kept across runs (JAX's persistent compilation cache): 'auto' = a
+    # .jax_cache folder beside the workdir (WORKDIR/../.jax_cache), '' = off, else a folder (gs:// too).
+    config.compilation_cache_dir = "auto"
     config.method = "codi"  # 'codi' (CoDi, PE-CoDi, CM-II and ablations, by codi.*) | 'finetune' | 'gd' (GD-II)
     config.data = data_configs.get_data_config()
     config.data.crop_size = 512
