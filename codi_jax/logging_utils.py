@@ -215,9 +215,7 @@ def fail(e: BaseException):
 def run_cli(main):
     """`absl.app.run(main)` behind the one command-line error guard of every entry point (training and
     evaluation jobs, sampler, reproduction, diagnose, benchmarks): a bad flag, config field or value or
-    a missing file prints one `error: ...` line and exits with code 2, with no traceback. A job stopped by
-    a preemption notice after saving its checkpoint (preemption.Preempted) prints one `stopped: ...` line
-    and exits with code 75."""
+    a missing file prints one `error: ...` line and exits with code 2, with no traceback."""
     from absl import app, flags
 
     def parse(argv):
@@ -227,13 +225,8 @@ def run_cli(main):
             fail(e)
 
     def guarded(argv):
-        from codi_jax import preemption
-
         try:
             return main(argv)
-        except preemption.Preempted as e:  # a clean stop with a checkpoint: exit 75, "run me again"
-            print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(preemption.EXIT_CODE)
         except (app.UsageError, *BAD_INPUT) as e:
             fail(e)
 

@@ -10,6 +10,7 @@ JAX detects) or `--coordinator_address=HOST:PORT --num_processes=N --process_id=
 """
 
 import logging as py_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -66,13 +67,17 @@ def main(argv):
     experiment.check_required(_CONFIG.value)  # before printing it: an unset required field cannot print
     logging.info("config:\n%s", _CONFIG.value)
     workdir_lib.check_workdir(_WORKDIR.value)
-    with workdir_lib.job_lock(_WORKDIR.value, _BREAK_LOCK.value):  # one job per workdir
-        if _CONFIG.value.get("job") == "eval":  # configs/eval.py: the batch evaluation job
-            from codi_jax.evaluation import job
+    try:
+        with workdir_lib.job_lock(_WORKDIR.value, _BREAK_LOCK.value):  # one job per workdir
+            if _CONFIG.value.get("job") == "eval":  # configs/eval.py: the batch evaluation job
+                from codi_jax.evaluation import job
 
-            job.run(_CONFIG.value, _WORKDIR.value)
-            return
-        experiment.run(_CONFIG.value, _WORKDIR.value)
+                job.run(_CONFIG.value, _WORKDIR.value)
+                return
+            experiment.run(_CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as e:  # a clean stop with a checkpoint: one line, exit 75 ("run me again")
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_CODE)
 
 
 def run():

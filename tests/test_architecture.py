@@ -12,7 +12,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is that of the longest prefix listed. Within one layer a module may
 # import another only from its own package (models.unet -> models.layers); across packages, only downwards.
 LAYERS = (
-    ("core", ("codi_jax.diffusion", "codi_jax.sharding", "codi_jax.logging_utils", "codi_jax.workdir")),
+    (
+        "core",
+        (
+            "codi_jax.diffusion",
+            "codi_jax.sharding",
+            "codi_jax.logging_utils",
+            "codi_jax.workdir",
+            "codi_jax.preemption",
+        ),
+    ),
     ("models", ("codi_jax.models",)),
     ("data", ("codi_jax.data",)),
     ("pretrained I/O", ("codi_jax.pretrained",)),
