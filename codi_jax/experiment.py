@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import jax
@@ -18,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from codi_jax import build, diffusion, runs, sampling, sharding, train
+from codi_jax import build, diffusion, runs, sampling, sharding, storage, train
 from codi_jax import workdir as workdir_lib
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
@@ -82,8 +80,7 @@ def setup(config, workdir: str) -> Job:
     model = build.build_model(config, workdir)
     config, space = model.config, model.space
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        storage.write_text(storage.join(workdir, runs.CONFIG_FILE), config.to_json_best_effort(indent=2))
     eval_batch = pipeline.make_eval_batch(
         config.data,
         task=config.task,
@@ -237,8 +234,7 @@ def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
     )
     job.timings["eval_s"] = round(time.perf_counter() - t0, 1)  # the report holds `timings`: these land in it
     job.timings["total_s"] = round(time.perf_counter() - job.t_start, 1)
-    with open(os.path.join(job.workdir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    storage.write_json(storage.join(job.workdir, "metrics.json"), report)
     runs.export_adapter(job.workdir, config, params)
     _print_summary(report, job.workdir)
     return report
@@ -402,6 +398,6 @@ def _print_summary(report, workdir):
     for name, v in m.items():
         lines.append(f"{name:12s} {v['psnr']:7.2f} {v['ssim']:6.3f} {v['swd_mean']:7.4f} {v['hf_ratio']:5.2f}")
     print("\n".join(lines))
-    print(f"metrics: {os.path.join(workdir, 'metrics.json')}")
+    print(f"metrics: {storage.join(workdir, 'metrics.json')}")
     print(f"grid:    {report['grid']}")
     print(f"tensorboard --logdir {workdir}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import jax
 import ml_collections as mlc
@@ -22,7 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from codi_jax import train
+from codi_jax import storage, train
 from codi_jax.methods import base
 from codi_jax.models import layers
 from codi_jax.pretrained import safetensors_io
@@ -82,13 +81,12 @@ def upgrade_config(config: mlc.ConfigDict) -> mlc.ConfigDict:
 
 def read_run_config(run_dir: str) -> mlc.ConfigDict:
     """RUN/config.json, upgraded to the current fields."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.isfile(path):
         raise FileNotFoundError(
             f"config checkpoint={run_dir!r}: no config.json there (not a finished codi_jax run's workdir?)"
         )
-    with open(path) as f:
-        return upgrade_config(mlc.ConfigDict(json.load(f)))
+    return upgrade_config(mlc.ConfigDict(storage.read_json(path)))
 
 
 def final_stage(config) -> tuple[str, str]:
@@ -111,10 +109,10 @@ def restore_final(run_cfg, run_dir: str, expect_method: str = "", model=None):
     if expect_method and expect_method != run_cfg.method:
         raise ValueError(f"config method={expect_method!r}, but {run_dir} was trained with method {run_cfg.method!r}")
     where, stage = final_stage(run_cfg)
-    ckpt_dir = os.path.join(where or run_dir, stage, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.join(where or run_dir, stage, "checkpoints")
+    if not storage.isdir(ckpt_dir):
         raise FileNotFoundError(f"{run_dir}: no {stage}/checkpoints (method {run_cfg.method!r}); did the run finish?")
-    mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))  # orbax takes absolute paths only
+    mgr = ocp.CheckpointManager(storage.absolute(ckpt_dir))  # orbax takes absolute paths only
     step = mgr.latest_step()
     want = final_stage_steps(run_cfg)
     if step is None or step < want:
@@ -140,7 +138,7 @@ def restore_subtrees(ckpt_dir: str, step: int, keys) -> dict:
     """Only `keys` of a train state checkpoint (a partial restore with the stored structure: no model
     init needed), on the default device. Evaluation reads the EMA weights and the frozen ones; the
     online weights and the optimizer's moments (three times the EMA weights under Adam) stay on disk."""
-    path = os.path.abspath(os.path.join(ckpt_dir, str(step), "state"))  # a relative run folder works too
+    path = storage.absolute(storage.join(ckpt_dir, str(step), "state"))  # a relative run folder works too
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))  # the tree's metadata (not the step's)
     missing = [k for k in keys if k not in meta]
     if missing:
@@ -207,10 +205,9 @@ def export_adapter(run_dir: str, config, params) -> str | None:
             "adapter: not written (method %s trained the backbone too: the whole model is the result)", config.method
         )
         return None
-    out = os.path.join(run_dir, ADAPTER_DIR)
-    os.makedirs(out, exist_ok=True)
+    out = storage.join(run_dir, ADAPTER_DIR)
     weights = _flat(params["adapter"])
-    safetensors_io.save(os.path.join(out, ADAPTER_WEIGHTS), weights, metadata={"format": "codi_jax"})
+    safetensors_io.save(storage.join(out, ADAPTER_WEIGHTS), weights, metadata={"format": "codi_jax"})
     meta = {
         "task": config.task,
         "method": config.method,
@@ -219,21 +216,16 @@ def export_adapter(run_dir: str, config, params) -> str | None:
         "backbone_params": int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(params["unet"]))),
         "config": json.loads(config.to_json_best_effort()),
     }
-    tmp = os.path.join(out, ADAPTER_META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, ADAPTER_META))
+    storage.write_json(storage.join(out, ADAPTER_META), meta)
     logging.info("adapter: %s (%d params, backbone %s)", out, meta["adapter_params"], meta["backbone"])
     return out
 
 
 def load_adapter_files(folder: str):
     """(meta, adapter params) of an adapter folder (RUN_DIR/adapter or RUN_DIR)."""
-    if os.path.isdir(os.path.join(folder, ADAPTER_DIR)):
-        folder = os.path.join(folder, ADAPTER_DIR)
-    meta_path = os.path.join(folder, ADAPTER_META)
-    if not os.path.isfile(meta_path):
+    if storage.isdir(storage.join(folder, ADAPTER_DIR)):
+        folder = storage.join(folder, ADAPTER_DIR)
+    meta_path = storage.join(folder, ADAPTER_META)
+    if not storage.isfile(meta_path):
         raise FileNotFoundError(f"adapter {folder}: no {ADAPTER_META} (written at the end of a PE-CoDi run)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return meta, _unflat(safetensors_io.load(os.path.join(folder, ADAPTER_WEIGHTS)))
+    return storage.read_json(meta_path), _unflat(safetensors_io.load(storage.join(folder, ADAPTER_WEIGHTS)))

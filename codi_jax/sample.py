@@ -22,6 +22,7 @@ trained against another backbone, or for a task other than the one asked for, is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -31,7 +32,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from codi_jax import build, runs, sampling, workdir
+from codi_jax import build, runs, sampling, storage, workdir
 from codi_jax.data import degradation, sources
 from codi_jax.data import tasks as task_data
 from codi_jax.methods import text
@@ -53,7 +54,7 @@ class AdapterSampler:
 
     def __init__(self, run_dir: str, cache_dir: str):
         self.cache_dir = cache_dir
-        if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        if not storage.isfile(storage.join(run_dir, "config.json")):
             raise FileNotFoundError(f"run {run_dir}: no config.json there (not a finished codi_jax run's workdir?)")
         config = runs.read_run_config(run_dir)
         model = build.build_model(config, cache_dir)
@@ -69,7 +70,7 @@ class AdapterSampler:
         if config.task not in task_data.PROMPT_TASKS:
             return None
         return text_encoder.make_encoder(
-            config, task_data.prompts(config.data, config.task), os.path.join(self.cache_dir, "cache")
+            config, task_data.prompts(config.data, config.task), storage.join(self.cache_dir, "cache")
         )
 
     def add(self, name: str, folder: str, expect_task: str = "") -> Adapter:
@@ -282,7 +283,8 @@ def _main(argv):
         x = keep_known(x, cond)
     images = grids.to_uint8(x)
     for path, img in zip(files, images):
-        Image.fromarray(img).save(os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".png"))
+        name = os.path.splitext(os.path.basename(path))[0] + ".png"
+        storage.save_with(storage.join(out, name), functools.partial(Image.fromarray(img).save, format="PNG"))
     print(
         f"sample: {len(files)} results of task {a.task} ({f.steps} steps) in {out}; load {t1 - t0:.1f} s, "
         f"sampling {t2 - t1:.1f} s (compile included)"

@@ -7,8 +7,6 @@ State is a plain dict pytree, so jit, sharding and Orbax see it directly:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 
@@ -20,7 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from codi_jax import logging_utils, preemption, sharding
+from codi_jax import logging_utils, preemption, sharding, storage
 from codi_jax.data import pipeline
 
 
@@ -217,7 +215,7 @@ def checkpoint_manager(directory: str, tcfg) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=tcfg.keep_checkpoints, create=True, enable_async_checkpointing=True
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(storage.absolute(directory), options=options)
 
 
 class CheckpointMismatchError(ValueError):
@@ -262,7 +260,7 @@ def check_checkpoint_matches(mgr: ocp.CheckpointManager, step: int, init_state) 
     """check_shapes between the checkpoint at `step` and the state this config builds (orbax's own
     message names neither the parameter nor the shapes)."""
     # Read from the step folder (a fresh manager knows no handlers, and its item_metadata is None).
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
+    meta = ocp.StandardCheckpointer().metadata(storage.join(str(mgr.directory), str(step), "state"))
     meta = getattr(meta, "item_metadata", None) or meta
     tree = getattr(meta, "tree", meta)
     if not isinstance(tree, dict) or "params" not in tree:
@@ -316,9 +314,9 @@ def restore_newest_readable(mgr, init_state, state_sharding, data_iter, stage_di
     if damaged:
         if jax.process_index() == 0:
             for bad in damaged:
-                dest = os.path.join(stage_dir, DAMAGED, f"{bad}.{time.strftime('%Y%m%d-%H%M%S')}")
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.replace(os.path.join(str(mgr.directory), str(bad)), dest)
+                dest = storage.join(stage_dir, DAMAGED, f"{bad}.{time.strftime('%Y%m%d-%H%M%S')}")
+                storage.makedirs(storage.dirname(dest))
+                storage.move(storage.join(str(mgr.directory), str(bad)), dest)
                 logging.warning("%s: moved the unreadable checkpoint step %d to %s", name, bad, dest)
         sharding.sync_processes(f"{name}_damaged_checkpoints")
         mgr.reload()  # forget the moved steps
@@ -383,7 +381,7 @@ def run_stage(
     cache_fields: what of the records' cache the batches carry (build.cache_fields).
     """
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = storage.join(workdir, name)
     if preemption.requested():  # a notice that arrived after the previous stage's last step
         raise preemption.Preempted(f"{name}: not started: a preemption notice arrived. Run the same command to resume.")
     sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
@@ -408,7 +406,7 @@ def run_stage(
         cache_fields=cache_fields,
     )
 
-    mgr = checkpoint_manager(os.path.join(stage_dir, "checkpoints"), tcfg)
+    mgr = checkpoint_manager(storage.join(stage_dir, "checkpoints"), tcfg)
     state, latest, mgr = restore_newest_readable(mgr, state, state_sharding, data_iter, stage_dir, name)
     if latest is not None:
         logging.info("%s: resumed from step %d (%s)", name, latest, mgr.directory)
@@ -425,25 +423,22 @@ def run_stage(
         donate_argnums=(0,),
     )
     is_main = jax.process_index() == 0
-    writer = logging_utils.MetricWriter(os.path.join(stage_dir, "tensorboard"), enabled=is_main)
+    writer = logging_utils.MetricWriter(storage.join(stage_dir, "tensorboard"), enabled=is_main)
     progress = logging_utils.Progress(tcfg.num_steps, start_step=start, every_n_steps=tcfg.log_every, name=name)
     pending = []  # (step, device metrics) not yet checked on the host
     first_batch = sharding.put_batch(next(data_iter), mesh, rules)
     step_fn, compile_stats = compile_step(step_jit, state, first_batch, mesh, rules, name=name)
     if is_main:
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "compile.json"), "w") as f:
-            json.dump(
-                dict(
-                    compile_stats,
-                    devices=jax.device_count(),
-                    mesh=dict(mesh.shape),
-                    batch_size=tcfg.batch_size,
-                    grad_accum_steps=accum,
-                ),
-                f,
-                indent=2,
-            )
+        storage.write_json(
+            storage.join(stage_dir, "compile.json"),
+            dict(
+                compile_stats,
+                devices=jax.device_count(),
+                mesh=dict(mesh.shape),
+                batch_size=tcfg.batch_size,
+                grad_accum_steps=accum,
+            ),
+        )
 
     def flush_pending():
         bad = _first_nonfinite(pending)
@@ -521,20 +516,16 @@ DATA_STATS = "data.json"
 
 def write_data_stats(stage_dir: str, step: int, skipped: int) -> None:
     """The stage's data counts at its latest checkpoint (metrics.json gathers them)."""
-    tmp = os.path.join(stage_dir, DATA_STATS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": int(step), "skipped_records": int(skipped)}, f)
-    os.replace(tmp, os.path.join(stage_dir, DATA_STATS))
+    storage.write_json(storage.join(stage_dir, DATA_STATS), {"step": int(step), "skipped_records": int(skipped)})
 
 
 def data_stats(workdir: str) -> dict:
     """{stage: its data counts} of the stages trained in `workdir`."""
     out = {}
-    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-        path = os.path.join(workdir, name, DATA_STATS)
-        if os.path.isfile(path):
-            with open(path) as f:
-                out[name] = json.load(f)
+    for name in storage.listdir(workdir):
+        path = storage.join(workdir, name, DATA_STATS)
+        if storage.isfile(path):
+            out[name] = storage.read_json(path)
     return out
 
 
@@ -542,7 +533,7 @@ def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: 
     """The final state of a completed stage (error if it is not complete)."""
     tx, _ = make_optimizer(tcfg)
     state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
-    mgr = checkpoint_manager(os.path.join(workdir, name, "checkpoints"), tcfg)
+    mgr = checkpoint_manager(storage.join(workdir, name, "checkpoints"), tcfg)
     latest = mgr.latest_step()
     if latest is None or latest < tcfg.num_steps:
         raise FileNotFoundError(

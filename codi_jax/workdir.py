@@ -9,10 +9,17 @@ import tempfile
 
 import numpy as np
 
+from codi_jax import storage
+
 
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
-    """Fail at once, in one line, if `workdir` cannot be created or written."""
+    """Fail at once, in one line, if `workdir` (a folder or a gs:// URL) cannot be created or written."""
     try:
+        if storage.is_remote(workdir):
+            probe = storage.join(workdir, f".write_test_{os.getpid()}")
+            storage.write_bytes(probe, b"")
+            storage.remove(probe)
+            return
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
             pass
@@ -28,6 +35,8 @@ def compilation_cache_dir(setting: str, workdir: str) -> str:
     by the runs beside it), '' = none, else the folder given."""
     if setting != "auto":
         return setting
+    if storage.is_remote(workdir):
+        return storage.join(storage.dirname(workdir), CACHE_FOLDER)
     parent = os.path.dirname(os.path.normpath(os.path.abspath(workdir)))
     return os.path.join(parent, CACHE_FOLDER)
 
@@ -78,8 +87,7 @@ def _alive(holder: dict) -> bool:
 
 def _read_lock(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(path)
     except (OSError, ValueError):
         return {}  # half-written or unreadable: no holder can be named
 
@@ -95,28 +103,23 @@ def acquire_lock(workdir: str, break_lock: bool = False) -> str:
 
     from absl import logging
 
-    path = os.path.join(workdir, LOCK_FILE)
+    path = storage.join(workdir, LOCK_FILE)
     host, pid = socket.gethostname(), os.getpid()
     me = dict(host=host, pid=pid, proc_start=_proc_start(pid), started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not storage.create_exclusive(path, json.dumps(me).encode()):
             holder = _read_lock(path)
             same_host = holder.get("host") == host
             if break_lock or (same_host and not _alive(holder)):
                 why = "--break_lock" if break_lock else "its process is gone"
                 logging.warning("taking over the stale lock %s (%s): %s", path, why, holder)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                storage.remove(path)
                 continue
             raise WorkdirBusyError(
                 f"--workdir={workdir} is in use by the job on host {holder.get('host', '?')}, pid "
                 f"{holder.get('pid', '?')}, started {holder.get('started', '?')} ({path}); stop that job, or "
                 f"if it is gone rerun with --break_lock"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+            )
         return path
     raise WorkdirBusyError(f"--workdir={workdir}: could not take {path} (another job keeps taking it)")
 
@@ -124,8 +127,7 @@ def acquire_lock(workdir: str, break_lock: bool = False) -> str:
 def release_lock(path: str) -> None:
     """Remove the lock if this process still holds it."""
     if _read_lock(path).get("pid") == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        storage.remove(path)
 
 
 @contextlib.contextmanager

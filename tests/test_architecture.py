@@ -12,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is that of the longest prefix listed. Within one layer a module may
 # import another only from its own package (models.unet -> models.layers); across packages, only downwards.
 LAYERS = (
+    ("storage", ("codi_jax.storage",)),
     (
         "core",
         (

@@ -5,6 +5,7 @@ one job per workdir; a repeated job reads its compiled programs back; a profiler
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,11 +24,11 @@ from tests.test_train import _params, _teacher_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The smoke job with a CoDi stage long enough to be interrupted part-way (checkpoints every 10 steps).
+# The smoke job with a CoDi stage long enough to be interrupted part-way (checkpoints every 5 steps).
 JOB = [
     "--config=configs/sr.py:smoke",
-    "--config.codi.train.num_steps=40",
-    "--config.codi.train.checkpoint_every=10",
+    "--config.codi.train.num_steps=20",
+    "--config.codi.train.checkpoint_every=5",
     "--config.codi.train.log_every=1",
     "--config.eval.previews=False",
 ]
@@ -75,10 +76,10 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     cached = os.listdir(tmp_path / workdir_lib.CACHE_FOLDER)
     assert cached
 
-    # SIGTERM at CoDi step 13, a second one while the preemption checkpoint is being written.
+    # SIGTERM at CoDi step 7, a second one while the preemption checkpoint is being written.
     work, log = str(tmp_path / "preempted"), []
     proc = _start(work)
-    _wait_for(proc, "codi step 13/40", log)
+    _wait_for(proc, "codi step 7/20", log)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _wait_for(proc, "preemption notice: saving step", log)
@@ -91,8 +92,9 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     stopped = [ln for ln in rest.splitlines() if ln.startswith("stopped:")]
     assert len(stopped) == 1 and "Run the same command to resume" in stopped[0]
     assert "Traceback" not in "".join(log)
+    notice = re.search(r"preemption notice: saving step (\d+)", "".join(log))
     saved = _checkpoints(work)
-    assert saved[-1] >= 13 and saved[-1] % 10 != 0 and not os.path.exists(os.path.join(work, "metrics.json"))
+    assert saved[-1] == int(notice.group(1)) >= 7 and not os.path.exists(os.path.join(work, "metrics.json"))
     # Every checkpoint left reads back whole (the second signal did not corrupt any).
     for step in saved:
         meta = ocp.StandardCheckpointer().metadata(os.path.join(work, "codi", "checkpoints", str(step), "state"))

@@ -214,7 +214,7 @@ def test_save_grid_layout_and_nearest_upscale(tmp_path):
     gt = rng.integers(0, 256, size=(rows, 32, 32, 1), dtype=np.uint8)
     path = tmp_path / "nested" / "dir" / "grid.png"
     out = grids.save_grid(path, [("LR", lr), ("pred", pred), ("GT", gt)])
-    assert out == path and path.exists()
+    assert out == str(path) and path.exists()
 
     img = np.asarray(Image.open(path).convert("RGB"))
     g, head = grids.GUTTER, grids.header_height()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from codi_jax import sampling
+from codi_jax import sampling, storage
 from codi_jax.evaluation import grids, metrics
 
 METHOD_LABELS = {"codi": "CoDi", "finetune": "finetuned", "gd": "GD"}
@@ -273,7 +272,7 @@ def evaluate_task(
     columns.append((ref_label, hr))
     k = min(ecfg.grid_examples, n)
     grid_path = grids.save_grid(
-        os.path.join(out_dir, "grids", f"{task}_grid.png"), [(name, as_rgb(x[:k])) for name, x in columns]
+        storage.join(out_dir, "grids", f"{task}_grid.png"), [(name, as_rgb(x[:k])) for name, x in columns]
     )
     report = {
         "task": task,

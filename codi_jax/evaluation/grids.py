@@ -12,12 +12,14 @@ so a column's width is round(w * row_height / h).
 
 from __future__ import annotations
 
+import io
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from codi_jax import storage
 
 __all__ = ["GUTTER", "to_uint8", "header_height", "save_grid", "read_cells"]
 
@@ -96,7 +98,7 @@ def save_grid(
     columns: Sequence[tuple[str, np.ndarray]],
     *,
     upscale_to: int | None = None,
-) -> pathlib.Path:
+) -> str:
     """Writes a labelled image grid PNG and returns its path.
 
     Args:
@@ -145,16 +147,13 @@ def save_grid(
         draw.text((x0 + max(0, (w - tw) // 2), GUTTER + _HEADER_PAD), text, fill=(0, 0, 0), font=font)
         x0 += w + GUTTER
 
-    path = pathlib.Path(os.fspath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+    return storage.save_with(os.fspath(path), lambda f: image.save(f, format="PNG"))
 
 
 def read_cells(path, cell: int) -> np.ndarray:
     """The images of a grid that `save_grid` wrote with square cells of side `cell` (its row height),
     as uint8 [columns, rows, cell, cell, 3]: a finished run's pictures, back from its PNG."""
-    image = np.asarray(Image.open(os.fspath(path)).convert("RGB"))
+    image = np.asarray(Image.open(io.BytesIO(storage.read_bytes(os.fspath(path)))).convert("RGB"))
     height, width, _ = image.shape
     y_first = GUTTER + header_height() + GUTTER
     cols, extra_w = divmod(width - GUTTER, cell + GUTTER)

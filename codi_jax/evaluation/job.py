@@ -17,16 +17,15 @@ writes the summary.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
-import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from codi_jax import build, runs, sampling
+from codi_jax import build, runs, sampling, storage
 from codi_jax import workdir as workdir_lib
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
@@ -42,7 +41,7 @@ def validate(ecfg) -> None:
 
 
 def _key_path(out_dir, key, ext):
-    return os.path.join(out_dir, "entries", f"{key}.{ext}")
+    return storage.join(out_dir, "entries", f"{key}.{ext}")
 
 
 def run(ecfg, workdir: str) -> dict | None:
@@ -58,7 +57,7 @@ def run(ecfg, workdir: str) -> dict | None:
             )
         run_cfg.text.guidance_scale = float(ecfg.guidance_scale)
     workdir_lib.check_workdir(workdir)
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = storage.join(workdir, "eval")
     model = build.build_model(run_cfg, workdir)
     run_cfg = model.config
     params, frozen, step = runs.restore_final(run_cfg, ecfg.checkpoint, ecfg.method, model=model)
@@ -80,7 +79,6 @@ def run(ecfg, workdir: str) -> dict | None:
     method = run_cfg.method
     entries = list(itertools.product(ecfg.samplers, ecfg.steps))
     mine = entries[ecfg.shard :: ecfg.num_shards]
-    os.makedirs(os.path.join(out_dir, "entries"), exist_ok=True)
     logging.info(
         "eval job: %s (method %s, %s step %d), %d crops of split %r; entries %d of %d (shard %d/%d)",
         ecfg.checkpoint,
@@ -109,7 +107,7 @@ def run(ecfg, workdir: str) -> dict | None:
     t_job = time.perf_counter()
     for i, (sampler, num_steps) in enumerate(mine):
         key = evaluate.result_key(method, sampler, num_steps)
-        if os.path.exists(_key_path(out_dir, key, "json")):
+        if storage.exists(_key_path(out_dir, key, "json")):
             logging.info("eval job: %s done already; skipped", key)
             continue
         t0 = time.perf_counter()
@@ -117,11 +115,9 @@ def run(ecfg, workdir: str) -> dict | None:
             denoiser, sampler, num_steps, draw, batch, ecfg, run_cfg.task, run_cfg.data
         )
         result = dict(metrics, sampler=sampler, steps=num_steps, wall_s=round(time.perf_counter() - t0, 2))
-        np.savez_compressed(_key_path(out_dir, key, "npz"), samples=grids.to_uint8(samples[:k]))
-        tmp = _key_path(out_dir, key, "json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, _key_path(out_dir, key, "json"))  # an entry exists only once it is complete
+        save = functools.partial(np.savez_compressed, samples=grids.to_uint8(samples[:k]))
+        storage.save_with(_key_path(out_dir, key, "npz"), save)
+        storage.write_json(_key_path(out_dir, key, "json"), result)  # an entry exists only once it is complete
         done = i + 1
         eta = (time.perf_counter() - t_job) / done * (len(mine) - done)
         logging.info(
@@ -140,7 +136,7 @@ def run(ecfg, workdir: str) -> dict | None:
 def summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg):
     run_dir = ecfg.checkpoint
     keys = [(evaluate.result_key(method, s, n), s, n) for s, n in entries]
-    missing = [key for key, _, _ in keys if not os.path.exists(_key_path(out_dir, key, "json"))]
+    missing = [key for key, _, _ in keys if not storage.exists(_key_path(out_dir, key, "json"))]
     if missing:
         logging.info("eval job: %d entries still missing (other shards?): %s", len(missing), missing)
         return None
@@ -151,9 +147,8 @@ def summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg):
     columns = [(label, x[:k]) for label, x in inputs]
     series = {}
     for key, sampler, n in keys:
-        with open(_key_path(out_dir, key, "json")) as f:
-            results[key] = json.load(f)
-        with np.load(_key_path(out_dir, key, "npz")) as z:
+        results[key] = storage.read_json(_key_path(out_dir, key, "json"))
+        with np.load(io.BytesIO(storage.read_bytes(_key_path(out_dir, key, "npz")))) as z:
             columns.append((evaluate.column_label(method, sampler, n), z["samples"]))
         series.setdefault(
             f"{evaluate.METHOD_LABELS.get(method, method)} {sampling.SAMPLER_LABELS[sampler]}", []
@@ -166,14 +161,13 @@ def summarize(out_dir, method, entries, batch, k, ecfg, step, run_cfg):
         "method": method,
         "num_examples": int(batch["image"].shape[0]),
         "metrics": results,
-        "grid": str(grids.save_grid(os.path.join(out_dir, "grid.png"), columns)),
+        "grid": str(grids.save_grid(storage.join(out_dir, "grid.png"), columns)),
         "plot": plots.metrics_vs_steps(
             series,
-            os.path.join(out_dir, "metrics_vs_steps.png"),
-            title=f"{os.path.basename(os.path.normpath(run_dir))} ({method})",
+            storage.join(out_dir, "metrics_vs_steps.png"),
+            title=f"{storage.basename(run_dir)} ({method})",
         ),
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"eval: {os.path.join(out_dir, 'metrics.json')}\neval: {report['grid']}\neval: {report['plot']}")
+    storage.write_json(storage.join(out_dir, "metrics.json"), report)
+    print(f"eval: {storage.join(out_dir, 'metrics.json')}\neval: {report['grid']}\neval: {report['plot']}")
     return report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from codi_jax import storage
 
 PLOTTED = (("psnr", "PSNR (higher is better)"), ("swd_mean", "Laplacian SWD (lower is better)"))
 
@@ -35,7 +35,6 @@ def metrics_vs_steps(series: dict, path: str, title: str = "") -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    storage.save_with(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path

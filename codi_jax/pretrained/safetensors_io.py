@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from codi_jax import storage
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -29,26 +31,35 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+def _parse_header(path: str, raw8: bytes, size: int, read) -> tuple[dict, int]:
+    if len(raw8) != 8:
+        raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw8)
+    if n > size - 8:
+        raise ValueError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+    try:
+        return json.loads(read(n)), 8 + n
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+
+
 def read_header(path: str) -> dict:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets)."""
+    if storage.is_remote(path):
+        data = storage.read_bytes(path)
+        return _parse_header(path, data[:8], len(data), lambda n: data[8 : 8 + n])[0]
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > os.path.getsize(path) - 8:
-            raise ValueError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
-        try:
-            return json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+        return _parse_header(path, f.read(8), os.path.getsize(path), f.read)[0]
 
 
 def load(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file, in their stored dtypes (memory-mapped, then copied)."""
-    header = read_header(path)
-    start = 8 + struct.unpack("<Q", open(path, "rb").read(8))[0]
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    """All tensors of a safetensors file, in their stored dtypes (local files memory-mapped, then copied;
+    gs:// objects read whole)."""
+    if storage.is_remote(path):
+        data = np.frombuffer(storage.read_bytes(path), dtype=np.uint8)
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    header, start = _parse_header(path, data[:8].tobytes(), len(data), lambda n: data[8 : 8 + n].tobytes())
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -62,7 +73,7 @@ def load(path: str) -> dict[str, np.ndarray]:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    """Write tensors as a safetensors file (written to a temporary name, then renamed)."""
+    """Write tensors as a safetensors file, whole or not at all (storage.write_bytes)."""
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
         arr = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
@@ -80,10 +91,8 @@ def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | N
         header["__metadata__"] = dict(metadata)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with storage.atomic_writer(path) as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for blob in blobs:
             f.write(blob)
-    os.replace(tmp, path)

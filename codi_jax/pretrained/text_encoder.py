@@ -26,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from codi_jax import storage
 from codi_jax.models import clip_text
 from codi_jax.pretrained import diffusers_folder
 
@@ -161,8 +164,10 @@ def make_encoder(config, prompts: Sequence[str], cache_dir: str) -> TextEncoder:
     """The text encoder that `config.text.encoder` names (see the module docstring)."""
     tcfg = config.text
     if tcfg.encoder == "tiny":
+        # transformers reads a tokenizer from a local folder: a gs:// workdir's goes to a temporary one
+        local = tempfile.mkdtemp(prefix="codi_tiny_tokenizer_") if storage.is_remote(cache_dir) else cache_dir
         return tiny_encoder(
-            tcfg, prompt_words(list(prompts) + [tcfg.negative_prompt]), os.path.join(cache_dir, "tiny_tokenizer")
+            tcfg, prompt_words(list(prompts) + [tcfg.negative_prompt]), os.path.join(local, "tiny_tokenizer")
         )
     if tcfg.encoder == "pretrained":
         if not config.teacher.pretrained_path:
@@ -182,13 +187,11 @@ def prompt_table(encoder: TextEncoder, prompts: Sequence[str], cache_dir: str | 
         )
     rows = [""] + list(prompts)
     key = hashlib.sha1(json.dumps([encoder.name, encoder.max_length, rows]).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"prompts_{key}.npy") if cache_dir else None
-    if path and os.path.isfile(path):
-        return np.load(path)
+    path = storage.join(cache_dir, f"prompts_{key}.npy") if cache_dir else None
+    if path and storage.isfile(path):
+        return np.load(io.BytesIO(storage.read_bytes(path)))
     table = encoder.embed(rows)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(path + ".tmp.npy", table)
-        os.replace(path + ".tmp.npy", path)
+        storage.save_with(path, lambda f: np.save(f, table))
     logging.info("prompt embeddings: %d prompts -> %s", len(prompts), table.shape)
     return table
