@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# gcsfs, imported on the first gs:// path, reads this once: no gRPC probe of each bucket (~60 s against
+# the tests' local GCS emulator, tests/gcs.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 import jax  # noqa: E402
 
 # Many tests compile the same small train step; a persistent cache shares the work.
