@@ -21,7 +21,7 @@ import uuid
 
 from etils import epath
 
-REMOTE_PREFIXES = ("gs://", "s3://")
+REMOTE_PREFIXES = ("gs://",)  # Cloud Storage; other stores epath knows would need their own lock primitive
 
 
 def is_remote(p) -> bool:
@@ -91,11 +91,6 @@ def makedirs(p) -> None:
 def remove(p, missing_ok: bool = True) -> None:
     with contextlib.suppress(FileNotFoundError) if missing_ok else contextlib.nullcontext():
         path(p).unlink()
-
-
-def rmtree(p) -> None:
-    if isdir(p):
-        path(p).rmtree()
 
 
 def move(src, dst) -> None:
@@ -187,8 +182,6 @@ def create_exclusive(p, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
-    if not str(p).startswith("gs://"):
-        raise NotImplementedError(f"{p}: exclusive create is implemented for local paths and gs:// only")
     from google.api_core import exceptions
     from google.cloud import storage as gcs
 

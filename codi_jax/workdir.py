@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
@@ -14,15 +13,10 @@ from codi_jax import storage
 
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:
     """Fail at once, in one line, if `workdir` (a folder or a gs:// URL) cannot be created or written."""
+    probe = storage.join(workdir, f".write_test_{os.getpid()}")
     try:
-        if storage.is_remote(workdir):
-            probe = storage.join(workdir, f".write_test_{os.getpid()}")
-            storage.write_bytes(probe, b"")
-            storage.remove(probe)
-            return
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
+        storage.write_bytes(probe, b"")  # creates the folder too
+        storage.remove(probe)
     except OSError as e:
         raise PermissionError(f"{flag}={workdir} is not writable: {e.strerror or e}") from None
 
