@@ -70,6 +70,13 @@ def listdir(p) -> list[str]:
     return sorted(c.name for c in d.iterdir()) if d.is_dir() else []
 
 
+def subfolders(p) -> list[str]:
+    """The names of the folders directly in `p`, sorted, hidden ones left out (one listing)."""
+    for _, dirs, _ in path(p).walk():
+        return sorted(d for d in dirs if not d.startswith("."))
+    return []
+
+
 def glob(pattern: str) -> list[str]:
     """Paths matching `pattern` (wildcards in any of its parts), sorted."""
     if not is_remote(pattern):
@@ -82,6 +89,33 @@ def glob(pattern: str) -> list[str]:
         return [pattern] if exists(pattern) else []
     base, rel = "/".join(parts[: wild[0]]), "/".join(parts[wild[0] :])
     return sorted(str(q) for q in path(base).glob(rel))
+
+
+def walk_files(root, recursive: bool = True) -> list[str]:
+    """Every file under folder `root` (any depth, or only its own if not `recursive`), as sorted paths
+    relative to it, '/'-separated; hidden files and folders (a leading '.') left out."""
+    key = lambda p: str(p).removeprefix("gs://").rstrip("/")  # gs:// walks name folders without the scheme
+    base = key(path(root))
+    out = []
+    for folder, dirs, files in path(root).walk():
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        rel = key(folder)[len(base) :].strip("/")
+        out += [f"{rel}/{f}" if rel else f for f in files if not f.startswith(".")]
+    return sorted(out)
+
+
+def upload(local: str, p) -> None:
+    """Copy the local file `local` to `p` (local or remote) in 16 MiB pieces: large files (shards) without
+    holding them in memory. Not atomic remotely: callers mark completion with a small file after it."""
+    if not is_remote(p):
+        import shutil
+
+        makedirs(dirname(os.path.abspath(p)))
+        shutil.copyfile(local, p)
+        return
+    with open(local, "rb") as src, path(p).open("wb") as dst:
+        while block := src.read(16 << 20):
+            dst.write(block)
 
 
 def makedirs(p) -> None:

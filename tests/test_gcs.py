@@ -1,5 +1,6 @@
-"""Every output of a run in a Cloud Storage bucket: the smoke job with --workdir=gs://..., its rerun,
-the evaluation job and the sampler reading it, against a real GCS JSON API on 127.0.0.1 (tests/gcs.py)."""
+"""Runs and datasets in a Cloud Storage bucket, against a real GCS JSON API on 127.0.0.1 (tests/gcs.py):
+every dataset layout prepared from and to the bucket, sources read from it, and the smoke job trained on
+the bucket's shards with --workdir=gs://..., its rerun, the evaluation job and the sampler reading it."""
 
 import json
 import os
@@ -12,6 +13,9 @@ from PIL import Image
 
 from codi_jax import storage
 from codi_jax import workdir as workdir_lib
+from codi_jax.data import catalog, examples, prepare, records
+from codi_jax.data.sources import Corrupt
+from configs.data import get_data_config
 from tests import gcs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,11 +54,81 @@ def test_small_files_round_trip_and_a_lock_is_taken_once(bucket):
     assert not storage.exists(path)
 
 
+def _upload_tree(local: str, remote: str) -> None:
+    for rel in storage.walk_files(local):
+        storage.upload(os.path.join(local, rel), f"{remote}/{rel}")
+
+
+def _same_records(a, b, n: int) -> None:
+    assert len(a) == len(b)
+    for i in range(min(n, len(a))):
+        ra, rb = a[i], b[i]
+        if isinstance(ra, Corrupt):  # an input that does not decode, named by its path
+            assert isinstance(rb, Corrupt) and ra.reason.split(":")[0] == rb.reason.split(":")[0], i
+        elif isinstance(ra, dict):
+            assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra), i
+        else:
+            np.testing.assert_array_equal(ra, rb)
+
+
+@pytest.mark.heavy(30)
+def test_every_layout_in_a_bucket_prepares_into_the_bucket_as_it_does_locally_and_reads_back(bucket, tmp_path):
+    """The inputs uploaded to the bucket become, with --input and --output gs:// URLs, the same shards
+    (content hash) a local preparation makes; the shards, an image folder and the paired datasets read
+    from the bucket give the local records."""
+    local = str(tmp_path / "in")
+    inputs = {
+        "folder": examples.write_folder(f"{local}/folder"),  # with a broken and an empty file
+        "edit_jsonl": examples.write_edit_jsonl(local, n=4),  # with a missing image
+        "ip2p_folder": examples.write_ip2p(f"{local}/ip2p", n=4),
+        "depth_folder": examples.write_depth(f"{local}/depth", n=4),
+        "webdataset": examples.write_webdataset(f"{local}/wds", n=6),
+    }
+    _upload_tree(local, f"{bucket}/in")
+    for layout, path in inputs.items():
+        here = prepare.prepare(path, layout, str(tmp_path / "out" / layout), records_per_shard=4)
+        there_dir = f"{bucket}/out/{layout}"
+        there = prepare.prepare(f"{bucket}/in/{os.path.relpath(path, local)}", layout, there_dir, records_per_shard=4)
+        assert there["content_hash"] == here["content_hash"] and len(there["shards"]) == len(here["shards"]), layout
+        assert there["num_skipped"] == here["num_skipped"] and there["num_texts"] == here["num_texts"], layout
+        assert storage.isfile(f"{there_dir}/{records.SKIPPED_LOG}") and storage.listdir(f"{there_dir}/parts")
+        _same_records(
+            records.RecordSource(records.read_manifest(there_dir)),
+            records.RecordSource(records.read_manifest(str(tmp_path / "out" / layout))),
+            3,
+        )
+
+    # Training sources that read the files themselves (no preparation), from the bucket.
+    def source(update):
+        c = get_data_config()
+        c.update(eval_fraction=0.25, image_downscale=1, **update)
+        return catalog.make_source(c, "train", "edit" if c.source == "edit_jsonl" else "")
+
+    for update in (
+        dict(source="folder", folder="{}/folder"),
+        dict(source="edit_jsonl", pairs_file="{}/edits.jsonl"),
+        dict(source="depth_folder", folder="{}/depth"),
+    ):
+        there = source({k: v.format(f"{bucket}/in") if "{}" in v else v for k, v in update.items()})
+        _same_records(there, source({k: v.format(local) if "{}" in v else v for k, v in update.items()}), 3)
+
+
 @pytest.mark.heavy(120)
-def test_a_job_in_a_bucket_trains_resumes_and_is_evaluated_and_sampled_from_it(bucket, tmp_path):
+def test_a_job_in_a_bucket_trains_on_its_shards_resumes_and_is_evaluated_and_sampled_from_it(bucket, tmp_path):
+    data = f"{bucket}/data/photos"  # shards prepared into the bucket from a folder there
+    _upload_tree(examples.write_folder(str(tmp_path / "photos")), f"{bucket}/photos")
+    assert prepare.prepare(f"{bucket}/photos", "folder", data, records_per_shard=5)["num_records"] == 12
     run = f"{bucket}/runs/smoke"
-    job = ["--config=configs/sr.py:smoke", "--config.eval.previews=False", f"--workdir={run}"]
-    _run("codi_jax.main", *job)
+    job = [
+        "--config=configs/sr.py:smoke",
+        "--config.eval.previews=False",
+        "--config.data.source=array_record",
+        f"--config.data.path={data}",
+        "--config.data.eval_fraction=0.25",
+        f"--workdir={run}",
+    ]
+    first = _run("codi_jax.main", *job)
+    assert f"training data: 9 records of RecordSource({data!r}" in first.stderr  # 12 minus 3 held out
     saved = storage.read_json(f"{run}/metrics.json")
     assert set(saved["metrics"]) == {"bicubic", "codi_1step", "codi_2step"}
     assert storage.isfile(saved["grid"]) and saved["grid"].startswith(run)

@@ -10,22 +10,23 @@ The model runs in PyTorch on the CPU (torch must be installed; it is in the test
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from codi_jax import storage
+
 
 def estimate_missing(image_files, depth_dir: str, model_path: str) -> list[str]:
     """Write depth/<stem>.png for every image lacking a map; returns the written paths."""
+    present = set(storage.listdir(depth_dir))  # one listing (the folder may be a gs:// URL)
     todo = [
         f
         for f in image_files
-        if not any(
-            os.path.isfile(os.path.join(depth_dir, os.path.splitext(os.path.basename(f))[0] + ext))
-            for ext in (".npy", ".png")
-        )
+        if not any(os.path.splitext(storage.basename(f))[0] + ext in present for ext in (".npy", ".png"))
     ]
     if not todo:
         return []
@@ -40,10 +41,9 @@ def estimate_missing(image_files, depth_dir: str, model_path: str) -> list[str]:
         raise ImportError(f"config data.depth.model_path needs PyTorch to run the depth model: {e}") from None
     model = transformers.AutoModelForDepthEstimation.from_pretrained(model_path, local_files_only=True).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(model_path, local_files_only=True)
-    os.makedirs(depth_dir, exist_ok=True)
     written = []
     for i, path in enumerate(todo):
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
             rgb = im.convert("RGB")
         with torch.no_grad():
             pred = model(**processor(images=rgb, return_tensors="pt")).predicted_depth  # [1, h, w] inverse depth
@@ -52,9 +52,9 @@ def estimate_missing(image_files, depth_dir: str, model_path: str) -> list[str]:
             )[0, 0].numpy()
         lo, hi = float(pred.min()), float(pred.max())
         scaled = np.round((pred - lo) / max(hi - lo, 1e-12) * 65535.0).astype(np.uint16)
-        out = os.path.join(depth_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(scaled).save(out + ".tmp.png")
-        os.replace(out + ".tmp.png", out)
+        out = storage.join(depth_dir, os.path.splitext(storage.basename(path))[0] + ".png")
+        png = Image.fromarray(scaled)
+        storage.save_with(out, lambda f, png=png: png.save(f, format="PNG"))
         written.append(out)
         if (i + 1) % 50 == 0 or i + 1 == len(todo):
             logging.info("depth model: %d/%d maps written to %s", i + 1, len(todo), depth_dir)

@@ -26,8 +26,8 @@ The last ceil(`data.eval_fraction` * N) records (sorted by name) are held out fo
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,16 +35,19 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from codi_jax import storage
 from codi_jax.data import sources
 
 PAIRED_SOURCES = ("edit_jsonl", "ip2p_folder", "depth_folder", "tfds")
 
 
 def _image(path: str, factor: float, what: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: {path} does not exist")
     try:
-        with Image.open(path) as im:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{what}: {path} does not exist") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             arr = sources.to_rgb_uint8(ImageOps.exif_transpose(im))
     except (OSError, ValueError) as e:
@@ -54,14 +57,14 @@ def _image(path: str, factor: float, what: str) -> np.ndarray:
 
 def _inverse_depth(path: str, shape, factor: float) -> np.ndarray:
     if path.endswith(".npy"):
-        z = np.load(path).astype(np.float32)
+        z = np.load(io.BytesIO(storage.read_bytes(path))).astype(np.float32)
         if z.ndim == 3:
             z = z[..., 0]
         if np.any(z <= 0):
             raise ValueError(f"depth map {path}: depth must be > 0 (larger = farther)")
         inv = 1.0 / z
     else:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
             inv = np.asarray(im).astype(np.float32)
         if inv.ndim == 3:
             inv = inv[..., 0]
@@ -78,36 +81,35 @@ def _edit_rows(data_config) -> list[tuple[str, str, str, str]]:
     rows = []
     if data_config.source == "edit_jsonl":
         path = data_config.pairs_file
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"data.pairs_file={path!r} does not exist")
-        root = os.path.dirname(os.path.abspath(path))
-        with open(path) as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                d = json.loads(line)
-                src = d.get("input", d.get("original_image"))
-                dst = d.get("edited", d.get("edited_image"))
-                text = d.get("instruction", d.get("edit_prompt"))
-                if not src or not dst:
-                    raise ValueError(f"{path} line {i}: needs 'input' and 'edited' image paths")
-                if not text or not str(text).strip():
-                    raise ValueError(f"{path} line {i}: the edit has no instruction")
-                rows.append((f"{i:08d}", os.path.join(root, src), os.path.join(root, dst), str(text).strip()))
+        root = storage.dirname(storage.absolute(path))
+        for i, line in enumerate(storage.read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            src = d.get("input", d.get("original_image"))
+            dst = d.get("edited", d.get("edited_image"))
+            text = d.get("instruction", d.get("edit_prompt"))
+            if not src or not dst:
+                raise ValueError(f"{path} line {i}: needs 'input' and 'edited' image paths")
+            if not text or not str(text).strip():
+                raise ValueError(f"{path} line {i}: the edit has no instruction")
+            rows.append((f"{i:08d}", storage.join(root, src), storage.join(root, dst), str(text).strip()))
     else:
         folder = data_config.folder
-        if not os.path.isdir(folder):
+        if not storage.isdir(folder):
             raise FileNotFoundError(f"data.folder={folder!r} does not exist")
-        for sample in sorted(os.listdir(folder)):
-            d = os.path.join(folder, sample)
-            meta = os.path.join(d, "prompt.json")
-            if not os.path.isfile(meta):
+        for sample in storage.subfolders(folder):
+            d = storage.join(folder, sample)
+            meta = storage.join(d, "prompt.json")
+            try:
+                text = storage.read_json(meta).get("edit", "")
+            except FileNotFoundError:
                 continue
-            with open(meta) as f:
-                text = json.load(f).get("edit", "")
             if not text.strip():
                 raise ValueError(f"{meta}: the edit has no instruction ('edit')")
-            firsts = sorted(glob.glob(os.path.join(d, "*_0.*")))
+            firsts = storage.glob(storage.join(d, "*_0.*"))
             if not firsts:
                 raise FileNotFoundError(f"{d}: no <seed>_0 input image")
             stem, ext = firsts[0][: -len("_0" + os.path.splitext(firsts[0])[1])], os.path.splitext(firsts[0])[1]
@@ -120,25 +122,25 @@ def _edit_rows(data_config) -> list[tuple[str, str, str, str]]:
 def _depth_rows(data_config) -> list[tuple[str, str, str, str]]:
     """(key, image path, depth path, caption) of every image."""
     root = data_config.folder
-    images = sources.list_image_files(os.path.join(root, "images"), "data.folder/images")
-    cap_path = os.path.join(root, "captions.jsonl")
-    if not os.path.isfile(cap_path):
+    images = sources.list_image_files(storage.join(root, "images"), "data.folder/images")
+    cap_path = storage.join(root, "captions.jsonl")
+    if not storage.isfile(cap_path):
         raise FileNotFoundError(f"data.folder: {cap_path} does not exist (one caption per image)")
     if data_config.depth_model_path:  # maps made once by a depth model (codi_jax/data/depth_model.py)
         from codi_jax.data import depth_model
 
-        depth_model.estimate_missing(images, os.path.join(root, "depth"), data_config.depth_model_path)
+        depth_model.estimate_missing(images, storage.join(root, "depth"), data_config.depth_model_path)
     captions = {}
-    with open(cap_path) as f:
-        for line in f:
-            if line.strip():
-                d = json.loads(line)
-                captions[d["file"]] = str(d.get("caption", "")).strip()
+    for line in storage.read_text(cap_path).splitlines():
+        if line.strip():
+            d = json.loads(line)
+            captions[d["file"]] = str(d.get("caption", "")).strip()
+    present = set(storage.listdir(storage.join(root, "depth")))
     rows = []
     for img in images:
-        name = os.path.basename(img)
+        name = storage.basename(img)
         stem = os.path.splitext(name)[0]
-        depth = [p for p in (os.path.join(root, "depth", stem + ext) for ext in (".npy", ".png")) if os.path.isfile(p)]
+        depth = [storage.join(root, "depth", stem + ext) for ext in (".npy", ".png") if stem + ext in present]
         if not depth:
             raise FileNotFoundError(f"data.folder: no depth map depth/{stem}.npy or .png for images/{name}")
         if not captions.get(name):

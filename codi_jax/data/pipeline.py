@@ -270,6 +270,7 @@ def make_train_dataset(
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     sources.check_disjoint(data_config)
     src = catalog.make_source(data_config, "train", task, cache_fields=cache_fields)
+    logging.info("training data: %d records of %r", len(src), src)
     # grain's index_shuffle costs ~32768/n us per element (2.7 ms for n=12),
     # so shuffle blocks of >= 2**16 records (k copies of the images, each
     # image exactly k times per block) and repeat the block forever.

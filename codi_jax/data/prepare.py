@@ -21,17 +21,19 @@ are the same for any process count.
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 
 import numpy as np
 from absl import flags, logging
 
-from codi_jax import logging_utils
+from codi_jax import logging_utils, storage
 from codi_jax.data import records, sources
 
 LAYOUTS = ("folder", "edit_jsonl", "ip2p_folder", "depth_folder", "webdataset", "tfds")
@@ -43,10 +45,10 @@ class SkipInput(Exception):
 
 
 def _read(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise SkipInput(f"{path} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise SkipInput(f"{path} does not exist") from None
     if not data:
         raise SkipInput(f"{path} is empty")
     return data
@@ -64,23 +66,20 @@ class Folder:
     kind = "image"
 
     def __init__(self, path: str, **_):
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"--input={path!r} is not a folder (layout 'folder')")
-        self.root = os.path.abspath(path)
+        self.root = storage.absolute(path)
 
     def items(self):
-        out = []
-        for dirpath, dirnames, files in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in files:
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS:
-                    out.append(os.path.relpath(os.path.join(dirpath, f), self.root))
-        return sorted(out)
+        files = storage.walk_files(self.root)
+        return [f for f in files if os.path.splitext(f)[1].lower() in sources.IMAGE_EXTENSIONS]
 
     def read(self, rel: str) -> dict:
-        path = os.path.join(self.root, rel)
-        caption = os.path.splitext(path)[0] + ".txt"
-        text = open(caption).read().strip() if os.path.isfile(caption) else ""
+        path = storage.join(self.root, rel)
+        try:
+            text = storage.read_text(os.path.splitext(path)[0] + ".txt").strip()
+        except FileNotFoundError:
+            text = ""
         return {"key": rel, "image": _read(path), "text": text}
 
 
@@ -88,13 +87,13 @@ class EditJsonl:
     kind = "edit"
 
     def __init__(self, path: str, **_):
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"--input={path!r} is not a file (layout 'edit_jsonl': a JSONL file)")
-        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+        self.path, self.root = path, storage.dirname(storage.absolute(path))
 
     def items(self):
-        with open(self.path) as f:
-            return [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+        lines = storage.read_text(self.path).splitlines()
+        return [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
 
     def read(self, item) -> dict:
         i, line = item
@@ -110,8 +109,8 @@ class EditJsonl:
             raise SkipInput(f"line {i}: the edit has no instruction")
         return {
             "key": f"line {i}",
-            "image": _read(os.path.join(self.root, src)),
-            "edited": _read(os.path.join(self.root, dst)),
+            "image": _read(storage.join(self.root, src)),
+            "edited": _read(storage.join(self.root, dst)),
             "text": str(text).strip(),
         }
 
@@ -120,26 +119,25 @@ class Ip2pFolder:
     kind = "edit"
 
     def __init__(self, path: str, **_):
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"--input={path!r} is not a folder (layout 'ip2p_folder')")
-        self.root = os.path.abspath(path)
+        self.root = storage.absolute(path)
 
     def items(self):
-        return sorted(s for s in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, s)))
+        return storage.subfolders(self.root)
 
     def read(self, sample: str) -> dict:
-        d = os.path.join(self.root, sample)
-        meta = os.path.join(d, "prompt.json")
-        if not os.path.isfile(meta):
-            raise SkipInput(f"{sample}: no prompt.json")
+        d = storage.join(self.root, sample)
+        meta = storage.join(d, "prompt.json")
         try:
-            with open(meta) as f:
-                text = str(json.load(f).get("edit", "")).strip()
+            text = str(storage.read_json(meta).get("edit", "")).strip()
+        except FileNotFoundError:
+            raise SkipInput(f"{sample}: no prompt.json") from None
         except (json.JSONDecodeError, AttributeError) as e:
             raise SkipInput(f"{meta} is not a JSON object ({e})") from None
         if not text:
             raise SkipInput(f"{meta}: the edit has no instruction ('edit')")
-        firsts = sorted(glob.glob(os.path.join(d, "*_0.*")))
+        firsts = storage.glob(storage.join(d, "*_0.*"))
         if not firsts:
             raise SkipInput(f"{sample}: no <seed>_0 input image")
         stem, ext = os.path.splitext(firsts[0])
@@ -150,35 +148,35 @@ class DepthFolder:
     kind = "depth"
 
     def __init__(self, path: str, **_):
-        self.root = os.path.abspath(path)
-        cap = os.path.join(self.root, "captions.jsonl")
-        if not os.path.isdir(os.path.join(self.root, "images")) or not os.path.isfile(cap):
+        self.root = storage.absolute(path)
+        cap = storage.join(self.root, "captions.jsonl")
+        if not storage.isdir(storage.join(self.root, "images")) or not storage.isfile(cap):
             raise FileNotFoundError(f"--input={path!r} needs images/ and captions.jsonl (layout 'depth_folder')")
         self.captions = {}
-        with open(cap) as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        d = json.loads(line)
-                        self.captions[d["file"]] = str(d.get("caption", "")).strip()
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        logging.warning("%s line %d: not {'file', 'caption'}; ignored", cap, i)
+        for i, line in enumerate(storage.read_text(cap).splitlines(), start=1):
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                    self.captions[d["file"]] = str(d.get("caption", "")).strip()
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    logging.warning("%s line %d: not {'file', 'caption'}; ignored", cap, i)
+        self.depth_files = set(storage.listdir(storage.join(self.root, "depth")))  # one listing
 
     def items(self):
-        return [os.path.basename(p) for p in sources.list_image_files(os.path.join(self.root, "images"), "--input")]
+        return [storage.basename(p) for p in sources.list_image_files(storage.join(self.root, "images"), "--input")]
 
     def read(self, name: str) -> dict:
         stem = os.path.splitext(name)[0]
-        image = _read(os.path.join(self.root, "images", name))
-        npy, png = (os.path.join(self.root, "depth", stem + ext) for ext in (".npy", ".png"))
+        image = _read(storage.join(self.root, "images", name))
+        npy, png = (storage.join(self.root, "depth", stem + ext) for ext in (".npy", ".png"))
         try:
-            if os.path.isfile(npy):
-                z = np.load(npy).astype(np.float64)
+            if stem + ".npy" in self.depth_files:
+                z = np.load(io.BytesIO(storage.read_bytes(npy))).astype(np.float64)
                 z = z[..., 0] if z.ndim == 3 else z
                 if np.any(z <= 0):
                     raise SkipInput(f"depth/{stem}.npy: depth must be > 0 (larger = farther)")
                 inv = 1.0 / z
-            elif os.path.isfile(png):
+            elif stem + ".png" in self.depth_files:
                 inv = records.decode_depth(_read(png))
                 inv = inv[..., 0] if inv.ndim == 3 else inv
             else:
@@ -194,10 +192,10 @@ class Webdataset:
     kind = "image"
 
     def __init__(self, path: str, **_):
-        tars = sorted(glob.glob(os.path.join(path, "*.tar"))) if os.path.isdir(path) else sorted(glob.glob(path))
+        tars = storage.glob(storage.join(path, "*.tar")) if storage.isdir(path) else storage.glob(path)
         if not tars:
             raise FileNotFoundError(f"--input={path!r}: no .tar shards (layout 'webdataset')")
-        self.tars = [os.path.abspath(t) for t in tars]
+        self.tars = [storage.absolute(t) for t in tars]
         self._open = None  # (tar path, its open file)
 
     def items(self):
@@ -207,7 +205,7 @@ class Webdataset:
         for tar in self.tars:
             groups: dict[str, dict] = {}
             try:
-                with tarfile.open(tar) as tf:
+                with storage.open_file(tar, "rb") as f, tarfile.open(fileobj=f) as tf:
                     for m in tf:
                         if not m.isfile():
                             continue
@@ -225,7 +223,7 @@ class Webdataset:
         if self._open is None or self._open[0] != tar:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (tar, open(tar, "rb"))
+            self._open = (tar, storage.open_file(tar, "rb"))
         offset, size = where
         f = self._open[1]
         f.seek(offset)
@@ -249,7 +247,7 @@ class Webdataset:
                 text = str(json.loads(self._member(tar, members[".json"])).get("caption") or "").strip()
             except (json.JSONDecodeError, AttributeError):
                 text = ""
-        return {"key": f"{os.path.basename(tar)}:{key}", "image": self._member(tar, image[0]), "text": text}
+        return {"key": f"{storage.basename(tar)}:{key}", "image": self._member(tar, image[0]), "text": text}
 
 
 class Tfds:
@@ -350,7 +348,7 @@ DEFAULT_FEATURES = {
 def _name(item) -> str:
     """An input's name in skipped.log: a path, 'line N', 'shard.tar:key' or a tfds index."""
     if isinstance(item, tuple) and len(item) == 3:
-        return f"{os.path.basename(item[0])}:{item[1]}"
+        return f"{storage.basename(item[0])}:{item[1]}"
     if isinstance(item, tuple):
         return f"line {item[0]}"
     return str(item)
@@ -383,7 +381,7 @@ def plan_of(layout: str, input_path: str, kind: str, items: list, records_per_sh
     digest = hashlib.sha256(json.dumps(items, default=str).encode()).hexdigest()
     return dict(
         layout=layout,
-        input=os.path.abspath(input_path) if layout != "tfds" else input_path,
+        input=storage.absolute(input_path) if layout != "tfds" else input_path,
         kind=kind,
         num_inputs=len(items),
         records_per_shard=int(records_per_shard),
@@ -393,20 +391,23 @@ def plan_of(layout: str, input_path: str, kind: str, items: list, records_per_sh
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_json(path, obj, indent=1)
 
 
 class ShardWriter:
-    """One shard written to a temporary file, renamed by close(), which returns its statistics for the
+    """One shard written to a temporary file, renamed by close() (or, for a gs:// shard, written on local
+    disk and uploaded: ArrayRecord writes local files only), which returns its statistics for the
     manifest (records, sha256, skipped inputs, texts, image sizes)."""
 
     def __init__(self, path: str):
         from array_record.python.array_record_module import ArrayRecordWriter
 
-        self.path, self._tmp = path, path + ".tmp"
+        self.path = path
+        if storage.is_remote(path):
+            self._local = tempfile.mkdtemp(prefix="codi_shard_")
+            self._tmp = os.path.join(self._local, storage.basename(path))
+        else:
+            self._local, self._tmp = "", path + ".tmp"
         self._writer = ArrayRecordWriter(self._tmp, records.WRITER_OPTIONS)
         self.n, self.skipped, self.texts, self.hs, self.ws = 0, [], set(), [], []
 
@@ -422,12 +423,19 @@ class ShardWriter:
 
     def close(self) -> dict:
         self._writer.close()
-        os.replace(self._tmp, self.path)
+        digest = records.file_sha256(self._tmp)
+        if self._local:
+            try:
+                storage.upload(self._tmp, self.path)  # complete once the part's statistics are written
+            finally:
+                shutil.rmtree(self._local, ignore_errors=True)
+        else:
+            os.replace(self._tmp, self.path)
         hs, ws = self.hs, self.ws
         return dict(
-            file=os.path.basename(self.path),
+            file=storage.basename(self.path),
             records=self.n,
-            sha256=records.file_sha256(self.path),
+            sha256=digest,
             skipped=self.skipped,
             texts=sorted(self.texts),
             h=[min(hs, default=0), max(hs, default=0), int(np.sum(hs))],
@@ -451,22 +459,18 @@ def write_shard(reader, items: list, kind: str, path: str, progress=None, done_b
 def finalize(output: str, plan: dict, extra: dict | None = None) -> dict | None:
     """manifest.json, prompts.json, skipped.log from the shards' parts, once all are written (`extra`:
     more manifest fields)."""
-    parts_dir = os.path.join(output, "parts")
+    parts_dir = storage.join(output, "parts")
     n = plan["num_shards"]
-    parts = []
-    for j in range(n):
-        p = os.path.join(parts_dir, records.shard_name(j, n) + ".json")
-        if not os.path.isfile(p):
-            return None
-        with open(p) as f:
-            parts.append(json.load(f))
+    present = set(storage.listdir(parts_dir))
+    if any(records.shard_name(j, n) + ".json" not in present for j in range(n)):
+        return None
+    parts = [storage.read_json(storage.join(parts_dir, records.shard_name(j, n) + ".json")) for j in range(n)]
     shards = [{k: s[k] for k in ("file", "records", "sha256")} for s in parts if s["records"] > 0]
     total = sum(s["records"] for s in shards)
     skipped = [row for s in parts for row in s["skipped"]]
-    with open(os.path.join(output, records.SKIPPED_LOG), "w") as f:
-        f.writelines(f"{name}\t{why}\n" for name, why in skipped)
+    storage.write_text(storage.join(output, records.SKIPPED_LOG), "".join(f"{name}\t{why}\n" for name, why in skipped))
     texts = sorted({t for s in parts for t in s["texts"]} - {""})
-    write_json(os.path.join(output, records.PROMPTS), texts)
+    write_json(storage.join(output, records.PROMPTS), texts)
     hmin = min((s["h"][0] for s in parts if s["records"]), default=0)
     wmin = min((s["w"][0] for s in parts if s["records"]), default=0)
     manifest = dict(
@@ -490,7 +494,7 @@ def finalize(output: str, plan: dict, extra: dict | None = None) -> dict | None:
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     )
-    write_json(os.path.join(output, records.MANIFEST), manifest)
+    write_json(storage.join(output, records.MANIFEST), manifest)
     return manifest
 
 
@@ -538,12 +542,11 @@ def run_shards(output, plan, sizes, write, *, process_index, process_count, what
     write(j, path, progress, done_before) -> the shard's statistics, and finalize once all are there.
     `sizes[j]`: shard j's inputs, for the progress bar. Returns the manifest, or None while other
     processes still have shards to write."""
-    parts_dir = os.path.join(output, "parts")
-    os.makedirs(parts_dir, exist_ok=True)
-    plan_path = os.path.join(parts_dir, "plan.json")
-    if os.path.isfile(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
+    parts_dir = storage.join(output, "parts")
+    storage.makedirs(parts_dir)
+    plan_path = storage.join(parts_dir, "plan.json")
+    if storage.isfile(plan_path):
+        old = storage.read_json(plan_path)
         if old != plan:
             changed = sorted(k for k in plan if old.get(k) != plan[k])
             raise ValueError(
@@ -554,7 +557,8 @@ def run_shards(output, plan, sizes, write, *, process_index, process_count, what
         write_json(plan_path, plan)
     n = plan["num_shards"]
     mine = [j for j in range(n) if j % process_count == process_index]
-    todo = [j for j in mine if not os.path.isfile(os.path.join(parts_dir, records.shard_name(j, n) + ".json"))]
+    present = set(storage.listdir(parts_dir))
+    todo = [j for j in mine if records.shard_name(j, n) + ".json" not in present]
     own_inputs = sum(sizes[j] for j in todo)
     logging.info(
         "%s -> %s: %d shards, this process %d of %d writes %d (%d already complete)",
@@ -565,9 +569,9 @@ def run_shards(output, plan, sizes, write, *, process_index, process_count, what
     )
     done = 0
     for j in todo:
-        stats = write(j, os.path.join(output, records.shard_name(j, n)), progress, done)
+        stats = write(j, storage.join(output, records.shard_name(j, n)), progress, done)
         done += sizes[j]
-        write_json(os.path.join(parts_dir, records.shard_name(j, n) + ".json"), stats)
+        write_json(storage.join(parts_dir, records.shard_name(j, n) + ".json"), stats)
     manifest = finalize(output, plan, extra)
     if manifest is None:
         logging.info("prepare: this process's shards are complete; the last process to finish writes the manifest")
@@ -575,7 +579,7 @@ def run_shards(output, plan, sizes, write, *, process_index, process_count, what
     logging.info(
         "prepare: %d records in %d shards, %d inputs skipped (%s), content hash %s",
         manifest["num_records"], len(manifest["shards"]), manifest["num_skipped"],
-        os.path.join(output, records.SKIPPED_LOG), manifest["content_hash"][:16],
+        storage.join(output, records.SKIPPED_LOG), manifest["content_hash"][:16],
     )  # fmt: skip
     return manifest
 

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
-import os
 
 import msgpack
 import numpy as np
 from PIL import Image, ImageOps
 
+from codi_jax import storage
 from codi_jax.data import sources
 from codi_jax.data.sources import Corrupt
 
@@ -112,26 +111,26 @@ def decode_depth(data: bytes) -> np.ndarray:
 
 def read_manifest(path: str, config_key: str = "data.path") -> dict:
     """The manifest of a prepared folder, checked against the shards on disk (one-line errors)."""
-    folder = os.path.abspath(path)
-    mpath = os.path.join(folder, MANIFEST)
-    if not os.path.isdir(folder):
+    folder = storage.absolute(path)
+    mpath = storage.join(folder, MANIFEST)
+    if not storage.isdir(folder):
         raise FileNotFoundError(f"{config_key}={path!r}: no such folder (prepare it with codi_jax.data.prepare)")
-    if not os.path.isfile(mpath):
+    if not storage.isfile(mpath):
         raise FileNotFoundError(
             f"{config_key}={path!r} has no {MANIFEST}: not a prepared dataset, or its preparation has not finished"
         )
-    with open(mpath) as f:
-        m = json.load(f)
+    m = storage.read_json(mpath)
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise ValueError(
             f"{mpath}: format {m.get('format')!r} version {m.get('version')!r}; expected {FORMAT} {VERSION}"
         )
     if m.get("kind") not in KINDS:
         raise ValueError(f"{mpath}: field 'kind' is {m.get('kind')!r}, not one of {KINDS}")
+    present = set(storage.listdir(folder))  # one listing, not a request per shard
     total = 0
     for s in m["shards"]:
-        shard = os.path.join(folder, s["file"])
-        if not os.path.isfile(shard):
+        if s["file"] not in present:
+            shard = storage.join(folder, s["file"])
             raise FileNotFoundError(f"{config_key}: shard {shard} listed in {MANIFEST} is missing")
         total += int(s["records"])
     if total != int(m["num_records"]):
@@ -147,7 +146,7 @@ def check_shard_counts(manifest: dict) -> None:
     from array_record.python.array_record_module import ArrayRecordReader
 
     for s in manifest["shards"]:
-        path = os.path.join(manifest["folder"], s["file"])
+        path = storage.join(manifest["folder"], s["file"])
         try:
             reader = ArrayRecordReader(path)
         except Exception as e:  # array_record raises RuntimeError/ValueError with a long status text
@@ -159,11 +158,10 @@ def check_shard_counts(manifest: dict) -> None:
 
 
 def read_prompts(folder: str) -> list[str]:
-    path = os.path.join(folder, PROMPTS)
-    if not os.path.isfile(path):
+    path = storage.join(folder, PROMPTS)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path} is missing (written by codi_jax.data.prepare beside the manifest)")
-    with open(path) as f:
-        return list(json.load(f))
+    return list(storage.read_json(path))
 
 
 def content_hash(shards: list[dict]) -> str:
@@ -173,7 +171,7 @@ def content_hash(shards: list[dict]) -> str:
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -246,7 +244,7 @@ class RecordSource:
 
         self.manifest = manifest
         self.kind = manifest["kind"]
-        paths = [os.path.join(manifest["folder"], s["file"]) for s in manifest["shards"]]
+        paths = [storage.join(manifest["folder"], s["file"]) for s in manifest["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(paths)
         n = len(self._source)
         self.start, self.stop = int(start), int(n if stop is None else stop)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from codi_jax import storage
+
 _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "area": Image.Resampling.BOX,
@@ -200,17 +202,19 @@ class EmbeddedImageSource(_InMemoryImageSource):
 
 def list_image_files(path: str, config_key: str = "data.folder", recursive: bool = False) -> list[str]:
     """Image files inside `path` (and its subfolders if `recursive`; hidden ones left out), sorted by path."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(f"Image folder not found: {path!r} ({config_key}).")
-    out = []
-    for dirpath, dirnames, files in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        out += [
-            os.path.join(dirpath, f)
-            for f in files
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(out)
+    names = storage.walk_files(path, recursive)
+    return sorted(storage.join(path, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _relative(f: str, folder: str) -> str:
+    """`f` relative to `folder` (either may be a gs:// URL)."""
+    return os.path.relpath(f, folder) if not storage.is_remote(f) else f[len(str(folder).rstrip("/")) + 1 :]
+
+
+def _real(f: str) -> str:
+    return f if storage.is_remote(f) else os.path.realpath(f)
 
 
 def file_digest(data: bytes) -> str:
@@ -219,9 +223,7 @@ def file_digest(data: bytes) -> str:
 
 def decode_image_file(path: str) -> np.ndarray:
     """uint8 [H, W, 3] of an image file, fully decoded (truncated files fail here), EXIF orientation applied."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         im.load()
         return to_rgb_uint8(ImageOps.exif_transpose(im))
 
@@ -242,15 +244,13 @@ class FolderImageSource:
         resample: str = "box",
         config_key: str = "data.folder",
     ):
-        self.path = os.path.abspath(path)
+        self.path = storage.absolute(path)
         self.files = list(files) if files is not None else list_image_files(self.path, config_key, recursive=True)
         if not self.files:
             raise ValueError(f"No image files in {self.path!r} ({config_key}).")
         self.downscale_factor = downscale_factor
         self.resample = resample
-        self._list_digest = hashlib.sha1(
-            "\n".join(os.path.relpath(f, self.path) for f in self.files).encode()
-        ).hexdigest()
+        self._list_digest = hashlib.sha1("\n".join(_relative(f, self.path) for f in self.files).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -299,16 +299,15 @@ def check_disjoint(data_config) -> None:
         return  # paired datasets: the split is by record, disjoint by construction
     if data_config.source == "folder":
         train, evl = folder_split(data_config)
-        if set(map(os.path.realpath, train)) & set(map(os.path.realpath, evl)):
+        if set(map(_real, train)) & set(map(_real, evl)):
             raise ValueError("data.folder and data.eval_folder share image files.")
 
         # Same content under different names also counts as overlap: the eval files' digests are held,
         # the training files are streamed past them (memory: the eval split's size).
         def digest(f):
-            with open(f, "rb") as fh:
-                return file_digest(fh.read())
+            return file_digest(storage.read_bytes(f))
 
-        de = {digest(f): os.path.relpath(f, data_config.eval_folder or data_config.folder) for f in evl}
+        de = {digest(f): _relative(f, data_config.eval_folder or data_config.folder) for f in evl}
         common = sorted({de[d] for d in map(digest, train) if d in de})
         if common:
             raise ValueError(f"Eval images duplicate training images in data.folder: {common}.")

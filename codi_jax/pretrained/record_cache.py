@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from codi_jax import logging_utils
+from codi_jax import logging_utils, storage
 from codi_jax.data import pipeline, prepare, records, sources
 from codi_jax.models import clip_text
 from codi_jax.models import vae as vae_lib
@@ -103,7 +103,7 @@ def cache_shard(src_path: str, dst_path: str, kind: str, enc: Encoders, opts: di
 
     for i in range(len(src)):
         fields = records.decode_fields(src[i])
-        name = f"{os.path.basename(src_path)}[{i}] {fields.get('key', '')}"
+        name = f"{storage.basename(src_path)}[{i}] {fields.get('key', '')}"
         target = records.decode_rgb(fields["edited"] if kind == "edit" else fields["image"])
         target = sources.downscale(target, opts["image_downscale"], opts["downscale_resample"])
         h, w = target.shape[:2]
@@ -179,7 +179,7 @@ def cache_records(
     opts = dict(cache, batch_size=int(batch_size))
 
     def write(j, path, progress, done):
-        return cache_shard(os.path.join(m["folder"], shards[j]["file"]), path, m["kind"], enc, opts, progress, done)
+        return cache_shard(storage.join(m["folder"], shards[j]["file"]), path, m["kind"], enc, opts, progress, done)
 
     what = f"cache {input_path} ({m['num_records']} records; VAE{' and text encoder' if enc.text else ''})"
     sizes = [int(s["records"]) for s in shards]
