@@ -7,14 +7,13 @@ of them imports another (tests/test_architecture.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from codi_jax import diffusion
+from codi_jax import diffusion, storage
 from codi_jax.data import catalog, paired
 from codi_jax.data import tasks as task_data
 from codi_jax.methods import base, latent, text
@@ -58,7 +57,7 @@ def with_pretrained(config, workdir):
     pre = stable_diffusion.load(
         config.teacher.pretrained_path,
         prompt=config.teacher.prompt,
-        cache_dir=os.path.join(workdir, "cache"),
+        cache_dir=storage.join(workdir, "cache"),
         allow_pickle=config.teacher.allow_pickle,
         expect_prediction=None if prediction == "auto" else prediction,
     )
@@ -228,7 +227,7 @@ def prompt_embeddings(config, workdir: str) -> Prompts | None:
     the frozen text encoder once, cached in WORKDIR/cache) or the encoder itself, run in the step."""
     if config.task not in task_data.PROMPT_TASKS:
         return None
-    cache = os.path.join(workdir, "cache")
+    cache = storage.join(workdir, "cache")
     source = prompt_source(config)
     # the tiny encoder's tokenizer is made of the prompts' words; a real one needs no list
     task_prompts = (
@@ -265,7 +264,7 @@ def cache_fields(config, pre, factor: int, prompts: Prompts | None) -> tuple:
     if pre is None:
         logging.info("data: %s carries VAE latents, but the model is in pixel space: the cache is not used", d.path)
         return ()
-    where = f"data.path={d.path!r}: {os.path.join(d.path, 'manifest.json')} cache"
+    where = f"data.path={d.path!r}: {storage.join(d.path, 'manifest.json')} cache"
     off = "(or set data.cache='off')"
     for field, key in (("crop_size", "crop_size"), ("image_downscale", "image_downscale")):
         if float(c[field]) != float(d[key]):

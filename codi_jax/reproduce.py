@@ -15,9 +15,7 @@ tables, the spread over seeds, the ordering checks, plots, pictures and wall tim
 from __future__ import annotations
 
 import datetime
-import glob
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -28,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from codi_jax import experiment, logging_utils
+from codi_jax import experiment, logging_utils, storage
 from codi_jax.evaluation import repro_report
 from codi_jax.evaluation.repro_report import ERROR_FILE, read_times, wall_file
 
@@ -62,7 +60,7 @@ def run_config(rcfg, run, seed: int, workdir: str, teacher_dir: str):
     config.seed = seed
     config.teacher.checkpoint = teacher_dir
     if run.needs_finetune:
-        config.finetune.checkpoint = os.path.join(workdir, f"seed{seed}", "finetune")
+        config.finetune.checkpoint = storage.join(workdir, f"seed{seed}", "finetune")
     if config.method == "codi" and "eval.steps" not in dict(run.overrides):
         config.eval.steps = tuple(rcfg.few_steps)
     return config
@@ -82,27 +80,26 @@ def _ordered(rcfg, names):
 def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
     """Train and evaluate every (seed, run) not finished yet; returns the list of run dirs."""
     runs = _ordered(rcfg, names)
-    teacher_dir = teacher_checkpoint or os.path.join(workdir, "pretrained")
+    teacher_dir = teacher_checkpoint or storage.join(workdir, "pretrained")
     if not teacher_checkpoint:
         t0, c0 = time.perf_counter(), time.process_time()
         first = run_config(rcfg, runs[0], seeds[0], workdir, "")
         experiment.run(first, teacher_dir, stop_after="teacher")
         _add_wall(teacher_dir, time.perf_counter() - t0, time.process_time() - c0)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "teacher.json"), "w") as f:  # for the report
-        json.dump(
-            {
-                "dir": os.path.abspath(teacher_dir),
-                "trained_here": not teacher_checkpoint,
-                "common": [list(kv) for kv in rcfg.get("common", ())],
-            },
-            f,
-        )
+    storage.write_json(  # for the report
+        storage.join(workdir, "teacher.json"),
+        {
+            "dir": storage.absolute(teacher_dir),
+            "trained_here": not teacher_checkpoint,
+            "common": [list(kv) for kv in rcfg.get("common", ())],
+        },
+        indent=None,
+    )
     todo = [(s, r) for s in seeds for r in runs]
     failed = {}  # (seed, run name) -> one line
     for k, (seed, run) in enumerate(todo):
-        run_dir = os.path.join(workdir, f"seed{seed}", run.name)
-        if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        run_dir = storage.join(workdir, f"seed{seed}", run.name)
+        if storage.exists(storage.join(run_dir, "metrics.json")):
             continue
         if run.needs_finetune and (seed, "finetune") in failed:
             failed[(seed, run.name)] = f"not run: seed {seed}'s finetune run, which it starts from, failed"
@@ -114,18 +111,15 @@ def run_all(rcfg, workdir: str, seeds, names=(), teacher_checkpoint: str = ""):
         left = estimate_left(workdir, todo[k:])
         eta = "" if left is None else f", ETA {datetime.timedelta(seconds=int(left))}"
         print(f"reproduce: [{k + 1}/{len(todo)}] seed {seed} run {run.name}{eta}", flush=True)
-        error_file = os.path.join(run_dir, ERROR_FILE)
-        if os.path.exists(error_file):
-            os.remove(error_file)  # an earlier attempt's
+        error_file = storage.join(run_dir, ERROR_FILE)
+        storage.remove(error_file)  # an earlier attempt's, if any
         t0, c0 = time.perf_counter(), time.process_time()
         finished = False
         try:
             experiment.run(run_config(rcfg, run, seed, workdir, teacher_dir), run_dir)
             finished = True
         except Exception as e:  # one run's failure does not stop the others (Ctrl-C and kill do)
-            os.makedirs(run_dir, exist_ok=True)
-            with open(error_file, "w") as f:
-                f.write(traceback.format_exc())
+            storage.write_text(error_file, traceback.format_exc())
             failed[(seed, run.name)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(
                 f"reproduce: seed {seed} run {run.name} failed ({failed[(seed, run.name)]}); "
@@ -151,16 +145,16 @@ def estimate_left(workdir: str, todo) -> float | None:
     """Seconds the unfinished (seed, run) pairs of `todo` will take: each run's mean wall time over the
     seeds that finished it in one go, else the mean over every run so timed (None: nothing timed yet)."""
     by_run = {}
-    for path in glob.glob(os.path.join(workdir, "seed*", "*", "wall.json")):
-        run_dir = os.path.dirname(path)
-        if os.path.exists(os.path.join(run_dir, "metrics.json")):
+    for path in storage.glob(storage.join(workdir, "seed*", "*", "wall.json")):
+        run_dir = storage.dirname(path)
+        if storage.exists(storage.join(run_dir, "metrics.json")):
             wall, _, clean = read_times(path)
             if clean:
-                by_run.setdefault(os.path.basename(run_dir), []).append(wall)
+                by_run.setdefault(storage.basename(run_dir), []).append(wall)
     if not by_run:
         return None
     overall = float(np.mean([w for v in by_run.values() for w in v]))
-    pending = [r.name for s, r in todo if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))]
+    pending = [r.name for s, r in todo if not storage.exists(storage.join(workdir, f"seed{s}", r.name, "metrics.json"))]
     return sum(float(np.mean(by_run[n])) if n in by_run else overall for n in pending)
 
 
@@ -170,18 +164,13 @@ def _add_wall(run_dir, seconds, cpu_seconds, interrupted=False):
     compiled again). CPU time (the process's, all threads) leaves out time the run spent paused or the
     machine gave to other jobs; wall time does not."""
     path = wall_file(run_dir)
-    prev = {"wall_s": 0.0, "cpu_s": 0.0}
-    if os.path.exists(path):
-        with open(path) as f:
-            prev = json.load(f)
+    prev = storage.read_json(path) if storage.exists(path) else {"wall_s": 0.0, "cpu_s": 0.0}
     cpu = prev.get("cpu_s")  # None: the run began before CPU time was recorded (no partial sums)
-    os.makedirs(run_dir, exist_ok=True)
     out = {"wall_s": round(prev["wall_s"] + seconds, 1), "cpu_s": None if cpu is None else round(cpu + cpu_seconds, 1)}
     n = prev.get("interrupted", 0) + int(interrupted)
     if n:
         out["interrupted"] = n
-    with open(path, "w") as f:
-        json.dump(out, f)
+    storage.write_json(path, out, indent=None)
 
 
 def _define_flags():
@@ -219,10 +208,10 @@ def main(argv):
     # Every seed compiles the same programs again: a persistent cache makes that a lookup.
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_F["workdir"].value, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", storage.join(_F["workdir"].value, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     seeds = [int(s) for s in _F["seeds"].value] if _F["seeds"].value else list(rcfg.seeds)
-    results = _F["results"].value or os.path.join(_F["workdir"].value, "results.md")
+    results = _F["results"].value or storage.join(_F["workdir"].value, "results.md")
     failed = None
     if not _F["report_only"].value:
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import time
@@ -167,9 +168,9 @@ class AdapterSampler:
 def list_inputs(spec: str) -> list[str]:
     files = []
     for part in [p for p in spec.split(",") if p]:
-        if os.path.isdir(part):
+        if storage.isdir(part):
             files += sources.list_image_files(part, "--inputs")
-        elif os.path.isfile(part):
+        elif storage.isfile(part):
             files.append(part)
         else:
             raise FileNotFoundError(f"--inputs: {part} does not exist")
@@ -178,11 +179,15 @@ def list_inputs(spec: str) -> list[str]:
     return files
 
 
-def _read_rgb(path):
+def _open_image(path):
     from PIL import Image
 
+    return Image.open(io.BytesIO(storage.read_bytes(path)))
+
+
+def _read_rgb(path):
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             return sources.to_rgb_uint8(im)
     except OSError as e:
         raise ValueError(f"{path}: not an image this reader can decode ({e})") from None
@@ -206,12 +211,10 @@ def conditions(task: str, files: list[str], config, size: int, masks_dir: str = 
         elif task == "inpaint":
             if not masks_dir:
                 raise ValueError("task 'inpaint' needs --masks=DIR (a mask of the same name for each input)")
-            mpath = os.path.join(masks_dir, os.path.basename(path))
-            if not os.path.isfile(mpath):
+            mpath = storage.join(masks_dir, storage.basename(path))
+            if not storage.isfile(mpath):
                 raise FileNotFoundError(f"--masks: no mask {mpath} for input {path}")
-            from PIL import Image
-
-            with Image.open(mpath) as im:
+            with _open_image(mpath) as im:
                 mask = task_data.check_mask(np.asarray(im.convert("L")), img.shape, what=f"mask {mpath}")
             mask = (_resize((mask[..., 0] * 255).astype(np.uint8), size, "nearest") > 127).astype(np.float32)[..., None]
             image = _resize(img, size).astype(np.float32) / 127.5 - 1.0
@@ -234,8 +237,7 @@ def keep_known(samples: np.ndarray, cond: np.ndarray) -> np.ndarray:
 
 def read_prompts(prompt: str, prompts_file: str, n: int) -> list[str] | None:
     if prompts_file:
-        with open(prompts_file) as f:
-            lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        lines = [ln for ln in storage.read_text(prompts_file).split("\n") if ln.strip()]
         if len(lines) != n:
             raise ValueError(f"--prompts={prompts_file} has {len(lines)} prompts for {n} inputs (one per line)")
         return lines
@@ -283,7 +285,7 @@ def _main(argv):
         x = keep_known(x, cond)
     images = grids.to_uint8(x)
     for path, img in zip(files, images):
-        name = os.path.splitext(os.path.basename(path))[0] + ".png"
+        name = os.path.splitext(storage.basename(path))[0] + ".png"
         storage.save_with(storage.join(out, name), functools.partial(Image.fromarray(img).save, format="PNG"))
     print(
         f"sample: {len(files)} results of task {a.task} ({f.steps} steps) in {out}; load {t1 - t0:.1f} s, "

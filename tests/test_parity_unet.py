@@ -238,6 +238,53 @@ def test_export_round_trips_into_diffusers(tmp_path):
         export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
 
 
+def test_a_pixel_space_unet_without_text_exports_with_inert_cross_attention(tmp_path):
+    """The tiny pixel-space U-Net (no cross-attention) and its residual adapter become diffusers folders
+    whose attn2 layers are zero: PyTorch gives our outputs whatever encoder_hidden_states it is given."""
+    import ml_collections as mlc
+
+    from codi_jax.pretrained import export
+    from configs import common
+
+    cfg = common.tiny_unet()
+    acfg = mlc.ConfigDict(
+        dict(
+            fusion="residual",
+            conditioning_embedding_out_channels=(16,),
+            cond_channels=3,
+            input="sample_and_cond",
+            mu_per_feature=False,
+        )
+    )
+    model = adapter_lib.AdaptedUNet(cfg, acfg)
+    rng = np.random.default_rng(2)
+    sample, cond = (rng.standard_normal((2, 16, 16, 3)).astype(np.float32) for _ in range(2))
+    t = np.array([3, 901], np.int32)
+    params = layers.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), sample, t, cond, None)["params"])
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)]
+    )
+    written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
+    unet_pt = diffusers.UNet2DConditionModel.from_pretrained(written["unet"]).eval()
+    cn_pt = diffusers.ControlNetModel.from_pretrained(written["controlnet"]).eval()
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, sample, t, cond, None))
+    ctx = torch.randn(2, 5, export.NO_TEXT_CONTEXT_DIM)  # any context: the zero attn2 ignores it
+    with torch.no_grad():
+        down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), ctx, _nchw(cond), return_dict=False)
+        want = unet_pt(
+            _nchw(sample),
+            torch.from_numpy(t),
+            ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+    err = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
+    print(f"export round trip (pixel-space tiny U-Net, residual adapter): max abs diff {err:.2e}")
+    assert err <= TOL, err
+
+
 def test_mix_adapter_exports_in_own_format(tmp_path):
     from codi_jax.pretrained import export, safetensors_io
 

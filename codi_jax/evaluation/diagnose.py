@@ -20,14 +20,11 @@ tasks (sr, inpaint); latent and text-prompted runs are refused with a clear erro
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax import build, diffusion, runs, sampling
+from codi_jax import build, diffusion, runs, sampling, storage
 from codi_jax.data import pipeline
 from codi_jax.data import tasks as task_data
 from codi_jax.evaluation import evaluate, metrics
@@ -128,7 +125,7 @@ def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_di
         raise ValueError(
             f"--steps={list(steps)} and --eps_scales={list(eps_scales)}: each needs values, steps >= 1 and scales > 0"
         )
-    model = build.build_model(config, cache_dir or os.path.join(run_dir, "diagnose_cache"))
+    model = build.build_model(config, cache_dir or storage.join(run_dir, "diagnose_cache"))
     params, _, step = runs.restore_final(model.config, run_dir, model=model)
     den = model.method_denoiser
     ecfg = config.eval
@@ -137,7 +134,7 @@ def diagnose(run_dir: str, steps=(4, 50), eps_scales=(1.0, 1.01, 1.02), cache_di
     )
     hr, cond = np.asarray(batch["image"]), batch["cond"]
     report = {
-        "run": os.path.abspath(run_dir),
+        "run": storage.absolute(run_dir),
         "method": config.method,
         "step": int(step),
         "num_examples": int(hr.shape[0]),
@@ -205,9 +202,8 @@ def main():
         steps = [int(s) for s in f.steps]
         scales = [float(s) for s in f.eps_scales]
         report = diagnose(f.run, steps, scales)
-        path = f.out or os.path.join(f.run, "diagnose.json")
-        with open(path, "w") as fh:
-            json.dump(report, fh, indent=1)
+        path = f.out or storage.join(f.run, "diagnose.json")
+        storage.write_json(path, report, indent=1)
         print(f"\ndiagnose: report {path}")
 
     logging_utils.run_cli(run)

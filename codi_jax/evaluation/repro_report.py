@@ -7,13 +7,12 @@ times, as markdown with its pictures. Nothing here trains or samples: `--report_
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import shutil
 
 import numpy as np
 
+from codi_jax import storage
 from codi_jax.evaluation import grids as grids_lib
 from codi_jax.evaluation import plots
 
@@ -29,13 +28,12 @@ ERROR_FILE = "error.txt"  # a failed run's traceback, in its run dir (removed wh
 
 
 def wall_file(run_dir):
-    return os.path.join(run_dir, "wall.json")
+    return storage.join(run_dir, "wall.json")
 
 
 def read_times(path):
     """(wall s, CPU s or None, clean) of a wall.json; clean: timed in one go with its CPU time."""
-    with open(path) as f:
-        t = json.load(f)
+    t = storage.read_json(path)
     return t["wall_s"], t.get("cpu_s"), t.get("cpu_s") is not None and not t.get("interrupted")
 
 
@@ -45,12 +43,11 @@ def collect(rcfg, workdir: str, seeds):
     rows, walls, bicubic, bicubic_seeds, teachers = {}, {}, {}, set(), {}
     for run in rcfg.runs:
         for seed in seeds:
-            run_dir = os.path.join(workdir, f"seed{seed}", run.name)
-            path = os.path.join(run_dir, "metrics.json")
-            if not os.path.exists(path):
+            run_dir = storage.join(workdir, f"seed{seed}", run.name)
+            path = storage.join(run_dir, "metrics.json")
+            if not storage.exists(path):
                 continue
-            with open(path) as f:
-                report = json.load(f)
+            report = storage.read_json(path)
             if report.get("teacher_fingerprint") is not None:
                 teachers.setdefault(report["teacher_fingerprint"], []).append(f"{run.name} (seed {seed})")
             for key, vals in report["metrics"].items():
@@ -62,7 +59,7 @@ def collect(rcfg, workdir: str, seeds):
                 for m, _, _ in METRICS:
                     target.setdefault(m, []).append(vals[m])
                 target.setdefault("seed", []).append(seed)
-            if os.path.exists(wall_file(run_dir)):
+            if storage.exists(wall_file(run_dir)):
                 walls.setdefault(run.name, []).append(read_times(wall_file(run_dir)))
     return rows, walls, bicubic, teachers
 
@@ -270,10 +267,9 @@ COMPARISON_CAPTIONS = {
 def run_pictures(run_dir: str) -> dict:
     """{"lr" / "bicubic" / "hr" / (sampler, steps): uint8 [rows, S, S, 3]} of a finished super-resolution
     run, read back from its evaluation grid (columns: LR, bicubic, samplers x steps, [teacher], HR)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = storage.read_json(storage.join(run_dir, "config.json"))
     ev = cfg["eval"]
-    cells = grids_lib.read_cells(os.path.join(run_dir, "grids", "sr_grid.png"), cfg["data"]["crop_size"])
+    cells = grids_lib.read_cells(storage.join(run_dir, "grids", "sr_grid.png"), cfg["data"]["crop_size"])
     entries = [(s, int(n)) for s in ev["samplers"] for n in ev["steps"]]
     if len(cells) not in (len(entries) + 3, len(entries) + 4):
         raise ValueError(
@@ -292,8 +288,8 @@ def comparison_figure(rcfg, workdir: str, seed: int, name: str, path: str, cell:
     few = _four(rcfg)
     pictures, chosen, most = {}, [], None
     for label, run, sampler, steps in columns:
-        run_dir = os.path.join(workdir, f"seed{seed}", run)
-        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        run_dir = storage.join(workdir, f"seed{seed}", run)
+        if not storage.exists(storage.join(run_dir, "metrics.json")):
             continue
         if run not in pictures:
             try:
@@ -318,30 +314,28 @@ def write_report(rcfg, workdir: str, seeds, results_path: str, command: str) -> 
     """The report of the finished runs (results.md): header, Table 2 and the ordering checks, Table 3,
     Fig. 7 and d_x, the plots and pictures, wall times."""
     rows, walls, bicubic, teachers = collect(rcfg, workdir, seeds)
-    out_dir = os.path.dirname(os.path.abspath(results_path))
-    rel = lambda p: os.path.relpath(p, out_dir)
+    out_dir = storage.dirname(storage.absolute(results_path))
+    # the report's links to its pictures and notes, all under out_dir
+    rel = lambda p: p.removeprefix(out_dir + "/") if storage.is_remote(out_dir) else os.path.relpath(p, out_dir)
     teacher = _teacher_of(workdir)
     md = [
         *_header(rcfg, workdir, seeds, command, walls, teachers, teacher, out_dir, rel),
         *_tables(rcfg, rows, bicubic),
-        *_pictures(rcfg, rows, workdir, seeds, os.path.join(out_dir, "images"), rel),
+        *_pictures(rcfg, rows, workdir, seeds, storage.join(out_dir, "images"), rel),
         *_wall_times(rcfg, walls, teacher),
     ]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(results_path, "w") as f:
-        f.write("\n".join(md))
+    storage.write_text(results_path, "\n".join(md))
     return results_path
 
 
 def _teacher_of(workdir: str) -> dict:
     """teacher.json (where the shared teacher is, whether this command trained it, the common
     overrides) with the teacher's wall time when it was trained here."""
-    teacher = {"dir": os.path.join(workdir, "pretrained"), "trained_here": True}
-    if os.path.exists(os.path.join(workdir, "teacher.json")):
-        with open(os.path.join(workdir, "teacher.json")) as f:
-            teacher = json.load(f)
+    teacher = {"dir": storage.join(workdir, "pretrained"), "trained_here": True}
+    if storage.exists(storage.join(workdir, "teacher.json")):
+        teacher = storage.read_json(storage.join(workdir, "teacher.json"))
     teacher["wall_s"] = None
-    if teacher["trained_here"] and os.path.exists(wall_file(teacher["dir"])):
+    if teacher["trained_here"] and storage.exists(wall_file(teacher["dir"])):
         teacher["wall_s"] = read_times(wall_file(teacher["dir"]))[0]
     return teacher
 
@@ -349,19 +343,19 @@ def _teacher_of(workdir: str) -> dict:
 def _header(rcfg, workdir, seeds, command, walls, teachers, teacher, out_dir, rel) -> list[str]:
     common = "".join(f", `{k}={v!r}`" for k, v in teacher.get("common", ()))
     common = f" (every run{common})" if common else ""
-    notes = os.path.join(out_dir, "results-notes.md")  # hand-written next to the report (docs/)
+    notes = storage.join(out_dir, "results-notes.md")  # hand-written next to the report (docs/)
     expected = len(rcfg.runs) * len(seeds)
     finished = sum(len(v) for v in walls.values())
     missing = [
         f"{r.name} (seed {s}"
         + (
             f", failed: `seed{s}/{r.name}/{ERROR_FILE}`)"
-            if os.path.exists(os.path.join(workdir, f"seed{s}", r.name, ERROR_FILE))
+            if storage.exists(storage.join(workdir, f"seed{s}", r.name, ERROR_FILE))
             else ")"
         )
         for s in seeds
         for r in rcfg.runs
-        if not os.path.exists(os.path.join(workdir, f"seed{s}", r.name, "metrics.json"))
+        if not storage.exists(storage.join(workdir, f"seed{s}", r.name, "metrics.json"))
     ]
     return [
         "# Results: the paper's super-resolution comparisons at tiny scale",
@@ -392,7 +386,7 @@ def _header(rcfg, workdir, seeds, command, walls, teachers, teacher, out_dir, re
                 f"[results-notes.md]({rel(notes)}).",
                 "",
             ]
-            if os.path.exists(notes)
+            if storage.exists(notes)
             else []
         ),
     ]
@@ -432,12 +426,12 @@ def _tables(rcfg, rows, bicubic) -> list[str]:
 
 def _pictures(rcfg, rows, workdir, seeds, img_dir, rel) -> list[str]:
     """The plots against steps, the runs side by side and two runs' grids, written into img_dir."""
-    os.makedirs(img_dir, exist_ok=True)
-    plot = plot_steps(rcfg, rows, os.path.join(img_dir, "results_steps.png"))
+    storage.makedirs(img_dir)
+    plot = plot_steps(rcfg, rows, storage.join(img_dir, "results_steps.png"))
     ablation_plot = plot_steps(
         rcfg,
         rows,
-        os.path.join(img_dir, "results_steps_ablations.png"),
+        storage.join(img_dir, "results_steps_ablations.png"),
         sections=("table3", "fig7", "dx"),
         reference=("codi",),
     )
@@ -453,19 +447,19 @@ def _pictures(rcfg, rows, workdir, seeds, img_dir, rel) -> list[str]:
         "",
     ]
     for name in COMPARISONS:
-        path, caption = comparison_figure(rcfg, workdir, seeds[0], name, os.path.join(img_dir, name))
+        path, caption = comparison_figure(rcfg, workdir, seeds[0], name, storage.join(img_dir, name))
         if path:
             md += [
                 f"Held-out crops, seed {seeds[0]}, the runs side by side: {caption}.",
                 "",
-                f"![{os.path.basename(path)}]({rel(path)})",
+                f"![{storage.basename(path)}]({rel(path)})",
                 "",
             ]
     for name in ("finetune", "codi"):
-        src = os.path.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
-        if os.path.exists(src):
-            dst = os.path.join(img_dir, f"results_grid_{name}.png")
-            shutil.copyfile(src, dst)
+        src = storage.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
+        if storage.exists(src):
+            dst = storage.join(img_dir, f"results_grid_{name}.png")
+            storage.write_bytes(dst, storage.read_bytes(src))
             md += [
                 f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):",
                 "",

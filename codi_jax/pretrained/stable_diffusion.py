@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from codi_jax import storage
 from codi_jax.models import clip_text
 from codi_jax.pretrained import diffusers_folder
 
@@ -37,9 +39,9 @@ class Pretrained:
 def prompt_embedding(folder: str, prompt: str, cache_dir: str | None, *, allow_pickle: bool = False) -> np.ndarray:
     """last_hidden_state of the text encoder for `prompt`, [1, max_length, width], cached by content."""
     key = hashlib.sha1(f"{os.path.abspath(folder)}\n{prompt}".encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"prompt_{key}.npy") if cache_dir else None
-    if path and os.path.isfile(path):
-        return np.load(path)
+    path = storage.join(cache_dir, f"prompt_{key}.npy") if cache_dir else None
+    if path and storage.isfile(path):
+        return np.load(io.BytesIO(storage.read_bytes(path)))
     tokenizer = diffusers_folder.load_tokenizer(os.path.join(folder, "tokenizer"))
     module, params, cfg = diffusers_folder.load_text_encoder(
         os.path.join(folder, "text_encoder"), allow_pickle=allow_pickle
@@ -49,9 +51,7 @@ def prompt_embedding(folder: str, prompt: str, cache_dir: str | None, *, allow_p
     hidden, _ = module.apply({"params": params}, ids)
     emb = np.asarray(hidden, np.float32)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(path + ".tmp.npy", emb)
-        os.replace(path + ".tmp.npy", path)
+        storage.save_with(path, lambda f: np.save(f, emb))
     logging.info("text embedding of prompt %r: shape %s", prompt, emb.shape)
     return emb
 
