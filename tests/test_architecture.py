@@ -36,6 +36,7 @@ LAYERS = (
         (
             "codi_jax.experiment",
             "codi_jax.sample",
+            "codi_jax.to_diffusers",
             "codi_jax.evaluation.job",
             "codi_jax.evaluation.diagnose",
             "codi_jax.evaluation.repro_report",

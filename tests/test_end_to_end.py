@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import experiment
+from codi_jax import experiment, to_diffusers
 from codi_jax.evaluation import diagnose, job
 from configs import eval as eval_configs
 from tests import helpers
@@ -91,6 +91,23 @@ def test_smoke_run_end_to_end_then_resume(tmp_path):
     assert os.path.isfile(tmp_path / "runs" / "sampled" / "lr.png")
     assert os.path.isfile(tmp_path / "runs" / "smoke_eval" / "eval" / "metrics.json")
     assert os.path.isfile(tmp_path / "runs" / "smoke" / "diagnose.json")
+
+    # The distilled weights as diffusers folders: PyTorch's UNet2DConditionModel and ControlNet-free mix
+    # adapter file, and codi_jax.json with what sampling them needs.
+    out = str(tmp_path / "runs" / "smoke_diffusers")
+    info = to_diffusers.export_run(workdir, out)
+    assert info["components"] == {"unet": "unet", "adapter_mix": "adapter_mix.safetensors"}
+    assert info["step"] == config.codi.train.num_steps and info["method"] == "codi" and info["teacher_components"] == []
+    assert info["evaluated"] == report["metrics"] and info["prediction"] == config.model.prediction
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    assert unet.config.sample_size == crop and unet.config.cross_attention_dim == info["encoder_hidden_states_width"]
+    with torch.no_grad():
+        y = unet(torch.zeros(1, 3, crop, crop), torch.tensor([500]), torch.zeros(1, 1, 1)).sample
+    assert y.shape == (1, 3, crop, crop) and bool(torch.isfinite(y).all())
+    with pytest.raises(FileExistsError, match="not empty"):
+        to_diffusers.export_run(workdir, out)
 
 
 def _cli(*args, cwd=REPO):
