@@ -25,10 +25,13 @@ CACHE_FOLDER = ".jax_cache"
 
 
 def compilation_cache_dir(setting: str, workdir: str) -> str:
-    """The folder of JAX's persistent compilation cache: `setting` 'auto' = WORKDIR/../.jax_cache (shared
-    by the runs beside it), '' = none, else the folder given."""
+    """The folder of JAX's persistent compilation cache: `setting` 'auto' = $JAX_COMPILATION_CACHE_DIR if
+    set (JAX's own setting: one cache for every job of a machine), else WORKDIR/../.jax_cache (shared by
+    the runs beside it); '' = none; else the folder given."""
     if setting != "auto":
         return setting
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if storage.is_remote(workdir):
         return storage.join(storage.dirname(workdir), CACHE_FOLDER)
     parent = os.path.dirname(os.path.normpath(os.path.abspath(workdir)))

@@ -289,8 +289,9 @@ def recipe(task: str) -> mlc.ConfigDict:
     config.variant = ""  # the variant the task file was asked for ('', 'tiny', 'smoke'): recorded, never tested
     config.task = task  # 'sr' | 'inpaint' | 'depth' | 'edit'
     config.seed = 0
-    # XLA's compiled programs kept across runs (JAX's persistent compilation cache): 'auto' = a
-    # .jax_cache folder beside the workdir (WORKDIR/../.jax_cache), '' = off, else a folder (gs:// too).
+    # XLA's compiled programs kept across runs (JAX's persistent compilation cache): 'auto' =
+    # $JAX_COMPILATION_CACHE_DIR if set, else a .jax_cache folder beside the workdir (WORKDIR/../.jax_cache);
+    # '' = off; else a folder (gs:// too).
     config.compilation_cache_dir = "auto"
     config.method = "codi"  # 'codi' (CoDi, PE-CoDi, CM-II and ablations, by codi.*) | 'finetune' | 'gd' (GD-II)
     config.data = data_configs.get_data_config()

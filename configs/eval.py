@@ -32,6 +32,6 @@ def get_config():
             guidance_scale=-1.0,  # tasks with prompts: classifier-free guidance weight (-1: the run's text.guidance_scale)
             shard=0,  # this job's index in [0, num_shards)
             num_shards=1,
-            compilation_cache_dir="auto",  # as configs/common.py: 'auto' = WORKDIR/../.jax_cache, '' = off
+            compilation_cache_dir="auto",  # as configs/common.py: 'auto' = $JAX_COMPILATION_CACHE_DIR or WORKDIR/../.jax_cache
         )
     )

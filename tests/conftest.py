@@ -11,11 +11,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # the tests' local GCS emulator, tests/gcs.py).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import jax  # noqa: E402
-
-# Many tests compile the same small train step; a persistent cache shares the work.
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Many tests compile the same small programs, in this process and in the jobs they start (whose
+# compilation_cache_dir='auto' follows this variable): one persistent cache shares the work.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_configure(config):

@@ -29,7 +29,8 @@ def bucket():
 
 
 def _run(module, *args):
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # 'auto': beside the run
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 

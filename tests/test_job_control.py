@@ -34,8 +34,15 @@ JOB = [
 ]
 
 
+def _own_cache_env(**extra) -> dict:
+    """The environment without the suite's shared cache: these jobs keep theirs beside the workdir."""
+    env = dict(os.environ, **extra)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+
+
 def _start(workdir, *extra):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _own_cache_env(PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={workdir}", *extra],
         cwd=REPO,
@@ -76,7 +83,10 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     (config.compilation_cache_dir='auto': WORKDIR/../.jax_cache)."""
     straight = str(tmp_path / "straight")
     done = subprocess.run(
-        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={straight}"], cwd=REPO, capture_output=True
+        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={straight}"],
+        cwd=REPO,
+        capture_output=True,
+        env=_own_cache_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     cached = _step_programs(tmp_path / workdir_lib.CACHE_FOLDER)
@@ -108,7 +118,11 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     assert not os.path.exists(os.path.join(work, workdir_lib.LOCK_FILE))  # released on the way out
 
     again = subprocess.run(
-        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={work}"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={work}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_own_cache_env(),
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"codi: resumed from step {saved[-1]}" in again.stderr
