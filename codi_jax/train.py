@@ -17,6 +17,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 
 from codi_jax import logging_utils, preemption, sharding, storage
 from codi_jax.data import pipeline
@@ -429,6 +431,7 @@ def run_stage(
     first_batch = sharding.put_batch(next(data_iter), mesh, rules)
     step_fn, compile_stats = compile_step(step_jit, state, first_batch, mesh, rules, name=name)
     if is_main:
+        write_parameter_table(stage_dir, name, state["params"])
         storage.write_json(
             storage.join(stage_dir, "compile.json"),
             dict(
@@ -449,8 +452,7 @@ def run_stage(
                 f"Last good checkpoint (step {mgr.latest_step()}) kept in {mgr.directory}"
             )
         if pending:
-            step, m = pending[-1]
-            scalars = {k: float(v) for k, v in m.items() if k != "finite"}
+            step, scalars = pending[-1][0], window_means([m for _, m in pending])
             skipped = data_iter.skipped_records  # corrupt records dropped so far (data.max_skipped_fraction)
             writer.write_scalars(step, dict(scalars, skipped_records=skipped))
             progress.update(step, **scalars, **({"skipped_records": skipped} if skipped else {}))
@@ -509,6 +511,30 @@ def _stop_trace(state, name, lo, hi, logdir) -> bool:
     jax.profiler.stop_trace()
     logging.info("%s: profiler trace of steps %d-%d in %s (TensorBoard's profile tab)", name, lo + 1, hi, logdir)
     return False
+
+
+def window_means(step_metrics: list[dict]) -> dict[str, float]:
+    """Each metric averaged over the steps since the last log line (clu.metrics.Average): the logged loss
+    is the window's, not one batch's."""
+    means = {}
+    for m in step_metrics:
+        for k, v in m.items():
+            if k != "finite":
+                a = clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32))
+                means[k] = a if k not in means else means[k].merge(a)
+    return {k: float(a.compute()) for k, a in means.items()}
+
+
+PARAMETER_TABLE = "parameters.txt"
+
+
+def write_parameter_table(stage_dir: str, name: str, params) -> None:
+    """STAGE/parameters.txt: every trained parameter's name, shape and size (clu.parameter_overview),
+    and their count in the log."""
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    path = storage.join(stage_dir, PARAMETER_TABLE)
+    storage.write_text(path, table + "\n")
+    logging.info("%s: %s trained parameters (%s)", name, f"{parameter_overview.count_parameters(params):,}", path)
 
 
 DATA_STATS = "data.json"

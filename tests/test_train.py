@@ -67,6 +67,18 @@ def test_interrupted_then_resumed_run_ends_with_the_same_params(tmp_path, monkey
     again = _params(_teacher_stage(config, str(tmp_path / "b"), 3))
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, straight)
 
+    # The stage's parameter table (clu.parameter_overview): every trained tensor, and their total.
+    table = open(tmp_path / "b" / "teacher" / train.PARAMETER_TABLE).read()
+    leaves = jax.tree_util.tree_leaves_with_path(straight["params"])
+    assert len([ln for ln in table.splitlines() if ln.startswith("| unet/")]) == len(leaves)
+    assert f"Total: {sum(x.size for _, x in leaves):,}" in table
+
+
+def test_a_logged_metric_is_the_mean_over_its_window_of_steps():
+    steps = [{"loss": np.float32(v), "mu": np.float32(0.1 * i), "finite": True} for i, v in enumerate([4.0, 1.0, 2.5])]
+    means = train.window_means(steps)
+    assert means == pytest.approx({"loss": 2.5, "mu": 0.1})
+
 
 class _PoisonedIterator:
     """Delegates to a real grain iterator, but the batch of step `bad_step` holds a NaN."""
