@@ -9,7 +9,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from codi_jax import experiment  # noqa: E402
+from codi_jax import experiment, to_diffusers  # noqa: E402
 from configs import sr  # noqa: E402
 from tests import helpers, sd_folder  # noqa: E402
 
@@ -35,6 +35,21 @@ def test_sr_runs_in_latent_space_on_tiny_sd_folder(tmp_path):
     saved = helpers.read_metrics(workdir, {"bicubic", "codi_1step", "codi_4step"})
     assert report["metrics"] == saved["metrics"]
     assert [f for f in os.listdir(os.path.join(workdir, "cache")) if f.startswith("prompt_")]
+
+    # Exported, the run is a whole diffusers pipeline folder: the distilled U-Net (8x8 latents) and
+    # the mix adapter, beside the teacher's VAE, text encoder, tokenizer and scheduler.
+    out = str(tmp_path / "diffusers")
+    info = to_diffusers.export_run(workdir, out)
+    assert info["teacher_components"] == list(to_diffusers.TEACHER_PARTS) and info["sample_size"] == 8
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae is not None and info["prediction"] == "v"
+    assert (
+        info["encoder_hidden_states_width"]
+        == pipe.unet.config.cross_attention_dim
+        == pipe.text_encoder.config.hidden_size
+    )
 
 
 def test_prediction_type_mismatch_is_one_line(tmp_path):
