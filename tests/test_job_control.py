@@ -31,6 +31,7 @@ JOB = [
     "--config.codi.train.checkpoint_every=5",
     "--config.codi.train.log_every=1",
     "--config.eval.previews=False",
+    "--config.eval.steps=(1,)",
 ]
 
 
@@ -94,7 +95,8 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
 
     # SIGTERM at CoDi step 7, a second one while the preemption checkpoint is being written.
     work, log = str(tmp_path / "preempted"), []
-    proc = _start(work)
+    teacher = f"--config.teacher.checkpoint={straight}"  # the same teacher, not trained twice more
+    proc = _start(work, teacher)
     _wait_for(proc, "codi step 7/20", log)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -118,7 +120,7 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     assert not os.path.exists(os.path.join(work, workdir_lib.LOCK_FILE))  # released on the way out
 
     again = subprocess.run(
-        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={work}"],
+        [sys.executable, "-m", "codi_jax.main", *JOB, f"--workdir={work}", teacher],
         cwd=REPO,
         capture_output=True,
         text=True,
