@@ -61,6 +61,7 @@ def test_the_quickstart_trains_shows_samples_and_exports(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "codi: complete at step" in text or "codi step" in text
+    assert "cpu [CpuDevice(id=0)]" in text  # the devices cell
     markdown = [o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert len(markdown) == 1 and "| codi_1step |" in markdown[0] and "| bicubic |" in markdown[0]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
