@@ -17,6 +17,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 
 from etils import epath
@@ -91,31 +92,42 @@ def glob(pattern: str) -> list[str]:
     return sorted(str(q) for q in path(base).glob(rel))
 
 
-def walk_files(root, recursive: bool = True) -> list[str]:
+def walk_files(root, recursive: bool = True, hidden: bool = False) -> list[str]:
     """Every file under folder `root` (any depth, or only its own if not `recursive`), as sorted paths
-    relative to it, '/'-separated; hidden files and folders (a leading '.') left out."""
+    relative to it, '/'-separated; hidden files and folders (a leading '.') left out unless `hidden`."""
     key = lambda p: str(p).removeprefix("gs://").rstrip("/")  # gs:// walks name folders without the scheme
     base = key(path(root))
+    shown = lambda name: hidden or not name.startswith(".")
     out = []
     for folder, dirs, files in path(root).walk():
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        dirs[:] = [d for d in dirs if shown(d)] if recursive else []
         rel = key(folder)[len(base) :].strip("/")
-        out += [f"{rel}/{f}" if rel else f for f in files if not f.startswith(".")]
+        out += [f"{rel}/{f}" if rel else f for f in files if shown(f)]
     return sorted(out)
 
 
-def upload(local: str, p) -> None:
-    """Copy the local file `local` to `p` (local or remote) in 16 MiB pieces: large files (shards) without
-    holding them in memory. Not atomic remotely: callers mark completion with a small file after it."""
-    if not is_remote(p):
-        import shutil
+def copy(src, dst) -> None:
+    """Copy file `src` to `dst` (either local or remote) in 16 MiB pieces, never the whole file in memory
+    (shards, model weights); creates dst's folder. Not atomic: callers that need it mark completion with
+    a small file written after it (prepare's parts/*.json)."""
+    if not is_remote(dst):
+        makedirs(os.path.dirname(os.path.abspath(dst)))
+        if not is_remote(src):
+            shutil.copyfile(src, dst)
+            return
+    with open_file(src, "rb") as s, path(dst).open("wb") as d:
+        while block := s.read(16 << 20):
+            d.write(block)
 
-        makedirs(dirname(os.path.abspath(p)))
-        shutil.copyfile(local, p)
-        return
-    with open(local, "rb") as src, path(p).open("wb") as dst:
-        while block := src.read(16 << 20):
-            dst.write(block)
+
+def copy_tree(src, dst) -> list[str]:
+    """Copy every file under folder `src` (hidden ones too) to the same place under `dst`; returns them."""
+    written = []
+    for rel in walk_files(src, hidden=True):
+        parts = rel.split("/")
+        copy(join(src, *parts), join(dst, *parts))
+        written.append(join(dst, *parts))
+    return written
 
 
 def makedirs(p) -> None:
@@ -132,17 +144,12 @@ def move(src, dst) -> None:
     if not is_remote(src) and not is_remote(dst):
         os.replace(src, dst)
         return
-    s, d = path(src), path(dst)
-    if s.is_dir():
-        for child in s.rglob("*"):
-            if child.is_file():
-                target = path(join(dst, str(child.relative_to(s))))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(child.read_bytes())
-        s.rmtree()
+    if isdir(src):
+        copy_tree(src, dst)
+        path(src).rmtree()
     else:
-        d.write_bytes(s.read_bytes())
-        s.unlink()
+        copy(src, dst)
+        path(src).unlink()
 
 
 def open_file(p, mode: str = "rb"):

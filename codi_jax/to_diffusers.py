@@ -29,19 +29,6 @@ INFO_FILE = "codi_jax.json"
 TEACHER_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")  # copied from a latent teacher
 
 
-def copy_tree(src: str, dst: str) -> list[str]:
-    """Copy file or folder `src` to `dst` (local or gs://, either way); returns the files written."""
-    if storage.isfile(src):
-        storage.write_bytes(dst, storage.read_bytes(src))
-        return [dst]
-    written = []
-    for rel in storage.walk_files(src):
-        target = storage.join(dst, *rel.split("/"))
-        storage.write_bytes(target, storage.read_bytes(storage.join(src, *rel.split("/"))))
-        written.append(target)
-    return written
-
-
 def export_run(run_dir: str, out: str, dtype: str = "float32") -> dict:
     """Write the run's final EMA weights to `out` (see the module docstring); returns codi_jax.json's contents."""
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -59,8 +46,10 @@ def export_run(run_dir: str, out: str, dtype: str = "float32") -> dict:
     if cfg.teacher.pretrained_path:
         for part in TEACHER_PARTS:
             src = storage.join(cfg.teacher.pretrained_path, part)
-            if storage.exists(src):
-                copy_tree(src, storage.join(out, part))
+            if storage.isdir(src):
+                storage.copy_tree(src, storage.join(out, part))
+            elif storage.isfile(src):
+                storage.copy(src, storage.join(out, part))
     metrics_file = storage.join(run_dir, "metrics.json")
     metrics = storage.read_json(metrics_file)["metrics"] if storage.isfile(metrics_file) else {}
     info = dict(

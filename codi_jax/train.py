@@ -516,13 +516,9 @@ def _stop_trace(state, name, lo, hi, logdir) -> bool:
 def window_means(step_metrics: list[dict]) -> dict[str, float]:
     """Each metric averaged over the steps since the last log line (clu.metrics.Average): the logged loss
     is the window's, not one batch's."""
-    means = {}
-    for m in step_metrics:
-        for k, v in m.items():
-            if k != "finite":
-                a = clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32))
-                means[k] = a if k not in means else means[k].merge(a)
-    return {k: float(a.compute()) for k, a in means.items()}
+    keys = [k for k in step_metrics[0] if k != "finite"]
+    stacked = {k: jnp.stack([jnp.asarray(m[k], jnp.float32) for m in step_metrics]) for k in keys}
+    return {k: float(clu_metrics.Average.from_model_output(v).compute()) for k, v in stacked.items()}
 
 
 PARAMETER_TABLE = "parameters.txt"

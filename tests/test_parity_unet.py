@@ -204,6 +204,29 @@ def _our_adapted(family, fusion, seed=0):
     return cfg, acfg, model, (sample, t, cond, ctx), params
 
 
+def _jittered(params):
+    """Every tensor moved off its init (zero convs, unit norms), so that a comparison sees all weights."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)]
+    )
+
+
+def _unet_with_controlnet(unet_pt, cn_pt, sample, t, cond, ctx) -> np.ndarray:
+    """diffusers' UNet with its ControlNet's residuals added, NHWC out."""
+    with torch.no_grad():
+        down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), ctx, _nchw(cond), return_dict=False)
+        out = unet_pt(
+            _nchw(sample),
+            torch.from_numpy(t),
+            ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
 @pytest.mark.heavy(60)
 def test_export_round_trips_into_diffusers(tmp_path):
     """Our params (random, every tensor non-zero) -> diffusers folders -> PyTorch gives our outputs."""
@@ -212,26 +235,13 @@ def test_export_round_trips_into_diffusers(tmp_path):
     from codi_jax.pretrained import export
 
     cfg, acfg, model, (sample, t, cond, ctx), params = _our_adapted("sd2", "residual")
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)]
-    )
+    params = _jittered(params)
     written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
     assert set(written) == {"unet", "controlnet"}
     unet_pt = diffusers.UNet2DConditionModel.from_pretrained(written["unet"]).eval()
     cn_pt = diffusers.ControlNetModel.from_pretrained(written["controlnet"]).eval()
     ours = np.asarray(jax.jit(model.apply)({"params": params}, sample, t, cond, ctx))
-    with torch.no_grad():
-        down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), torch.from_numpy(ctx), _nchw(cond), return_dict=False)
-        want = unet_pt(
-            _nchw(sample),
-            torch.from_numpy(t),
-            torch.from_numpy(ctx),
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
-    err = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
+    err = float(np.max(np.abs(ours - _unet_with_controlnet(unet_pt, cn_pt, sample, t, cond, torch.from_numpy(ctx)))))
     print(f"export round trip (sd2 family, residual adapter): max abs diff {err:.2e}")
     assert err <= TOL, err
     with pytest.raises(FileExistsError, match="not empty"):
@@ -261,26 +271,13 @@ def test_a_pixel_space_unet_without_text_exports_with_inert_cross_attention(tmp_
     sample, cond = (rng.standard_normal((2, 16, 16, 3)).astype(np.float32) for _ in range(2))
     t = np.array([3, 901], np.int32)
     params = layers.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), sample, t, cond, None)["params"])
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        treedef, [w + 0.05 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)]
-    )
+    params = _jittered(params)
     written = export.export_diffusers(str(tmp_path / "out"), cfg, params, acfg, sample_size=16)
     unet_pt = diffusers.UNet2DConditionModel.from_pretrained(written["unet"]).eval()
     cn_pt = diffusers.ControlNetModel.from_pretrained(written["controlnet"]).eval()
     ours = np.asarray(jax.jit(model.apply)({"params": params}, sample, t, cond, None))
     ctx = torch.randn(2, 5, export.NO_TEXT_CONTEXT_DIM)  # any context: the zero attn2 ignores it
-    with torch.no_grad():
-        down, mid = cn_pt(_nchw(sample), torch.from_numpy(t), ctx, _nchw(cond), return_dict=False)
-        want = unet_pt(
-            _nchw(sample),
-            torch.from_numpy(t),
-            ctx,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
-    err = float(np.max(np.abs(ours - want.numpy().transpose(0, 2, 3, 1))))
+    err = float(np.max(np.abs(ours - _unet_with_controlnet(unet_pt, cn_pt, sample, t, cond, ctx))))
     print(f"export round trip (pixel-space tiny U-Net, residual adapter): max abs diff {err:.2e}")
     assert err <= TOL, err
 

@@ -426,7 +426,7 @@ class ShardWriter:
         digest = records.file_sha256(self._tmp)
         if self._local:
             try:
-                storage.upload(self._tmp, self.path)  # complete once the part's statistics are written
+                storage.copy(self._tmp, self.path)  # complete once the part's statistics are written
             finally:
                 shutil.rmtree(self._local, ignore_errors=True)
         else:

@@ -459,7 +459,7 @@ def _pictures(rcfg, rows, workdir, seeds, img_dir, rel) -> list[str]:
         src = storage.join(workdir, f"seed{seeds[0]}", name, "grids", "sr_grid.png")
         if storage.exists(src):
             dst = storage.join(img_dir, f"results_grid_{name}.png")
-            storage.write_bytes(dst, storage.read_bytes(src))
+            storage.copy(src, dst)
             md += [
                 f"Held-out crops, seed {seeds[0]}, `{name}` run (LR | bicubic | samples | HR):",
                 "",
