@@ -51,16 +51,20 @@ def validate_model(config) -> None:
         )
 
 
-def with_pretrained(config, workdir):
-    """Load the diffusers-format teacher; the config's model, schedule and latent size follow it."""
+def with_pretrained(config, workdir, pre=None):
+    """Load the diffusers-format teacher (or take `pre`: codi_jax.pretrained.architectures' weightless
+    one); the config's model, schedule and latent size follow it."""
     prediction = config.model.prediction
-    pre = stable_diffusion.load(
-        config.teacher.pretrained_path,
-        prompt=config.teacher.prompt,
-        cache_dir=storage.join(workdir, "cache"),
-        allow_pickle=config.teacher.allow_pickle,
-        expect_prediction=None if prediction == "auto" else prediction,
-    )
+    if pre is None:
+        pre = stable_diffusion.load(
+            config.teacher.pretrained_path,
+            prompt=config.teacher.prompt,
+            cache_dir=storage.join(workdir, "cache"),
+            allow_pickle=config.teacher.allow_pickle,
+            expect_prediction=None if prediction == "auto" else prediction,
+        )
+    elif prediction not in ("auto", pre.prediction):
+        raise ValueError(f"config model.prediction={prediction!r} but the teacher predicts {pre.prediction!r}")
     user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
     config = mlc.ConfigDict(config.to_dict())
     config.model.unet = pre.unet_cfg
@@ -313,11 +317,12 @@ def cache_fields(config, pre, factor: int, prompts: Prompts | None) -> tuple:
     return fields
 
 
-def build_model(config, workdir: str) -> Model:
-    """The networks and the sample space of `config` (a diffusers teacher is loaded; caches in WORKDIR/cache)."""
-    pre, codec, factor = None, None, 1
-    if config.teacher.pretrained_path:
-        config, pre, factor = with_pretrained(config, workdir)
+def build_model(config, workdir: str, pre=None) -> Model:
+    """The networks and the sample space of `config` (a diffusers teacher is loaded, or `pre` given;
+    caches in WORKDIR/cache)."""
+    codec, factor = None, 1
+    if config.teacher.pretrained_path or pre is not None:
+        config, pre, factor = with_pretrained(config, workdir, pre)
         codec = latent.LatentCodec(
             pre.vae_module,
             float(pre.vae_cfg.scaling_factor),

@@ -93,12 +93,26 @@ def setup(config, workdir: str) -> Job:
         teacher_images, method_images = _preview_fns(
             config, model.denoisers.diffusion, model.method_denoiser, eval_batch, space
         )
-    # The logical axis names the modules put on their weights, for the sharding rules.
+    return Job(config, workdir, model, placement(model), eval_batch, teacher_images, method_images, {}, t_start)
+
+
+def planning_job(config, pre, devices) -> Job:
+    """The job's model and placement on `devices` (a TPU topology's abstract ones too) around a weightless
+    teacher `pre` (codi_jax.pretrained.architectures): what the memory planner compiles. No workdir, no data."""
+    validate_config(config)
+    model = build.build_model(config, "", pre=pre)
+    return Job(model.config, "", model, placement(model, devices), {}, None, None, {}, time.perf_counter())
+
+
+def placement(model: build.Model, devices=None) -> dict:
+    """train.run_stage's placement arguments: the mesh of `config.mesh` over `devices` (default: all), its
+    logical axis rules, and the logical names the modules put on their weights."""
+    config, space = model.config, model.space
     names = base.model_logical_names(model.module, config.model, space.shape[0], config.data.crop_size)
     logical = dict(unet=names["unet"], adapter=names["adapter"], teacher_unet=names["unet"])
     logical["teacher_adapter"] = names["adapter"]
-    place = dict(mesh=sharding.make_mesh(config.mesh), rules=sharding.rules_from_config(config.mesh), logical=logical)
-    return Job(config, workdir, model, place, eval_batch, teacher_images, method_images, {}, t_start)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    return dict(mesh=mesh, rules=sharding.rules_from_config(config.mesh), logical=logical)
 
 
 def needs_finetune(config) -> bool:
@@ -142,24 +156,40 @@ def finetune_stage(job: Job, teacher_unet):
     """Conditional finetuning with the diffusion loss from eq 12's initialisation (the finetuned-LDM
     baseline, and the first stage of GD-II and CM-II); loaded from `finetune.checkpoint` when given."""
     config, f = job.config, job.config.finetune
-
-    def init_fn(rng):
-        return codi.split_params(_adapted_params(job, rng, teacher_unet), f.mode, key="finetune")
-
-    loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=job.model.denoisers.diffusion, use_cond=True)
+    loss_fn, init_fn = finetune_parts(job, teacher_unet)
     return _train_or_load(
         job, "finetune", f.train, loss_fn, init_fn, seed_offset=1, workdir=f.checkpoint or job.workdir,
         load=bool(f.checkpoint), image_fn=job.method_images if config.method == "finetune" else None,
     )  # fmt: skip
 
 
+def finetune_parts(job: Job, teacher_unet):
+    """(loss_fn, init_fn) of conditional finetuning (the diffusion loss with the condition)."""
+
+    def init_fn(rng):
+        return codi.split_params(_adapted_params(job, rng, teacher_unet), job.config.finetune.mode, key="finetune")
+
+    loss_fn = functools.partial(pretrain.diffusion_loss, denoiser=job.model.denoisers.diffusion, use_cond=True)
+    return loss_fn, init_fn
+
+
 def codi_stage(job: Job, teacher_unet, finetuned):
     """CoDi (Algorithm 1, eq 15) from eq 12's initialisation, a random backbone (Fig. 7), or the
     finetuned model (CM-II); PE-CoDi with codi.mode='pe'."""
+    loss_fn, init_fn = codi_parts(job, teacher_unet, finetuned)
+    return _train_or_load(
+        job, "codi", job.config.codi.train, loss_fn, init_fn, seed_offset=1, image_fn=job.method_images
+    )
+
+
+def codi_parts(job: Job, teacher_unet, finetuned):
+    """(loss_fn, init_fn) of the CoDi stage, before the latent space wraps them. `finetuned` None with
+    codi.init='finetuned' (the planner: no finetuned model exists) starts from eq 12's initialisation of
+    the teacher, which has the finetuned model's shapes."""
     c, model = job.config.codi, job.model
 
     def init_fn(rng):
-        if c.init == "finetuned":
+        if c.init == "finetuned" and finetuned is not None:
             params = _merged(finetuned)
         else:
             params = _adapted_params(job, rng, None if c.init == "random" else teacher_unet)
@@ -176,7 +206,7 @@ def codi_stage(job: Job, teacher_unet, finetuned):
         cfg=c,
         decode=None if codec is None else lambda fz, z: codec.decode(fz["vae"], z),
     )
-    return _train_or_load(job, "codi", c.train, loss_fn, init_fn, seed_offset=1, image_fn=job.method_images)
+    return loss_fn, init_fn
 
 
 def gd_stages(job: Job, finetuned):
@@ -184,18 +214,23 @@ def gd_stages(job: Job, finetuned):
     g, state = job.config.gd, finetuned
     for i, n in enumerate(progressive.rounds(g.start_steps, g.final_steps)):
         start = _merged(state)  # the previous round's student (the finetuned model first)
-
-        def init_fn(rng, start=start):
-            del rng
-            return codi.split_params(start, "full", teacher_cond=True)
-
-        loss_fn = functools.partial(
-            progressive.progressive_loss, denoiser=job.model.denoisers.diffusion, student_steps=n
-        )
+        loss_fn, init_fn = gd_parts(job, lambda rng, start=start: start, n)
         state = _train_or_load(
             job, f"gd_{n}steps", g.train, loss_fn, init_fn, seed_offset=2 + i, image_fn=job.method_images
         )
     return state
+
+
+def gd_parts(job: Job, start_fn, student_steps: int):
+    """(loss_fn, init_fn) of one progressive-distillation round; start_fn(rng): its starting params."""
+
+    def init_fn(rng):
+        return codi.split_params(start_fn(rng), "full", teacher_cond=True)
+
+    loss_fn = functools.partial(
+        progressive.progressive_loss, denoiser=job.model.denoisers.diffusion, student_steps=student_steps
+    )
+    return loss_fn, init_fn
 
 
 def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
@@ -243,6 +278,35 @@ def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
 # --------------------------------------------------------------------------- the stages' parts
 
 
+def stage_program(job: Job) -> tuple:
+    """(name, train config, loss_fn, init_fn(rng, teacher_unet)) of the method's trained stage, as the job
+    builds it: what the memory planner (codi_jax.benchmarks.plan) compiles. CM-II and GD-II start from
+    eq 12's initialisation here (the finetuned model's shapes); GD's is its first round."""
+    config, method = job.config, job.config.method
+    if method == "codi":
+        name, tcfg = "codi", config.codi.train
+        parts = lambda unet: codi_parts(job, unet, None)
+    elif method == "finetune":
+        name, tcfg = "finetune", config.finetune.train
+        parts = lambda unet: finetune_parts(job, unet)
+    else:
+        n = progressive.rounds(config.gd.start_steps, config.gd.final_steps)[0]
+        name, tcfg = f"gd_{n}steps", config.gd.train
+        parts = lambda unet: gd_parts(job, lambda rng: _adapted_params(job, rng, unet), n)
+    loss_fn = _wrap_loss(job, parts(None)[0])
+    init_fn = lambda rng, unet: _with_frozen(parts(unet)[1], job.model.space)(rng)
+    return name, tcfg, loss_fn, init_fn
+
+
+def _wrap_loss(job: Job, loss_fn):
+    """A stage's loss in the run's space: pixels -> latents (latent models), prompts -> contexts."""
+    if job.model.codec is not None:
+        loss_fn = latent.latent_loss(loss_fn, job.model.codec)
+    if job.model.space.prompts is not None:
+        loss_fn = job.model.space.prompts.loss(loss_fn, job.config.text.dropout, constant=False)
+    return loss_fn
+
+
 def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image_fn, workdir=None, load=False):
     """Train (or load) one stage after the teacher. Every such stage's frozen state carries the
     latent space (VAE, prompt context) that its latent loss and evaluation read."""
@@ -253,10 +317,7 @@ def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image
     if load:
         state = train.load_final_state(**kw, **job.place)
     else:
-        if job.model.codec is not None:
-            loss_fn = latent.latent_loss(loss_fn, job.model.codec)
-        if space.prompts is not None:
-            loss_fn = space.prompts.loss(loss_fn, config.text.dropout, constant=False)
+        loss_fn = _wrap_loss(job, loss_fn)
         state = train.run_stage(
             **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn,
             prompt_fn=space.prompt_fn, cache_fields=space.cache_fields, **job.place,

@@ -20,7 +20,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
-from codi_jax import logging_utils, preemption, sharding, storage
+from codi_jax import hardware, logging_utils, preemption, sharding, storage
 from codi_jax.data import pipeline
 
 
@@ -169,16 +169,26 @@ def make_train_step(
     return step_fn
 
 
-def compile_step(step_jit, state, batch, mesh, rules, name: str = "step"):
+def compile_step(step_jit, state, batch, mesh, rules, name: str = "step", check_memory: bool = True):
     """Lower and compile ahead of time, so that compile time and memory are known before step 1.
 
     Returns (compiled executable, stats): compile seconds, per-device bytes of arguments,
-    outputs and temporaries, and the FLOPs of one step from XLA's cost analysis.
+    outputs and temporaries, and the FLOPs of one step from XLA's cost analysis. A step that needs
+    more memory per device than the device holds stops here with a one-line `hardware.DoesNotFitError`
+    naming the config fields to change (`check_memory=False`: report it, the planner's choice).
     """
     t0 = time.perf_counter()
     with sharding.activation_rules(mesh, rules):
         lowered = step_jit.lower(state, batch)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA's own "does not fit" (the TPU compiler checks HBM) -> one line
+        if not hardware.is_out_of_memory(e):
+            raise
+        raise hardware.DoesNotFitError(
+            f"{name}: the train step does not fit in a {mesh.devices.flat[0].device_kind}'s memory "
+            f"({logging_utils.one_line_error(e)[:300]}): {hardware.what_to_change(name)}"
+        ) from None
     stats = {"compile_s": round(time.perf_counter() - t0, 2)}
     try:
         mem = compiled.memory_analysis()
@@ -210,6 +220,8 @@ def compile_step(step_jit, state, batch, mesh, rules, name: str = "step"):
         gib("output_size_in_bytes"),
         stats.get("flops", 0.0) / 1e9,
     )
+    if check_memory:
+        hardware.check_fits(stats, mesh.devices.flat[0], name)
     return compiled, stats
 
 
@@ -355,6 +367,45 @@ def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=No
     return state, state_sharding
 
 
+def check_stage_batch(name: str, tcfg, mesh, rules) -> None:
+    """One line naming `name.train.batch_size` or `grad_accum_steps` when the mesh cannot split them."""
+    sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
+    accum = tcfg.grad_accum_steps
+    if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
+        raise ValueError(
+            f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
+            f"({tcfg.batch_size} / {sharding.batch_shards(mesh, rules)} shards)"
+        )
+
+
+def jit_train_step(loss_fn: Callable, tcfg, tx, lr_schedule, state_sharding, mesh, rules):
+    """The stage's jitted step: state in and out on its shardings (donated), the batch split over the
+    batch axes, metrics replicated. The training job and the memory planner compile this same program."""
+    return jax.jit(
+        make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, tcfg.grad_accum_steps),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def abstract_initial_state(init_fn: Callable, tx, mesh, rules=None, logical=None, *args, name: str = "state"):
+    """(state shapes carrying their shardings, the shardings): what `initial_state` would build, without
+    computing or holding a byte of it (jax.eval_shape). `init_fn(rng, *args)`; `args` may be
+    ShapeDtypeStructs (a pretrained backbone's shapes)."""
+    rules = rules if rules is not None else {}
+
+    def make(rng, *args):
+        init_rng, state_rng = jax.random.split(rng)
+        params, frozen = init_fn(init_rng, *args)
+        return create_state(params, frozen, tx, state_rng)
+
+    shapes = jax.eval_shape(make, jax.random.PRNGKey(0), *args)
+    state_sharding = sharding.state_shardings(shapes, logical or {}, mesh, rules, tx, name=name)
+    logging.info("%s: %s", name, sharding.describe(state_sharding["params"]))
+    return sharding.abstract(shapes, state_sharding), state_sharding
+
+
 def run_stage(
     *,
     name: str,
@@ -386,15 +437,9 @@ def run_stage(
     stage_dir = storage.join(workdir, name)
     if preemption.requested():  # a notice that arrived after the previous stage's last step
         raise preemption.Preempted(f"{name}: not started: a preemption notice arrived. Run the same command to resume.")
-    sharding.check_batch_size(tcfg.batch_size, mesh, f"{name}.train.batch_size", rules)
+    check_stage_batch(name, tcfg, mesh, rules)
     accum = tcfg.grad_accum_steps
-    if accum < 1 or (tcfg.batch_size // sharding.batch_shards(mesh, rules)) % accum:
-        raise ValueError(
-            f"config {name} grad_accum_steps={accum} must be >= 1 and divide the per-device batch "
-            f"({tcfg.batch_size} / {sharding.batch_shards(mesh, rules)} shards)"
-        )
     tx, lr_schedule = make_optimizer(tcfg)
-    repl = sharding.replicated(mesh)
     state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
 
     data_iter = pipeline.make_train_iterator(
@@ -418,12 +463,7 @@ def run_stage(
         mgr.close()
         return state
 
-    step_jit = jax.jit(
-        make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, accum),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh, rules)),
-        out_shardings=(state_sharding, repl),
-        donate_argnums=(0,),
-    )
+    step_jit = jit_train_step(loss_fn, tcfg, tx, lr_schedule, state_sharding, mesh, rules)
     is_main = jax.process_index() == 0
     writer = logging_utils.MetricWriter(storage.join(stage_dir, "tensorboard"), enabled=is_main)
     progress = logging_utils.Progress(tcfg.num_steps, start_step=start, every_n_steps=tcfg.log_every, name=name)

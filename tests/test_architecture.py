@@ -21,6 +21,7 @@ LAYERS = (
             "codi_jax.logging_utils",
             "codi_jax.workdir",
             "codi_jax.preemption",
+            "codi_jax.hardware",
         ),
     ),
     ("models", ("codi_jax.models",)),

@@ -1,0 +1,101 @@
+"""What an accelerator holds and computes: memory per device, peak bf16 FLOP/s, and whether a compiled
+step fits.
+
+A real GPU or TPU reports its memory (`device.memory_stats()['bytes_limit']`); the abstract devices of
+a TPU topology compiled for ahead of time (`jax.experimental.topologies`) report nothing, so their
+memory comes from the chip's published figure below. The CPU has no fixed device memory: no check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    memory_bytes: int  # HBM per JAX device (per chip; v4 and v5p as megacore: one device per chip)
+    peak_flops: float  # dense bf16 FLOP/s per device
+
+
+# Published per-chip figures (Google Cloud TPU and NVIDIA data sheets), keyed by `device.device_kind`.
+CHIPS = {
+    "TPU v4": Chip(32 * GIB, 275e12),
+    "TPU v5 lite": Chip(16 * GIB, 197e12),  # v5e
+    "TPU v5": Chip(95 * GIB, 459e12),  # v5p
+    "TPU v6 lite": Chip(32 * GIB, 918e12),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": Chip(80 * 10**9, 989e12),
+    "NVIDIA H200": Chip(141 * 10**9, 989e12),
+    "NVIDIA A100-SXM4-80GB": Chip(80 * 10**9, 312e12),
+    "NVIDIA A100-SXM4-40GB": Chip(40 * 10**9, 312e12),
+}
+
+
+def chip(device) -> Chip | None:
+    return CHIPS.get(getattr(device, "device_kind", ""))
+
+
+def memory_limit(device) -> int | None:
+    """Bytes one device can hold: what the runtime reports, else the chip's published HBM; None on CPUs."""
+    if getattr(device, "platform", "") == "cpu":
+        return None
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - abstract topology devices have no runtime behind them
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    c = chip(device)
+    return None if c is None else c.memory_bytes
+
+
+def peak_flops(device) -> float | None:
+    c = chip(device)
+    return None if c is None else c.peak_flops
+
+
+def step_bytes(stats: dict) -> int:
+    """Bytes a compiled step holds on one device at its peak, from XLA's memory analysis: its arguments
+    (state and batch), its temporaries, and its outputs less those written into donated arguments."""
+    get = lambda k: int(stats.get(k, 0))
+    return (
+        get("argument_size_in_bytes")
+        + get("temp_size_in_bytes")
+        + get("output_size_in_bytes")
+        - get("alias_size_in_bytes")
+        + get("generated_code_size_in_bytes")
+    )
+
+
+class DoesNotFitError(ValueError):
+    """A step that needs more memory per device than the device has."""
+
+
+def what_to_change(stage: str) -> str:
+    """The config fields that lower a train step's memory per device, in the order to try them."""
+    return (
+        f"set model.unet.remat='full' (or 'dots'), a larger FSDP axis (mesh.ici, e.g. '(1,-1,1)'), "
+        f"fewer examples per device ({stage}.train.batch_size, or {stage}.train.grad_accum_steps > 1), "
+        "or codi.mode='pe'"
+    )
+
+
+def check_fits(stats: dict, device, stage: str) -> None:
+    """A one-line DoesNotFitError when the compiled step's bytes per device exceed the device's memory."""
+    limit = memory_limit(device)
+    if limit is None or "argument_size_in_bytes" not in stats:
+        return
+    need = step_bytes(stats)
+    if need > limit:
+        raise DoesNotFitError(
+            f"{stage}: the train step needs {need / GIB:.2f} GiB per device (arguments "
+            f"{stats['argument_size_in_bytes'] / GIB:.2f}, temporaries {stats.get('temp_size_in_bytes', 0) / GIB:.2f}) "
+            f"but a {device.device_kind} holds {limit / GIB:.2f} GiB: {what_to_change(stage)}"
+        )
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """XLA's compile-time 'does not fit' (TPU: RESOURCE_EXHAUSTED ... Ran out of memory in memory space hbm)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
