@@ -246,6 +246,18 @@ def activation_rules(mesh: Mesh, rules):
         _ACTIVE.value = prev
 
 
+def active():
+    """(mesh, rules) while tracing inside `activation_rules`, else None."""
+    return getattr(_ACTIVE, "value", None)
+
+
+def active_platform() -> str:
+    """The platform the program being traced is for: the active mesh's devices (an AOT compile for a TPU
+    topology traces on a CPU host), else JAX's default backend."""
+    act = active()
+    return act[0].devices.flat[0].platform if act is not None else jax.default_backend()
+
+
 def constrain(x, names):
     """with_sharding_constraint by logical names; a no-op outside `activation_rules`."""
     active = getattr(_ACTIVE, "value", None)

@@ -169,7 +169,7 @@ def test_remat_policies_change_nothing_but_memory():
 
 def test_attention_backend_choice(monkeypatch):
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "xla"  # this CPU
-    monkeypatch.setattr(unet_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(unet_lib.sharding.jax, "default_backend", lambda: "gpu")
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 40) == "cudnn"  # SD 1.5's 320-wide blocks
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 160) == "xla"  # 1280-wide: beyond cuDNN's 128
     assert unet_lib.attention_backend("auto", jnp.bfloat16, 40, 4096, 4096) == "cudnn"  # self-attention at 64x64

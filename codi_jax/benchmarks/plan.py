@@ -62,7 +62,7 @@ _CACHED = flags.DEFINE_bool(
     "Latent models: batches carry the records' cached VAE posterior (docs/data.md), so the step skips "
     "the VAE encoder; False: the step encodes the pixels.",
 )
-_OUT = flags.DEFINE_string("out", "", "Also write the JSON here (a file, or a folder: one file per cell).")
+_OUT = flags.DEFINE_string("out", "", "Also write the JSON to this file.")
 
 # Cloud TPU accelerator types -> (JAX topology name, chip config). v4 and v5p types count TensorCores
 # (2 per chip, one megacore device); v5e and v6e types count chips.
@@ -244,15 +244,6 @@ def _version(pkg: str):
         return None
 
 
-def cell_name(report: dict) -> str:
-    """A file name for one planned cell."""
-    parts = [report["arch"], str(report["resolution"]), report["mode"], f"b{report['batch_per_device']}"]
-    parts += [f"remat-{report['remat']}", report["topology"].replace(":", "-")]
-    if report["num_slices"] > 1:
-        parts.append(f"x{report['num_slices']}")
-    return "_".join(parts) + ".json"
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -268,11 +259,8 @@ def main(argv):
     line = json.dumps(report)
     print(line, flush=True)
     if _OUT.value:
-        out = _OUT.value
-        if storage.isdir(out) or out.endswith("/"):
-            out = storage.join(out, cell_name(report))
-        storage.write_text(out, json.dumps(report, indent=2) + "\n")
-        logging.info("plan written to %s", out)
+        storage.write_text(_OUT.value, json.dumps(report, indent=2) + "\n")
+        logging.info("plan written to %s", _OUT.value)
 
 
 def _batch_shards(config, topology: str, num_slices: int) -> int:

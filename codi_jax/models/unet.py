@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from codi_jax.models import layers
+from codi_jax import sharding
+from codi_jax.models import layers, splash
 
 Dtype = Any
 
@@ -74,24 +75,34 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def attention_backend(setting: str, dtype, head_dim: int, q_len: int = 2, kv_len: int = 2) -> str:
     """`unet.attention`: 'xla' (materialises the score matrix), 'cudnn' (fused flash attention,
-    GPUs with fp16/bf16), or 'auto': cudnn where it applies (GPU backend, half-precision
-    compute, head_dim a multiple of 8 and at most 128, even query and key lengths), else xla.
+    GPUs with fp16/bf16), 'splash' (Pallas flash attention for TPUs, models/splash.py, where both lengths
+    are multiples of 128; XLA for the others, e.g. CLIP's 77 tokens), or 'auto': cudnn where it applies
+    (GPU, half-precision compute, head_dim a multiple of 8 and at most 128, even query and key lengths),
+    splash where it applies on a TPU (inside the sharded train step, or on a single TPU), else xla.
+    The platform is the traced program's (sharding.active_platform): a TPU topology compiled for ahead of
+    time from a CPU host gets the TPU's choice.
 
     The lengths: on an H200 (jax 0.11.2) cuDNN's flash attention rejected SD's cross-attention in
     the train step ("Unsupported sequence length Q 4096, KV 77"); CLIP's 77 tokens therefore take
     XLA, whose score matrix is small there (4096 x 77)."""
     if setting not in ATTENTION_IMPLS:
         raise ValueError(f"config model.unet.attention={setting!r} is not one of {ATTENTION_IMPLS}")
+    if setting == "splash":
+        return "splash" if splash.supports(q_len, kv_len) else "xla"
     if setting != "auto":
         return setting
+    platform = sharding.active_platform()
+    if platform == "tpu":
+        whole_program = sharding.active() is not None or jax.device_count() == 1  # a kernel is per device
+        return "splash" if whole_program and splash.supports(q_len, kv_len) else "xla"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     fits = head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0
-    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
+    return "cudnn" if platform == "gpu" and half and fits else "xla"
 
 
 class Attention(nn.Module):
@@ -111,12 +122,11 @@ class Attention(nn.Module):
         v = layers.dense(self.dim, "to_v", self.dtype, names=layers.QKV, use_bias=False)(context)
         split = lambda a: a.reshape(a.shape[:2] + (self.heads, head_dim))
         # Fused attention where the backend has it; never a user-visible fp32 score matrix.
-        o = jax.nn.dot_product_attention(
-            split(q),
-            split(k),
-            split(v),
-            implementation=attention_backend(self.impl, self.dtype, head_dim, q.shape[1], k.shape[1]),
-        )
+        impl = attention_backend(self.impl, self.dtype, head_dim, q.shape[1], k.shape[1])
+        if impl == "splash":
+            o = splash.attention(split(q), split(k), split(v))
+        else:
+            o = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)
         o = o.reshape(o.shape[:2] + (self.dim,))
         return layers.dense(self.dim, "to_out_0", self.dtype, names=layers.ATTN_OUT)(o)
 
