@@ -454,9 +454,10 @@ def run_stage(
     )
 
     mgr = checkpoint_manager(storage.join(stage_dir, "checkpoints"), tcfg)
+    t0 = time.perf_counter()
     state, latest, mgr = restore_newest_readable(mgr, state, state_sharding, data_iter, stage_dir, name)
     if latest is not None:
-        logging.info("%s: resumed from step %d (%s)", name, latest, mgr.directory)
+        logging.info("%s: resumed from step %d (%s) in %.1f s", name, latest, mgr.directory, time.perf_counter() - t0)
     start = int(state["step"])
     if start >= tcfg.num_steps:
         logging.info("%s: complete at step %d; skipping training", name, start)
@@ -520,6 +521,7 @@ def run_stage(
                 flush_pending()  # never save a state that followed a non-finite step
                 if preempted:
                     logging.warning("%s: preemption notice: saving step %d, then stopping", name, step)
+                t0 = time.perf_counter()
                 mgr.save(
                     step,
                     args=ocp.args.Composite(
@@ -527,6 +529,10 @@ def run_stage(
                     ),
                     force=preempted,
                 )
+                logging.info(
+                    "%s: checkpoint step %d: training resumed after %.1f s; the write continues in the background",
+                    name, step, time.perf_counter() - t0,
+                )  # fmt: skip
                 if is_main:
                     write_data_stats(stage_dir, step, data_iter.skipped_records)
             if preempted and not last:
@@ -540,7 +546,9 @@ def run_stage(
     finally:
         if tracing:
             _stop_trace(state, name, profile_lo, profile_hi, writer.logdir)
+        t0 = time.perf_counter()
         mgr.wait_until_finished()
+        logging.info("%s: checkpoint writes finished (waited %.1f s at the end)", name, time.perf_counter() - t0)
         mgr.close()
         writer.close()
     return state

@@ -8,19 +8,12 @@ import json
 
 import torch
 
+from codi_jax.benchmarks import sd_job
+
 
 def tiny_clip_tokenizer(path, model_max_length=8):
     """A minimal valid CLIP BPE vocabulary (letters, a few merges, the two special tokens)."""
-    path.mkdir(parents=True, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-    pieces += [a + b for a, b in merges]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": model_max_length}))
-    return vocab
+    return sd_job.write_tokenizer(path, model_max_length)
 
 
 def make_tiny_sd(path, *, prediction_type="epsilon", width=32, seed=0):

@@ -178,3 +178,24 @@ def test_attention_backend_choice(monkeypatch):
     assert unet_lib.attention_backend("xla", jnp.bfloat16, 40) == "xla"
     with pytest.raises(ValueError, match="model.unet.attention='flash'"):
         unet_lib.attention_backend("flash", jnp.bfloat16, 40)
+
+
+def test_splash_attention_equals_xla_attention_and_its_gradients():
+    """The TPU kernel path (models/splash.py; Pallas' interpreter on this CPU): softmax(q k^T / sqrt(d)) v
+    and its gradients as XLA computes them, for SD 1.x's 40-wide heads (padded to 128 inside) and
+    different query and key lengths."""
+    from codi_jax.models import splash
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 256, 2, 40)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 128, 2, 40)), jnp.float32) for _ in range(2))
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    xla = lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")
+    np.testing.assert_allclose(jax.jit(splash.attention)(q, k, v), xla(q, k, v), atol=2e-6)
+    got = jax.jit(jax.grad(loss(splash.attention), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+    # lengths off the 128-lane grid (CLIP's 77 tokens) take XLA's attention, even when splash is asked for
+    assert unet_lib.attention_backend("splash", jnp.bfloat16, 40, 4096, 77) == "xla"
+    assert unet_lib.attention_backend("splash", jnp.bfloat16, 40, 4096, 4096) == "splash"

@@ -1,0 +1,129 @@
+"""The memory planner (codi_jax.benchmarks.plan): the job's own train step compiled ahead of time for
+devices that are not here, its bytes per device checked against arithmetic from the shardings, and
+the Stable Diffusion presets it plans with checked against diffusers' own classes."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from codi_jax import hardware
+from codi_jax.pretrained import architectures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _plan(tmp_path, name, *flags):
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the planner sets the CPU device count itself; -O0 is the tests' choice only
+    cmd = [sys.executable, "-m", "codi_jax.benchmarks.plan", "--config=configs/sr.py:smoke", f"--out={out}", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _state_and_batch_bytes(report):
+    return sum(report["arithmetic_bytes"].values())
+
+
+@pytest.mark.heavy(45)
+def test_cpu_plan_argument_bytes_are_the_sharded_state_and_batch(tmp_path):
+    """On 4 simulated CPU devices with FSDP 4, XLA's per-device argument bytes are what the shardings
+    say: params + EMA + Adam moments (each split 1/4 where the rules split them) + the batch's quarter,
+    to within the few replicated scalars (step, RNG key, Adam's counts)."""
+    r = _plan(tmp_path, "cpu", "--topology=cpu:4", "--config.mesh.ici=(1,-1,1)")
+    assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    args = r["bytes"]["argument_size_in_bytes"]
+    assert abs(args - _state_and_batch_bytes(r)) < 1024, (args, r["arithmetic_bytes"])
+    # Adam's two moments are twice the params; the EMA is one copy.
+    a = r["arithmetic_bytes"]
+    assert a["ema_params"] == a["params"] and abs(a["opt_state"] - 2 * a["params"]) < 64
+    whole = 4 * r["trainable_params"]  # float32 params, unsharded
+    assert a["params"] < 0.5 * whole  # most weight bytes are split over the 4 devices
+    assert r["flops_per_device"] > 0 and r["memory_bytes"] is None and r["fits"] is None  # a CPU has no HBM
+
+
+@pytest.mark.heavy(150)
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_tpu_topology_compile_shrinks_arguments_with_fsdp(tmp_path):
+    """The smoke model's CoDi step compiled by XLA's TPU compiler for a v5e-4 slice (4 chips, none here):
+    FSDP over the 4 chips holds the state in about a quarter of the bytes that data parallelism does, as
+    the logical rules say; the figures the planner reports come from the TPU executable."""
+    wide = "--config.model.unet.block_out_channels=(64,)"  # arrays large enough that TPU tile padding is small
+    fsdp = _plan(tmp_path, "fsdp", "--topology=v5e:2x2", "--config.mesh.ici=(1,-1,1)", wide)
+    data = _plan(tmp_path, "data", "--topology=v5e:2x2", "--config.mesh.ici=(-1,1,1)", wide)
+    for r in (fsdp, data):
+        assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 4
+        assert r["memory_bytes"] == 16 * 2**30 and r["fits"] is True and r["error"] is None
+        assert r["flops_per_device"] > 0 and r["min_step_s"] == r["flops_per_device"] / 197e12
+    state = lambda r: r["bytes"]["argument_size_in_bytes"]
+    expected = _state_and_batch_bytes(data) / _state_and_batch_bytes(fsdp)  # from the shardings alone
+    assert expected > 3.0
+    measured = state(data) / state(fsdp)
+    assert 0.8 * expected < measured < 1.2 * expected, (measured, expected)
+    # the compiled arguments are the arithmetic's plus the TPU's tile padding, never less
+    assert state(fsdp) >= _state_and_batch_bytes(fsdp)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_fit_check_names_what_to_change_on_a_tpu_topology_device():
+    """The job's check before step 1 on a v5e chip (16 GiB): a step that needs more stops with one line
+    naming the fields to change; one that fits passes."""
+    code = (
+        "import os; os.environ['ALLOW_MULTIPLE_LIBTPU_LOAD']='1';"
+        "from jax.experimental import topologies; from codi_jax import hardware;"
+        "d = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices[0];"
+        "hardware.check_fits({'argument_size_in_bytes': 2 * 2**30, 'temp_size_in_bytes': 13 * 2**30}, d, 'codi');"
+        "hardware.check_fits({'argument_size_in_bytes': 3 * 2**30, 'temp_size_in_bytes': 14 * 2**30}, d, 'codi')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "DoesNotFitError: codi: the train step needs 17.00 GiB per device" in last
+    assert "TPU v5 lite holds 16.00 GiB" in last and "model.unet.remat='full'" in last and "mesh.ici" in last
+    assert "codi.train.batch_size" in last and "codi.mode='pe'" in last
+
+
+def test_fit_check_is_silent_on_the_cpu():
+    hardware.check_fits({"argument_size_in_bytes": 10**15}, jax.devices("cpu")[0], "codi")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21"])
+def test_presets_have_diffusers_parameter_counts(arch):
+    """Each preset builds the network diffusers builds from the same config (parameter count of the
+    U-Net and the VAE, counted by diffusers' torch classes on the meta device: nothing allocated)."""
+    import diffusers
+    import torch
+
+    unet_d, vae_d, _, _, _ = architectures.PRESETS[arch]
+    with torch.device("meta"):
+        ref_unet = sum(p.numel() for p in diffusers.UNet2DConditionModel(**unet_d).parameters())
+        ref_vae = sum(p.numel() for p in diffusers.AutoencoderKL(**vae_d).parameters())
+    pre = architectures.abstract(arch)
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+    assert count(pre.unet_params) == ref_unet
+    assert count(pre.vae_params) == ref_vae
+    assert pre.prediction == {"sd15": "eps", "sd21": "v"}[arch]
+
+
+def test_abstract_folder_reads_configs_only(tmp_path):
+    """A diffusers folder plans from its config files: the same U-Net shapes as loading its weights."""
+    from codi_jax.pretrained import stable_diffusion
+    from tests.sd_folder import make_tiny_sd
+
+    make_tiny_sd(tmp_path / "sd")
+    loaded = stable_diffusion.load(str(tmp_path / "sd"))
+    pre = architectures.abstract(str(tmp_path / "sd"))
+    shapes = lambda t: jax.tree_util.tree_map(lambda x: tuple(x.shape), t)
+    assert shapes(pre.unet_params) == shapes(loaded.unet_params)
+    assert shapes(pre.vae_params) == shapes(loaded.vae_params)
+    assert pre.context.shape == loaded.context.shape and pre.prediction == loaded.prediction
+    with pytest.raises(ValueError, match="neither a preset"):
+        architectures.abstract(str(tmp_path / "missing"))
