@@ -187,7 +187,7 @@ def plan(config, topology: str, num_slices: int = 1, arch: str = "", cached_late
     latent = job.model.space.shape if (pre is not None and cached_latents) else None
     batch = abstract_batch(example, tcfg.batch_size, sharding.batch_sharding(mesh, rules), latent)
     step_jit = train.jit_train_step(loss_fn, tcfg, tx, lr_schedule, state_sharding, mesh, rules)
-    model_flops = step_flops(config, pre, devices, state, batch)
+    model_flops = step_flops(config, pre, state, batch)
     stats = {}
     try:
         _, stats = train.compile_step(step_jit, state, batch, mesh, rules, name=name, check_memory=False)
@@ -245,22 +245,22 @@ def plan(config, topology: str, num_slices: int = 1, arch: str = "", cached_late
     return report
 
 
-def step_flops(config, pre, devices, state, batch) -> float:
-    """FLOPs of one whole step (all devices), from XLA's cost analysis of the step lowered with XLA's
-    attention, before compilation. The compiled executable's own count leaves out custom calls: the
-    Pallas splash kernels on a TPU, and on a GPU the cuDNN convolutions and attention; lowering the same
-    step with `model.unet.attention='xla'` counts every matmul and convolution once (with the recompute of
-    a remat policy)."""
+def step_flops(config, pre, state, batch) -> float:
+    """FLOPs of one whole step (all devices together), from XLA's cost analysis of the step lowered with
+    XLA's attention for one host CPU device, before compilation. The compiled executable's own count leaves
+    out custom calls (the Pallas splash kernels on a TPU; on a GPU the cuDNN convolutions and attention),
+    and a TPU topology's compile-only client gives no cost analysis of a lowering; the global program's
+    arithmetic does not depend on where it runs. A remat policy's recompute is counted."""
     config = config.copy_and_resolve_references()
     config.model.unet.attention = "xla"
-    job = experiment.planning_job(config, pre, devices)
-    name, tcfg, loss_fn, _ = experiment.stage_program(job)
-    mesh, rules = job.place["mesh"], job.place["rules"]
+    job = experiment.planning_job(config, pre, jax.devices("cpu")[:1])
+    _, tcfg, loss_fn, _ = experiment.stage_program(job)
     tx, lr_schedule = train.make_optimizer(tcfg)
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step_jit = train.jit_train_step(loss_fn, tcfg, tx, lr_schedule, shardings, mesh, rules)
-    with sharding.activation_rules(mesh, rules):
-        cost = step_jit.lower(state, batch).cost_analysis()
+    step = jax.jit(
+        train.make_train_step(loss_fn, tx, lr_schedule, tcfg.ema_decay, tcfg.ema_warmup, tcfg.grad_accum_steps)
+    )
+    plain = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    cost = step.lower(plain(state), plain(batch)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
