@@ -26,6 +26,10 @@ CASES = [
     ("codi_jax.benchmarks.step", ["--config=configs/sr.py:smoke", "--config.model.unet.remat=most"], "remat"),
     ("codi_jax.benchmarks.sd_step", ["--unet=sd99"], "--unet"),
     ("codi_jax.benchmarks.adapters", ["--config=configs/sr.py:smoke", "--config.model.unet.widht=3"], "widht"),
+    ("codi_jax.benchmarks.plan", ["--config=configs/sr.py:smoke", "--topology=tpu8"], "--topology='tpu8'"),
+    ("codi_jax.benchmarks.plan", ["--config=configs/sr.py", "--topology=cpu:2"], "teacher.pretrained_path"),
+    ("codi_jax.benchmarks.plan", ["--config=configs/sr.py", "--arch=sd99", "--topology=cpu:2"], "sd99"),
+    ("codi_jax.benchmarks.plan_table", [], "--run"),
 ]
 
 
