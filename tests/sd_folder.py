@@ -8,12 +8,12 @@ import json
 
 import torch
 
-from codi_jax.benchmarks import sd_job
+from codi_jax.pretrained import architectures
 
 
 def tiny_clip_tokenizer(path, model_max_length=8):
     """A minimal valid CLIP BPE vocabulary (letters, a few merges, the two special tokens)."""
-    return sd_job.write_tokenizer(path, model_max_length)
+    return architectures.write_tokenizer(path, model_max_length)
 
 
 def make_tiny_sd(path, *, prediction_type="epsilon", width=32, seed=0):

@@ -3,7 +3,7 @@ a checkpoint of the whole state written and read back, evaluation through the VA
 
   python -m codi_jax.benchmarks.sd_job --arch=sd15 --workdir=/tmp/sd_job --resolution=256 --out=sd_job.json
 
-1. Writes a diffusers-format folder of the architecture (codi_jax/pretrained/architectures.py) with
+1. Writes a diffusers-format folder of the architecture (`architectures.write_random_folder`) with
    random weights, made by diffusers' and transformers' own classes (`.[test]` installs them), unless
    WORKDIR/teacher_random holds one. Its tokenizer knows a handful of pieces (the training prompt is SD's
    empty one).
@@ -37,50 +37,6 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Train steps of the first run (the sec
 _MODE = flags.DEFINE_enum("mode", "pe", ["pe", "full"], "codi.mode.")
 _OUT = flags.DEFINE_string("out", "", "Write the figures as JSON here.")
 _EXTRA = flags.DEFINE_list("extra", [], "More --config.x=y flags for the job.")
-
-VOCAB_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
-
-
-def write_tokenizer(path: str, model_max_length: int) -> dict:
-    """A minimal valid CLIP BPE tokenizer folder (letters, the merges of 'cat' and 'dog', the special
-    tokens); its vocab. The tests' tiny SD folders use it too."""
-    path = str(path)
-    os.makedirs(path, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
-    pieces += [a + b for a, b in VOCAB_MERGES]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in VOCAB_MERGES))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": model_max_length}, f)
-    return vocab
-
-
-def write_random_folder(arch: str, path: str, seed: int = 0) -> str:
-    """A diffusers-format folder of preset `arch` with random weights (safetensors)."""
-    import diffusers
-    import torch
-    import transformers
-
-    unet_d, vae_d, sched_d, (width, tokens), res = architectures.PRESETS[arch]
-    torch.manual_seed(seed)
-    diffusers.UNet2DConditionModel(**unet_d, sample_size=res // 8).save_pretrained(os.path.join(path, "unet"))
-    diffusers.AutoencoderKL(**vae_d, sample_size=res).save_pretrained(os.path.join(path, "vae"))
-    vocab = write_tokenizer(os.path.join(path, "tokenizer"), tokens)
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=12,
-        num_attention_heads=width // 64, max_position_embeddings=tokens, hidden_act="quick_gelu",
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )  # fmt: skip
-    transformers.CLIPTextModel(text_config).save_pretrained(os.path.join(path, "text_encoder"))
-    diffusers.DDPMScheduler(**sched_d).save_pretrained(os.path.join(path, "scheduler"))
-    index = {"_class_name": "StableDiffusionPipeline"}
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return path
 
 
 def job_command(teacher: str, workdir: str, steps: int) -> list[str]:
@@ -120,7 +76,7 @@ def main(argv):
     teacher = os.path.join(workdir, "teacher_random")
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(teacher, "model_index.json")):
-        write_random_folder(_ARCH.value, teacher)
+        architectures.write_random_folder(_ARCH.value, teacher)
     write_s = time.perf_counter() - t0
     run_dir = os.path.join(workdir, "run")
     report = {"arch": _ARCH.value, "resolution": _RES.value, "mode": _MODE.value, "date": time.strftime("%Y-%m-%d")}

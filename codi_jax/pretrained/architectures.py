@@ -7,10 +7,13 @@ config files are read (unet/config.json, vae/config.json, scheduler/scheduler_co
 text_encoder/config.json), never its weights.
 
 The presets restate the public diffusers configs of those models (sizes, prediction type, schedule).
+`write_random_folder` writes a preset as a diffusers folder with random weights (diffusers' and
+transformers' own classes; the SD-size job benchmark, codi_jax/benchmarks/sd_job.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -49,11 +52,6 @@ PRESETS = {
 }
 
 
-def native_resolution(source: str) -> int | None:
-    """The pixel size a preset was trained at (None for a folder)."""
-    return PRESETS[source][4] if source in PRESETS else None
-
-
 def _configs(source: str):
     if source in PRESETS:
         unet, vae, sched, text, _ = PRESETS[source]
@@ -89,3 +87,49 @@ def _zeros(shapes):
     import jax
 
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+VOCAB_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+
+
+def write_tokenizer(path: str, model_max_length: int) -> dict:
+    """A minimal valid CLIP BPE tokenizer folder (letters, the merges of 'cat' and 'dog', the special
+    tokens); its vocab. The tests' tiny SD folders use it too;
+    the random SD folders below."""
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    pieces += [a + b for a, b in VOCAB_MERGES]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in VOCAB_MERGES))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": model_max_length}, f)
+    return vocab
+
+
+def write_random_folder(arch: str, path: str, seed: int = 0) -> str:
+    """A diffusers-format folder of preset `arch` with random weights (safetensors)."""
+    import diffusers
+    import torch
+    import transformers
+
+    unet_d, vae_d, sched_d, (width, tokens), res = PRESETS[arch]
+    torch.manual_seed(seed)
+    diffusers.UNet2DConditionModel(**unet_d, sample_size=res // 8).save_pretrained(os.path.join(path, "unet"))
+    diffusers.AutoencoderKL(**vae_d, sample_size=res).save_pretrained(os.path.join(path, "vae"))
+    vocab = write_tokenizer(os.path.join(path, "tokenizer"), tokens)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=12,
+        num_attention_heads=width // 64, max_position_embeddings=tokens, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    transformers.CLIPTextModel(text_config).save_pretrained(os.path.join(path, "text_encoder"))
+    diffusers.DDPMScheduler(**sched_d).save_pretrained(os.path.join(path, "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline"}
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return path
