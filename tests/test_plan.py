@@ -50,7 +50,7 @@ def test_cpu_plan_argument_bytes_are_the_sharded_state_and_batch(tmp_path):
     assert r["flops_per_device"] > 0 and r["memory_bytes"] is None and r["fits"] is None  # a CPU has no HBM
 
 
-@pytest.mark.heavy(150)
+@pytest.mark.heavy(200)
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_tpu_topology_compile_shrinks_arguments_with_fsdp(tmp_path):
     """The smoke model's CoDi step compiled by XLA's TPU compiler for a v5e-4 slice (4 chips, none here):
