@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from absl import logging
@@ -165,12 +166,14 @@ class Space:
 
     def with_frozen(self, frozen):
         """A stage's frozen params plus what its loss and evaluation read: the VAE and prompt context
-        (latent space), the prompt table or the text encoder (tasks with prompts)."""
+        (latent space), the prompt table or the text encoder (tasks with prompts). Copies: a stage's
+        state takes over its initial arrays (train.initial_state), and these outlive the stage."""
+        shared = {}
         if self.pre is not None:
-            frozen = dict(frozen, vae=self.pre.vae_params, context=self.pre.context)
+            shared.update(vae=self.pre.vae_params, context=self.pre.context)
         if self.prompts is not None:
-            frozen = dict(frozen, **self.prompts.frozen())
-        return frozen
+            shared.update(self.prompts.frozen())
+        return dict(frozen, **jax.tree_util.tree_map(jnp.copy, shared))
 
     def to_pixels(self, x, frozen):
         """Samples as images; `frozen` (the train state's) holds the VAE params of latent models."""

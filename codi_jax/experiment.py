@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,11 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
     teacher_unet = teacher_stage(job)
     if stop_after == "teacher":
         return None
+    job.teacher_fingerprint = params_fingerprint(teacher_unet)  # before a stage's state takes the arrays over
+    if not job.config.eval.teacher_ddim_steps:
+        # Nothing reads the teacher after the stage that starts from it: a fresh stage's state takes over
+        # its arrays (train.initial_state), a resumed one frees them (3.4 GB at SD size, held twice before).
+        job.release_teacher = functools.partial(_delete_arrays, teacher_unet)
     method = job.config.method
     finetuned = finetune_stage(job, teacher_unet) if needs_finetune(job.config) else None
     if method == "codi":
@@ -51,7 +57,9 @@ def run(config, workdir: str, stop_after: str | None = None) -> dict | None:
         final = gd_stages(job, finetuned)
     else:
         final = finetuned
-    return evaluation_stage(job, final, teacher_unet)
+    kept = teacher_unet if job.config.eval.teacher_ddim_steps else None  # the copy eval's teacher samples read
+    del teacher_unet
+    return evaluation_stage(job, final, kept)
 
 
 @dataclasses.dataclass
@@ -69,6 +77,8 @@ class Job:
     method_images: object
     timings: dict
     t_start: float
+    teacher_fingerprint: str = ""  # metrics.json: which teacher a run started from
+    release_teacher: Callable = lambda: None  # called once a stage's state exists (train.run_stage's on_state)
 
 
 def setup(config, workdir: str) -> Job:
@@ -235,10 +245,10 @@ def gd_parts(job: Job, start_fn, student_steps: int):
 
 def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
     """The final stage's EMA weights (as consistency models do) on held-out images: metrics.json, the
-    grid, the summary table; PE runs also write their adapter on its own (for the sampler)."""
+    grid, the summary table; PE runs also write their adapter on its own (for the sampler).
+    `teacher_unet`: the teacher's backbone when eval.teacher_ddim_steps samples it, else None."""
     config, model = job.config, job.model
     t0 = time.perf_counter()
-    teacher_fingerprint = params_fingerprint(teacher_unet)  # metrics.json: which teacher a run started from
     keep_teacher = bool(config.eval.teacher_ddim_steps)
     frozen = state["frozen"]
     params = base.merge(state["ema_params"], frozen)
@@ -262,7 +272,7 @@ def evaluation_stage(job: Job, state, teacher_unet) -> dict | None:
         extra={
             "variant": config.variant,
             "timings_s": job.timings,
-            "teacher_fingerprint": teacher_fingerprint,
+            "teacher_fingerprint": job.teacher_fingerprint,
             "data": train.data_stats(job.workdir),  # per stage: the corrupt records skipped
         },
         **model.space.eval_kwargs(frozen, job.eval_batch),
@@ -320,7 +330,7 @@ def _train_or_load(job: Job, name, tcfg, loss_fn, init_fn, *, seed_offset, image
         loss_fn = _wrap_loss(job, loss_fn)
         state = train.run_stage(
             **kw, loss_fn=loss_fn, data_cfg=config.data, task=config.task, image_fn=image_fn,
-            prompt_fn=space.prompt_fn, cache_fields=space.cache_fields, **job.place,
+            prompt_fn=space.prompt_fn, cache_fields=space.cache_fields, on_state=job.release_teacher, **job.place,
         )  # fmt: skip
     job.timings[f"{name}_s"] = round(time.perf_counter() - t0, 1)
     return state
@@ -354,6 +364,13 @@ def _with_frozen(init_fn, space: build.Space):
         return trainable, space.with_frozen(frozen)
 
     return init
+
+
+def _delete_arrays(tree) -> None:
+    """Free the device buffers of `tree` now, whoever still refers to them (reading one later raises)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
 
 
 def _copy(tree):

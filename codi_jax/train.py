@@ -8,6 +8,7 @@ State is a plain dict pytree, so jit, sharding and Orbax see it directly:
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import grain
@@ -298,8 +299,9 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, init_state, state_shard
 DAMAGED = "damaged_checkpoints"
 
 
-def restore_newest_readable(mgr, init_state, state_sharding, data_iter, stage_dir: str, name: str):
-    """(state, step, manager) from the newest checkpoint that reads; (init_state, None, manager) if none.
+def restore_newest_readable(mgr, target, state_sharding, data_iter, stage_dir: str, name: str):
+    """(state, step, manager) from the newest checkpoint that reads into `target` (the state's shapes and
+    shardings, `abstract_initial_state`); (None, None, manager) if none.
 
     A checkpoint that does not read (files emptied or cut short by a crash mid-save on a filesystem
     without atomic renames, a lost object) is named in a warning and moved, whole, to
@@ -308,10 +310,10 @@ def restore_newest_readable(mgr, init_state, state_sharding, data_iter, stage_di
     but holds another model (CheckpointMismatchError) stops the run: that is a config error.
     """
     damaged = []
-    state, step = init_state, None
+    state, step = None, None
     for candidate in sorted(mgr.all_steps(), reverse=True):
         try:
-            state, step = restore_state(mgr, candidate, init_state, state_sharding, data_iter), candidate
+            state, step = restore_state(mgr, candidate, target, state_sharding, data_iter), candidate
             break
         except CheckpointMismatchError:
             raise
@@ -352,18 +354,29 @@ def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=No
     `logical` maps top-level param keys ('unet', 'adapter', ...) to trees of logical names
     (methods.base.model_logical_names); keys it lacks, and everything when it is None, are
     replicated. The state is built by a jitted function with those output shardings, so
-    EMA params and Adam moments are created sharded.
+    EMA params and Adam moments are created sharded. The state takes over init_fn's arrays (they are
+    donated): a pretrained backbone is held once, not once by the caller and once by the state (3.4 GB
+    at SD size). init_fn must therefore return arrays nobody else reads afterwards (copy what must stay).
     """
     rules = rules if rules is not None else {}
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     params, frozen = init_fn(init_rng)
-    if jax.process_count() > 1:  # process-local arrays -> host values, identical on every process
+    multihost = jax.process_count() > 1
+    if multihost:  # process-local arrays -> host values, identical on every process
         params, frozen = jax.tree_util.tree_map(np.asarray, (params, frozen))
     make = lambda p, f, r: create_state(p, f, tx, r)
     shapes = jax.eval_shape(make, params, frozen, state_rng)
     state_sharding = sharding.state_shardings(shapes, logical or {}, mesh, rules, tx, name=name)
-    state = jax.jit(make, out_shardings=state_sharding)(params, frozen, state_rng)
-    logging.info("%s: %s", name, sharding.describe(state_sharding["params"]))
+    donate = ()  # host values of several processes: nothing on the devices to take over
+    if not multihost:
+        # Laid out as the state first (no copy where they already are): XLA only reuses an input buffer
+        # for an output of the same per-device shape.
+        where = (state_sharding["params"], state_sharding["frozen"])
+        params, frozen = jax.device_put((params, frozen), where, donate=True)
+        donate = (0, 1)
+    with warnings.catch_warnings():  # buffers of another shape or device cannot be reused: that is fine
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        state = jax.jit(make, out_shardings=state_sharding, donate_argnums=donate)(params, frozen, state_rng)
     return state, state_sharding
 
 
@@ -422,6 +435,7 @@ def run_stage(
     logical=None,
     prompt_fn: Callable | None = None,
     cache_fields: tuple = (),
+    on_state: Callable | None = None,
 ):
     """Train one stage in WORKDIR/NAME, resuming from its latest checkpoint; returns the final state.
 
@@ -432,6 +446,7 @@ def run_stage(
     logical names (see `initial_state`); None: batch over 'data' and 'fsdp', state replicated.
     prompt_fn: a record's text -> its 'prompt' (data.pipeline; None: prompt table indices).
     cache_fields: what of the records' cache the batches carry (build.cache_fields).
+    on_state(): called once the state exists (restored or initialised), to free what only init_fn read.
     """
     rules = rules if rules is not None else {"batch": ("data", "fsdp")}
     stage_dir = storage.join(workdir, name)
@@ -440,7 +455,8 @@ def run_stage(
     check_stage_batch(name, tcfg, mesh, rules)
     accum = tcfg.grad_accum_steps
     tx, lr_schedule = make_optimizer(tcfg)
-    state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
+    # The restore target is shapes only: a resumed run never holds a second, freshly initialised state.
+    target, state_sharding = abstract_initial_state(init_fn, tx, mesh, rules, logical, name=name)
 
     data_iter = pipeline.make_train_iterator(
         data_cfg,
@@ -455,9 +471,13 @@ def run_stage(
 
     mgr = checkpoint_manager(storage.join(stage_dir, "checkpoints"), tcfg)
     t0 = time.perf_counter()
-    state, latest, mgr = restore_newest_readable(mgr, state, state_sharding, data_iter, stage_dir, name)
+    state, latest, mgr = restore_newest_readable(mgr, target, state_sharding, data_iter, stage_dir, name)
     if latest is not None:
         logging.info("%s: resumed from step %d (%s) in %.1f s", name, latest, mgr.directory, time.perf_counter() - t0)
+    else:
+        state, _ = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
+    if on_state is not None:
+        on_state()
     start = int(state["step"])
     if start >= tcfg.num_steps:
         logging.info("%s: complete at step %d; skipping training", name, start)
@@ -601,14 +621,15 @@ def data_stats(workdir: str) -> dict:
 
 def load_final_state(*, name: str, workdir: str, tcfg, init_fn: Callable, seed: int, mesh, rules=None, logical=None):
     """The final state of a completed stage (error if it is not complete)."""
+    del seed  # the state comes from the checkpoint; init_fn gives its shapes only
     tx, _ = make_optimizer(tcfg)
-    state, state_sharding = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
+    target, state_sharding = abstract_initial_state(init_fn, tx, mesh, rules, logical, name=name)
     mgr = checkpoint_manager(storage.join(workdir, name, "checkpoints"), tcfg)
     latest = mgr.latest_step()
     if latest is None or latest < tcfg.num_steps:
         raise FileNotFoundError(
             f"{name}: no complete checkpoint in {mgr.directory} (latest step {latest}, want {tcfg.num_steps})"
         )
-    state = restore_state(mgr, latest, state, state_sharding)
+    state = restore_state(mgr, latest, target, state_sharding)
     mgr.close()
     return state

@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -70,7 +71,8 @@ def run_meshes(out_path):
     conv = ("unet", "down_blocks_0", "resnets_0", "conv1", "kernel")  # (3, 3, 16, 16): conv_in -> fsdp
     qkv = ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")  # (16, 16)
     init_once = functools.lru_cache(maxsize=None)(lambda: init_fn(jax.random.split(jax.random.PRNGKey(0))[0]))
-    shared_init = lambda rng: init_once()  # the same initial params for every mesh, built once
+    # The same initial params for every mesh, built once; copies, since each state takes over its arrays.
+    shared_init = lambda rng: jax.tree_util.tree_map(jnp.copy, init_once())
     get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)
 
     def specs(state, batch):

@@ -14,16 +14,22 @@ from codi_jax.methods import base, pretrain
 from tests import helpers
 
 
-def _teacher_stage(config, workdir, num_steps):
+def _teacher_stage(config, workdir, num_steps, seen=None, on_state=None):
+    """The teacher stage of the smoke config; `seen` (a list) gets, per init_fn call, the params it
+    returned when called concretely, or None when traced."""
     denoiser = helpers.denoisers(config)[0]  # the diffusion model
     module = denoiser.module
     tcfg = config.pretrain
     tcfg.update(num_steps=num_steps, checkpoint_every=2, log_every=1, batch_size=4)
 
     def init_fn(rng):
-        return {"unet": base.init_model_params(module, config.model, rng, config.data.crop_size)["unet"]}, {}
+        params = {"unet": base.init_model_params(module, config.model, rng, config.data.crop_size)["unet"]}
+        if seen is not None:
+            seen.append(None if isinstance(rng, jax.core.Tracer) else params)
+        return params, {}
 
     return train.run_stage(
+        on_state=on_state,
         name="teacher",
         workdir=workdir,
         tcfg=tcfg,
@@ -72,6 +78,20 @@ def test_interrupted_then_resumed_run_ends_with_the_same_params(tmp_path, monkey
     leaves = jax.tree_util.tree_leaves_with_path(straight["params"])
     assert len([ln for ln in table.splitlines() if ln.startswith("| unet/")]) == len(leaves)
     assert f"Total: {sum(x.size for _, x in leaves):,}" in table
+
+
+def test_a_stage_takes_over_its_initial_arrays_and_a_resumed_one_builds_no_fresh_state(tmp_path):
+    # What init_fn returns (a pretrained teacher) becomes the state's without a second copy: the
+    # arrays are donated to it. A resumed stage restores into shapes: init_fn is only traced.
+    config, seen, released = helpers.smoke_config(), [], []
+    _teacher_stage(config, str(tmp_path), 2, seen, on_state=lambda: released.append(True))
+    assert [p is None for p in seen] == [True, False] and released == [True]
+    leaves = jax.tree_util.tree_leaves(seen[1])
+    assert leaves and all(x.is_deleted() for x in leaves)
+
+    seen.clear()
+    state = _teacher_stage(config, str(tmp_path), 3, seen, on_state=lambda: released.append(True))
+    assert seen == [None] and released == [True, True] and int(state["step"]) == 3
 
 
 def test_a_logged_metric_is_the_mean_over_its_window_of_steps():

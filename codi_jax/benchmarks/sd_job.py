@@ -55,7 +55,9 @@ def job_command(teacher: str, workdir: str, steps: int) -> list[str]:
 def _run(cmd, log_path: str) -> tuple[float, str]:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # This machine's CPU, whether or not libtpu is installed (it would probe for a TPU first).
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     text = open(log_path).read()
     if proc.returncode != 0:
