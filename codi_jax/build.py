@@ -68,11 +68,12 @@ def with_pretrained(config, workdir, pre=None):
         raise ValueError(f"config model.prediction={prediction!r} but the teacher predicts {pre.prediction!r}")
     user_unet = config.model.unet  # the run-time options survive; the architecture comes from the folder
     config = mlc.ConfigDict(config.to_dict())
-    config.model.unet = pre.unet_cfg
+    # A copy: the options below must not land in `pre` (the planner builds a second job from it).
+    config.model.unet = mlc.ConfigDict(pre.unet_cfg.to_dict())
     config.model.unet.remat = user_unet.remat
     config.model.unet.attention = user_unet.attention
     config.model.prediction = pre.prediction
-    config.schedule = pre.schedule_cfg
+    config.schedule = mlc.ConfigDict(pre.schedule_cfg.to_dict())
     factor = vae_lib.downscale_factor(pre.vae_cfg)
     n_down = len(config.model.adapter.conditioning_embedding_out_channels) - 1
     if 2**n_down != factor:

@@ -63,6 +63,7 @@ def test_tpu_topology_compile_shrinks_arguments_with_fsdp(tmp_path):
         assert r["device_kind"] == "TPU v5 lite" and r["devices"] == 4
         assert r["memory_bytes"] == 16 * 2**30 and r["fits"] is True and r["error"] is None
         assert r["flops_per_device"] > 0 and r["min_step_s"] == r["flops_per_device"] / 197e12
+        assert r["attention"] == "auto" and r["pallas_kernels"] > 0  # 'auto' is splash on a TPU
     state = lambda r: r["bytes"]["argument_size_in_bytes"]
     expected = _state_and_batch_bytes(data) / _state_and_batch_bytes(fsdp)  # from the shardings alone
     assert expected > 3.0
@@ -93,6 +94,25 @@ def test_fit_check_names_what_to_change_on_a_tpu_topology_device():
 
 def test_fit_check_is_silent_on_the_cpu():
     hardware.check_fits({"argument_size_in_bytes": 10**15}, jax.devices("cpu")[0], "codi")
+
+
+def test_a_second_job_from_the_same_teacher_leaves_the_first_jobs_options_alone():
+    """The planner counts FLOPs on a second job built from the same weightless teacher with XLA attention,
+    after building the job it compiles: the compiled job must keep its own attention and remat (it once
+    compiled XLA attention where splash was asked for)."""
+    from codi_jax import experiment
+    from configs import sr
+
+    pre = architectures.abstract("sd15")
+    jobs = []
+    for attention, remat in (("auto", "full"), ("xla", "none")):
+        config = sr.get_config()
+        config.teacher.pretrained_path = "sd15"
+        config.model.unet.update(attention=attention, remat=remat)
+        jobs.append(experiment.planning_job(config, pre, jax.devices()[:1]))
+    first = jobs[0].config.model.unet
+    assert (first.attention, first.remat) == ("auto", "full")
+    assert jobs[0].model.module.unet_cfg.attention == "auto"  # what the U-Net reads when traced
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd21"])

@@ -188,9 +188,10 @@ def plan(config, topology: str, num_slices: int = 1, arch: str = "", cached_late
     batch = abstract_batch(example, tcfg.batch_size, sharding.batch_sharding(mesh, rules), latent)
     step_jit = train.jit_train_step(loss_fn, tcfg, tx, lr_schedule, state_sharding, mesh, rules)
     model_flops = step_flops(config, pre, state, batch)
-    stats = {}
+    stats, kernels = {}, None
     try:
-        _, stats = train.compile_step(step_jit, state, batch, mesh, rules, name=name, check_memory=False)
+        compiled, stats = train.compile_step(step_jit, state, batch, mesh, rules, name=name, check_memory=False)
+        kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
         error = None
     except hardware.DoesNotFitError as e:
         error = str(e)
@@ -214,6 +215,8 @@ def plan(config, topology: str, num_slices: int = 1, arch: str = "", cached_late
         "cached_latents": latent is not None,
         "dtype": m.dtype,
         "remat": m.unet.remat,
+        "attention": m.unet.attention,
+        "pallas_kernels": kernels,  # Pallas (splash attention) calls in the compiled TPU program
         "global_batch": tcfg.batch_size,
         "batch_per_device": tcfg.batch_size // sharding.batch_shards(mesh, rules),
         "grad_accum_steps": tcfg.grad_accum_steps,
