@@ -3,12 +3,17 @@ step fits.
 
 A real GPU or TPU reports its memory (`device.memory_stats()['bytes_limit']`); the abstract devices of
 a TPU topology compiled for ahead of time (`jax.experimental.topologies`) report nothing, so their
-memory comes from the chip's published figure below. The CPU has no fixed device memory: no check.
+memory comes from the chip's published figure below. A CPU device holds its share of the host's
+physical memory (N simulated devices share one host): a step larger than that would be killed by the
+operating system, or crawl in swap, after minutes of setup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+
+import jax
 
 GIB = 2**30
 
@@ -36,10 +41,15 @@ def chip(device) -> Chip | None:
     return CHIPS.get(getattr(device, "device_kind", ""))
 
 
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def memory_limit(device) -> int | None:
-    """Bytes one device can hold: what the runtime reports, else the chip's published HBM; None on CPUs."""
+    """Bytes one device can hold: what the runtime reports, else the chip's published HBM; a CPU device
+    its share of the host's physical memory; None for an unknown chip."""
     if getattr(device, "platform", "") == "cpu":
-        return None
+        return host_memory_bytes() // max(1, len(jax.local_devices(backend="cpu")))
     try:
         stats = device.memory_stats() or {}
     except Exception:  # noqa: BLE001 - abstract topology devices have no runtime behind them
@@ -81,6 +91,12 @@ def what_to_change(stage: str) -> str:
     )
 
 
+def _holder(device) -> str:
+    if getattr(device, "platform", "") == "cpu":
+        return "a CPU device's share of this host's memory"
+    return f"a {device.device_kind}"
+
+
 def check_fits(stats: dict, device, stage: str) -> None:
     """A one-line DoesNotFitError when the compiled step's bytes per device exceed the device's memory."""
     limit = memory_limit(device)
@@ -91,7 +107,7 @@ def check_fits(stats: dict, device, stage: str) -> None:
         raise DoesNotFitError(
             f"{stage}: the train step needs {need / GIB:.2f} GiB per device (arguments "
             f"{stats['argument_size_in_bytes'] / GIB:.2f}, temporaries {stats.get('temp_size_in_bytes', 0) / GIB:.2f}) "
-            f"but a {device.device_kind} holds {limit / GIB:.2f} GiB: {what_to_change(stage)}"
+            f"but {_holder(device)} holds {limit / GIB:.2f} GiB: {what_to_change(stage)}"
         )
 
 

@@ -92,8 +92,15 @@ def test_fit_check_names_what_to_change_on_a_tpu_topology_device():
     assert "codi.train.batch_size" in last and "codi.mode='pe'" in last
 
 
-def test_fit_check_is_silent_on_the_cpu():
-    hardware.check_fits({"argument_size_in_bytes": 10**15}, jax.devices("cpu")[0], "codi")
+def test_fit_check_on_the_cpu_holds_a_step_to_its_share_of_the_hosts_memory():
+    """A CPU device holds the host's physical memory divided among the simulated devices: a step needing
+    more stops before step 1 (rather than being killed by the operating system), one needing less runs."""
+    devices = jax.devices("cpu")
+    share = hardware.host_memory_bytes() // len(devices)
+    assert hardware.memory_limit(devices[0]) == share
+    hardware.check_fits({"argument_size_in_bytes": share // 2}, devices[0], "codi")
+    with pytest.raises(hardware.DoesNotFitError, match="a CPU device's share of this host's memory.*codi.mode='pe'"):
+        hardware.check_fits({"argument_size_in_bytes": share, "temp_size_in_bytes": 2**20}, devices[0], "codi")
 
 
 def test_a_second_job_from_the_same_teacher_leaves_the_first_jobs_options_alone():
