@@ -52,6 +52,35 @@ def test_sr_runs_in_latent_space_on_tiny_sd_folder(tmp_path):
     )
 
 
+def test_on_the_cpu_the_folders_unet_is_held_once_by_the_codi_state(tmp_path):
+    """The folder's float32 U-Net is loaded as host arrays, which nothing could free while the job refers
+    to them. On the CPU the teacher stage makes them device arrays (the job keeps no loaded copy), and the
+    CoDi stage's state takes them over: once it exists, the teacher's own buffers are gone."""
+    import jax
+    import numpy as np
+
+    from codi_jax import train
+
+    config = _config(sd_folder.make_tiny_sd(tmp_path / "sd"))
+    config.eval.teacher_ddim_steps = 0  # nothing samples the teacher after the CoDi stage starts from it
+    job = experiment.setup(config, str(tmp_path / "run"))
+    teacher = experiment.teacher_stage(job)
+    leaves = jax.tree_util.tree_leaves(teacher)
+    held = jax.tree_util.tree_leaves(job.model.pre.unet_params)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves + held)
+    assert not any(isinstance(x, np.ndarray) for x in held)
+    # copies: a numpy view of a CPU array (np.asarray) would keep its buffer from being taken over
+    before = {k: np.array(v) for k, v in jax.tree_util.tree_leaves_with_path(teacher)[:3]}
+
+    _, init_fn = experiment.codi_parts(job, teacher, None)
+    tx, _ = train.make_optimizer(config.codi.train)
+    state, _ = train.initial_state(experiment._with_frozen(init_fn, job.model.space), tx, 0, **job.place)
+    assert all(x.is_deleted() for x in leaves)
+    # ... and the state holds the teacher's weights (eq 12 starts the student from them)
+    unet = dict(jax.tree_util.tree_leaves_with_path(state["params"]["unet"]))
+    assert all(np.array_equal(np.asarray(unet[k]), v) for k, v in before.items())
+
+
 def test_prediction_type_mismatch_is_one_line(tmp_path):
     folder = sd_folder.make_tiny_sd(tmp_path / "sd", prediction_type="epsilon")
     config = _config(folder)
