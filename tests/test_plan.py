@@ -47,7 +47,8 @@ def test_cpu_plan_argument_bytes_are_the_sharded_state_and_batch(tmp_path):
     assert a["ema_params"] == a["params"] and abs(a["opt_state"] - 2 * a["params"]) < 64
     whole = 4 * r["trainable_params"]  # float32 params, unsharded
     assert a["params"] < 0.5 * whole  # most weight bytes are split over the 4 devices
-    assert r["flops_per_device"] > 0 and r["memory_bytes"] is None and r["fits"] is None  # a CPU has no HBM
+    # a CPU device holds its share of the host's memory (4 simulated devices: a quarter)
+    assert r["flops_per_device"] > 0 and r["memory_bytes"] == hardware.host_memory_bytes() // 4 and r["fits"] is True
 
 
 @pytest.mark.heavy(200)
