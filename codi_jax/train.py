@@ -348,7 +348,9 @@ def _first_nonfinite(pending):
     return None
 
 
-def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=None, name: str = "state"):
+def initial_state(
+    init_fn: Callable, tx, seed: int, mesh, rules=None, logical=None, name: str = "state", state_sharding=None
+):
     """(state, its shardings): init_fn's params placed by the logical axis rules.
 
     `logical` maps top-level param keys ('unet', 'adapter', ...) to trees of logical names
@@ -357,6 +359,7 @@ def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=No
     EMA params and Adam moments are created sharded. The state takes over init_fn's arrays (they are
     donated): a pretrained backbone is held once, not once by the caller and once by the state (3.4 GB
     at SD size). init_fn must therefore return arrays nobody else reads afterwards (copy what must stay).
+    `state_sharding`: the shardings when the caller has them already (`abstract_initial_state`).
     """
     rules = rules if rules is not None else {}
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -365,8 +368,9 @@ def initial_state(init_fn: Callable, tx, seed: int, mesh, rules=None, logical=No
     if multihost:  # process-local arrays -> host values, identical on every process
         params, frozen = jax.tree_util.tree_map(np.asarray, (params, frozen))
     make = lambda p, f, r: create_state(p, f, tx, r)
-    shapes = jax.eval_shape(make, params, frozen, state_rng)
-    state_sharding = sharding.state_shardings(shapes, logical or {}, mesh, rules, tx, name=name)
+    if state_sharding is None:
+        shapes = jax.eval_shape(make, params, frozen, state_rng)
+        state_sharding = sharding.state_shardings(shapes, logical or {}, mesh, rules, tx, name=name)
     donate = ()  # host values of several processes: nothing on the devices to take over
     if not multihost:
         # Laid out as the state first (no copy where they already are): XLA only reuses an input buffer
@@ -475,7 +479,7 @@ def run_stage(
     if latest is not None:
         logging.info("%s: resumed from step %d (%s) in %.1f s", name, latest, mgr.directory, time.perf_counter() - t0)
     else:
-        state, _ = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name)
+        state, _ = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name, state_sharding=state_sharding)
     if on_state is not None:
         on_state()
     start = int(state["step"])
