@@ -12,7 +12,8 @@ a checkpoint of the whole state written and read back, evaluation through the VA
    evaluating at 1 and 4 steps; then the same command with one step more, which restores the whole
    train state from the checkpoint and trains on.
 3. Collects compile time, step time, peak host RSS of each run, checkpoint write and read times from
-   the job's own log and compile.json, and writes them as JSON.
+   the job's own log and compile.json, and writes them as JSON, with a timeline of the job's resident
+   memory against its log lines (where the memory goes).
 """
 
 from __future__ import annotations
@@ -59,17 +60,51 @@ def job_command(teacher: str, workdir: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(cmd, log_path: str) -> tuple[float, str]:
+def _rss_gib(pid: int) -> float:
+    """Resident memory of a live process (Linux /proc), GiB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return kib / 2**20
+
+
+_ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")
+
+
+def _run(cmd, log_path: str, sample_s: float = 0.5) -> tuple[float, str, list]:
+    """Runs the job; returns its wall time, its log and a memory timeline.
+
+    The timeline has one row per log line at which the job's resident memory had moved by at least
+    0.25 GiB since the last row: [seconds since start, RSS when the line appeared, the peak RSS sampled
+    since the last row, the line]. Sampled every `sample_s`, so a spike shorter than that can be missed
+    (ru_maxrss, the report's peak, cannot).
+    """
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
+    timeline, last_rss, peak = [], 0.0, 0.0
+    with open(log_path, "w") as log, open(log_path) as reader:
         # This machine's CPU, whether or not libtpu is installed (it would probe for a TPU first).
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while True:
+            done = proc.poll() is not None
+            rss = _rss_gib(proc.pid)
+            peak = max(peak, rss)
+            for line in reader.readlines():
+                if done or max(abs(rss - last_rss), peak - last_rss) < 0.25:
+                    continue
+                row = [round(time.perf_counter() - t0, 1), round(rss, 2), round(peak, 2)]
+                timeline.append(row + [_ABSL_PREFIX.sub("", line.strip())[:160]])
+                last_rss, peak = rss, rss
+            if done:
+                break
+            time.sleep(sample_s)
     wall = time.perf_counter() - t0
     text = open(log_path).read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); its log: {log_path}")
-    return wall, text
+    return wall, text, timeline
 
 
 def _floats(pattern: str, text: str) -> list[float]:
@@ -98,7 +133,7 @@ def main(argv):
     report["write_teacher_s"] = round(write_s, 1)
     for name, steps in (("first", _STEPS.value), ("resumed", _STEPS.value + 1)):
         logging.info("%s run: %d steps (log in %s)", name, steps, workdir)
-        wall, text = _run(job_command(teacher, run_dir, steps), os.path.join(workdir, f"{name}.log"))
+        wall, text, timeline = _run(job_command(teacher, run_dir, steps), os.path.join(workdir, f"{name}.log"))
         speeds = _floats(r"codi step \d+/\d+ \([\d.]+%\) \| ([\d.]+) steps/s", text)
         report[name] = {
             "wall_s": round(wall, 1),
@@ -111,6 +146,7 @@ def main(argv):
             "checkpoint_wait_s": _floats(r"codi: checkpoint writes finished \(waited ([\d.]+) s", text),
             "restore_s": _floats(r"codi: resumed from step \d+ \(.*?\) in ([\d.]+) s", text),
             "eval_s": _floats(r'"eval_s": ([\d.]+)', open(os.path.join(run_dir, "metrics.json")).read()),
+            "rss_timeline": timeline,
         }
         print(json.dumps({name: report[name]}), flush=True)
     sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(run_dir, "codi")) for f in fs]
