@@ -45,6 +45,17 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def process_memory_bytes(pid: int, swapped: bool = False) -> int:
+    """A live process's resident memory (Linux /proc; with `swapped`, plus what it has in swap); 0 once it is
+    gone or where /proc does not tell."""
+    keys = ("VmRSS:", "VmSwap:") if swapped else ("VmRSS:",)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(keys))
+    except OSError:
+        return 0
+
+
 def memory_limit(device) -> int | None:
     """Bytes one device can hold: what the runtime reports, else the chip's published HBM; a CPU device
     its share of the host's physical memory; None for an unknown chip."""

@@ -155,3 +155,19 @@ def test_abstract_folder_reads_configs_only(tmp_path):
     assert pre.context.shape == loaded.context.shape and pre.prediction == loaded.prediction
     with pytest.raises(ValueError, match="neither a preset"):
         architectures.abstract(str(tmp_path / "missing"))
+
+
+def test_a_processes_memory_is_read_while_it_lives_and_is_zero_once_it_is_gone():
+    """What the planning runner records as a compile's host memory: a child holding 200 MB reads as at least
+    that (and not wildly more); a finished one reads 0."""
+    code = "import sys, numpy as np; a = np.ones(25_000_000); print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        held = hardware.process_memory_bytes(child.pid)
+        assert 200e6 <= held < 1e9
+        assert hardware.process_memory_bytes(child.pid, swapped=True) >= held
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+    assert hardware.process_memory_bytes(child.pid) == 0

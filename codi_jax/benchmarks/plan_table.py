@@ -19,7 +19,7 @@ import time
 
 from absl import flags, logging
 
-from codi_jax import logging_utils
+from codi_jax import hardware, logging_utils
 
 _RUN = flags.DEFINE_bool("run", False, "Compile the cells that have no result yet.")
 _RENDER = flags.DEFINE_bool("render", False, "Rewrite the table in --doc from the results in --dir.")
@@ -78,21 +78,35 @@ def run_cells(cells, out_dir: str, workers: int) -> None:
         while todo and len(running) < workers:
             cell = todo.pop(0)
             log = open(os.path.join(out_dir, cell_name(cell).replace(".json", ".log")), "w")
-            running.append((cell, subprocess.Popen(cell_command(cell, out_dir), stdout=log, stderr=log), log))
+            proc = subprocess.Popen(cell_command(cell, out_dir), stdout=log, stderr=log)
+            running.append({"cell": cell, "proc": proc, "log": log, "peak": 0})
             logging.info("compiling %s", cell_name(cell))
         time.sleep(5)
         for item in list(running):
-            cell, proc, log = item
-            if proc.poll() is None:
+            proc = item["proc"]
+            if proc.poll() is None:  # sampled every 5 s: the compile's memory moves slowly
+                item["peak"] = max(item["peak"], hardware.process_memory_bytes(proc.pid, swapped=True))
                 continue
             running.remove(item)
-            log.close()
+            item["log"].close()
             done += 1
+            path = os.path.join(out_dir, cell_name(item["cell"]))
+            if proc.returncode == 0:
+                _add_host_memory(path, item["peak"])
             per = (time.perf_counter() - t0) / done
             eta = per * (len(todo) + len(running)) / max(workers, 1)
             status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}, see its .log)"
-            logging.info("%s %s; %d left, ETA %s", cell_name(cell), status, len(todo) + len(running),
-                         logging_utils.format_duration(eta))  # fmt: skip
+            logging.info("%s %s (host memory peak %.1f GiB); %d left, ETA %s", cell_name(item["cell"]), status,
+                         item["peak"] / 2**30, len(todo) + len(running), logging_utils.format_duration(eta))  # fmt: skip
+
+
+def _add_host_memory(path: str, peak: int) -> None:
+    """Records in a cell's JSON what its compile needed of this host: the peak of resident + swapped memory."""
+    with open(path) as f:
+        result = json.load(f)
+    result["host_memory_peak_bytes"] = peak  # sampled every 5 s by the runner (resident + swap)
+    with open(path, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
 
 
 def _gib(x):

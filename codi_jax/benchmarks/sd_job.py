@@ -28,7 +28,7 @@ import time
 
 from absl import flags, logging
 
-from codi_jax import logging_utils, storage
+from codi_jax import hardware, logging_utils, storage
 from codi_jax.pretrained import architectures
 
 _ARCH = flags.DEFINE_enum("arch", "sd15", list(architectures.PRESETS), "Architecture preset.")
@@ -60,16 +60,6 @@ def job_command(teacher: str, workdir: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _rss_gib(pid: int) -> float:
-    """Resident memory of a live process (Linux /proc), GiB; 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0.0
-    return kib / 2**20
-
-
 _ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")
 
 
@@ -89,7 +79,7 @@ def _run(cmd, log_path: str, sample_s: float = 0.5) -> tuple[float, str, list]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         while True:
             done = proc.poll() is not None
-            rss = _rss_gib(proc.pid)
+            rss = hardware.process_memory_bytes(proc.pid) / 2**30
             peak = max(peak, rss)
             for line in reader.readlines():
                 if done or max(abs(rss - last_rss), peak - last_rss) < 0.25:
