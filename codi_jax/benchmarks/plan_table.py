@@ -117,7 +117,7 @@ def table(results: list[dict]) -> str:
     """The markdown table of the results (one row per cell)."""
     head = (
         "| model | px | mode | batch/chip | remat | slice(s) | fits | GiB/chip: step (args + temps) of HBM | "
-        "args: params / EMA / Adam / frozen (arith.) | TFLOP/chip/step | step >= (ms) | compile (min) |\n"
+        "args: params / EMA / Adam / frozen (arith.) | TFLOP/chip/step | step >= (ms) | compile: min (host GiB) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
@@ -135,6 +135,8 @@ def table(results: list[dict]) -> str:
         flops = "" if not r["flops_per_device"] else f"{r['flops_per_device'] / 1e12:.2f}"
         bound = "" if not r.get("min_step_s") else f"{r['min_step_s'] * 1e3:.0f}"
         compile_min = "" if not r["compile_s"] else f"{r['compile_s'] / 60:.0f}"
+        if r.get("host_memory_peak_bytes"):
+            compile_min += f" ({r['host_memory_peak_bytes'] / 2**30:.1f})"
         rows.append(
             f"| {r['arch']} | {r['resolution']} | {r['mode']} | {r['batch_per_device']} | {r['remat']} | {slices} | "
             f"{fits} | {mem} | {arith} | {flops} | {bound} | {compile_min} |"
