@@ -39,6 +39,7 @@ CELLS = [
     ("sd15", 512, "full", 4, "none", "v4-8", 1),
     ("sd15", 512, "full", 4, "none", "v5p-8", 1),
     ("sd21", 768, "full", 1, "none", "v5e-8", 1),
+    ("sd15", 512, "full", 2, "full", "v5e-8", 1),  # like for like with the first cell: what remat saves
     ("sd21", 768, "pe", 2, "full", "v4-8", 1),
     ("sd21-base", 512, "full", 2, "none", "v5e-8", 1),
     ("sd15", 512, "full", 2, "none", "v5e-16", 2),
@@ -46,7 +47,6 @@ CELLS = [
     ("sd15", 512, "pe", 4, "none", "v5e-8", 1),
     ("sd21", 768, "full", 4, "full", "v5p-8", 1),
     ("sd15", 512, "pe", 1, "none", "v4-8", 1),
-    ("sd15", 512, "full", 2, "full", "v4-8", 1),
     ("sd21", 768, "full", 2, "none", "v4-8", 1),
     ("sd21", 768, "pe", 4, "none", "v5p-8", 1),
 ]
