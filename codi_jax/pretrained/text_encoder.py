@@ -46,11 +46,11 @@ from codi_jax.pretrained import diffusers_folder
 ENCODERS = ("tiny", "pretrained")
 
 
-def tiny_tokenizer_folder(path: str, words: Sequence[str], max_length: int) -> str:
-    """Write a valid CLIP BPE tokenizer: letters and digits, each also as a word end, plus merges that
+def tiny_tokenizer_folder(path: str, words: Sequence[str], max_length: int, digits: bool = True) -> str:
+    """Write a valid CLIP BPE tokenizer: letters (and digits), each also as a word end, plus merges that
     build every word of `words` whole (so each is one token)."""
     os.makedirs(path, exist_ok=True)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ([str(d) for d in range(10)] if digits else [])
     pieces = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges = []
     for word in sorted(set(words)):
