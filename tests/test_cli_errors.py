@@ -29,6 +29,11 @@ CASES = [
     ("codi_jax.benchmarks.plan", ["--config=configs/sr.py:smoke", "--topology=tpu8"], "--topology='tpu8'"),
     ("codi_jax.benchmarks.plan", ["--config=configs/sr.py", "--topology=cpu:2"], "teacher.pretrained_path"),
     ("codi_jax.benchmarks.plan", ["--config=configs/sr.py", "--arch=sd99", "--topology=cpu:2"], "sd99"),
+    (
+        "codi_jax.benchmarks.plan",
+        ["--config=configs/sr.py:smoke", "--topology=cpu:4", "--num_slices=2"],
+        "--num_slices=2",
+    ),
     ("codi_jax.benchmarks.plan_table", [], "--run"),
 ]
 

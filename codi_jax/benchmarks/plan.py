@@ -90,11 +90,13 @@ ACCELERATOR_TYPES = {
 
 def _topology_devices(topology: str, num_slices: int):
     """The devices to compile for. TPU: abstract devices of the topology (no TPU needed)."""
+    if num_slices != 1 and (topology == "device" or topology.startswith("cpu:")):
+        raise ValueError(f"--num_slices={num_slices} is for TPU topologies; --topology={topology} is one slice")
     if topology == "device":
         return jax.devices()
     m = re.fullmatch(r"cpu:(\d+)", topology)
     if m:
-        n = int(m.group(1)) * num_slices
+        n = int(m.group(1))
         if len(jax.devices("cpu")) < n:
             raise ValueError(
                 f"--topology={topology}: {len(jax.devices('cpu'))} CPU devices in this process; JAX fixed their "
@@ -121,7 +123,7 @@ def _topology_devices(topology: str, num_slices: int):
     return desc.devices
 
 
-def _prepare_environment(topology: str, num_slices: int) -> None:
+def _prepare_environment(topology: str) -> None:
     """Before JAX starts its backends: CPU as the platform (the TPU plugin still describes topologies),
     libtpu allowed to load beside other processes, and the CPU device count for cpu:N."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no /tmp/libtpu_lockfile fight with other jobs
@@ -131,7 +133,7 @@ def _prepare_environment(topology: str, num_slices: int) -> None:
         jax.config.update("jax_platforms", "cpu")
     m = re.fullmatch(r"cpu:(\d+)", topology)
     if m:
-        jax.config.update("jax_num_cpu_devices", int(m.group(1)) * num_slices)
+        jax.config.update("jax_num_cpu_devices", int(m.group(1)))
 
 
 def _train_example(config, space):
@@ -253,9 +255,11 @@ def step_flops(config, pre, state, batch) -> float:
     XLA's attention for one host CPU device, before compilation. The compiled executable's own count leaves
     out custom calls (the Pallas splash kernels on a TPU; on a GPU the cuDNN convolutions and attention),
     and a TPU topology's compile-only client gives no cost analysis of a lowering; the global program's
-    arithmetic does not depend on where it runs. A remat policy's recompute is counted."""
+    arithmetic does not depend on where it runs. A remat policy's recompute is counted. Multi-slice
+    configs lower as one slice (mesh.dcn all 1): one device has no slices to span."""
     config = config.copy_and_resolve_references()
     config.model.unet.attention = "xla"
+    config.mesh.dcn = (1,) * len(config.mesh.dcn)
     job = experiment.planning_job(config, pre, jax.devices("cpu")[:1])
     _, tcfg, loss_fn, _ = experiment.stage_program(job)
     tx, lr_schedule = train.make_optimizer(tcfg)
@@ -280,7 +284,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise ValueError("--config is required (e.g. --config=configs/sr.py)")
-    _prepare_environment(_TOPOLOGY.value, _SLICES.value)
+    _prepare_environment(_TOPOLOGY.value)
     workdir_lib.enable_compilation_cache(_CACHE.value, os.path.join(os.getcwd(), "plan"))  # a rerun reads it back
     if _RESOLUTION.value:
         config.data.crop_size = _RESOLUTION.value
