@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from absl import logging
 
 from codi_jax import build, diffusion, runs, sampling, sharding, storage, train
 from codi_jax import workdir as workdir_lib
@@ -373,11 +374,14 @@ def _with_frozen(init_fn, space: build.Space):
     return init
 
 
-def _delete_arrays(tree) -> None:
+def _delete_arrays(tree, name: str = "teacher") -> None:
     """Free the device buffers of `tree` now, whoever still refers to them (reading one later raises)."""
+    count = nbytes = 0
     for leaf in jax.tree_util.tree_leaves(tree):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            count, nbytes = count + 1, nbytes + leaf.nbytes
             leaf.delete()
+    logging.info("%s: freed %d arrays (%.2f GB) once the stage's state existed", name, count, nbytes / 1e9)
 
 
 def _copy(tree):

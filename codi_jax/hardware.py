@@ -10,6 +10,8 @@ operating system, or crawl in swap, after minutes of setup.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 
@@ -54,6 +56,21 @@ def process_memory_bytes(pid: int, swapped: bool = False) -> int:
             return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(keys))
     except OSError:
         return 0
+
+
+def release_free_host_memory() -> bool:
+    """Hand the heap pages this process has freed back to the operating system (glibc's malloc_trim(0)).
+    glibc keeps freed blocks for reuse: after the teacher's host copy and the state's initialisation are
+    freed, gigabytes stay resident (at SD size, 1.6 of 3.9 GiB dropped on delete, 3.2 after a trim).
+    Returns False where the C library has no malloc_trim (not glibc): nothing is done there."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def memory_limit(device) -> int | None:

@@ -7,6 +7,7 @@ State is a plain dict pytree, so jit, sharding and Orbax see it directly:
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -482,6 +483,7 @@ def run_stage(
         state, _ = initial_state(init_fn, tx, seed, mesh, rules, logical, name=name, state_sharding=state_sharding)
     if on_state is not None:
         on_state()
+    _give_back_host_memory(name, "the state exists")
     start = int(state["step"])
     if start >= tcfg.num_steps:
         logging.info("%s: complete at step %d; skipping training", name, start)
@@ -575,7 +577,17 @@ def run_stage(
         logging.info("%s: checkpoint writes finished (waited %.1f s at the end)", name, time.perf_counter() - t0)
         mgr.close()
         writer.close()
+        _give_back_host_memory(name, "the checkpoint writes finished")
     return state
+
+
+def _give_back_host_memory(name: str, when: str) -> None:
+    """What the host freed (a teacher read into numpy, initialisation's buffers, checkpoint copies) returned
+    to the operating system, not kept by the allocator: the next stage, or another process, gets it."""
+    before = hardware.process_memory_bytes(os.getpid())
+    if hardware.release_free_host_memory():
+        freed = max(before - hardware.process_memory_bytes(os.getpid()), 0)
+        logging.info("%s: %.2f GiB of freed host memory given back to the OS (%s)", name, freed / 2**30, when)
 
 
 def _stop_trace(state, name, lo, hi, logdir) -> bool:

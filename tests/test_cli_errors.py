@@ -34,6 +34,7 @@ CASES = [
         ["--config=configs/sr.py:smoke", "--topology=cpu:4", "--num_slices=2"],
         "--num_slices=2",
     ),
+    ("codi_jax.benchmarks.sd_job", ["--workdir=WORK"], "run exists"),  # WORK/run made below
     ("codi_jax.benchmarks.plan_table", [], "--run"),
 ]
 
@@ -43,6 +44,7 @@ CASES = [
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, module, args, named):
     args = [a.replace("OUT", str(tmp_path / "out")).replace("WORK", str(tmp_path / "work")) for a in args]
+    (tmp_path / "work" / "run").mkdir(parents=True)  # an earlier run: only sd_job refuses it
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300

@@ -128,6 +128,7 @@ def test_sigterm_saves_the_step_and_exits_75_and_the_rerun_ends_like_an_uninterr
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"codi: resumed from step {saved[-1]}" in again.stderr
+    assert re.search(r"teacher: freed \d+ arrays", again.stderr)  # a resumed stage frees the teacher too
     assert _metrics(work) == _metrics(straight)
     # Both later jobs ran the first job's train steps: read from the cache, no new step compiled.
     assert _step_programs(tmp_path / workdir_lib.CACHE_FOLDER) == cached

@@ -106,13 +106,15 @@ def main(argv):
     workdir = _WORKDIR.value
     if not workdir:
         raise ValueError("--workdir is required")
+    run_dir = os.path.join(workdir, "run")
+    if os.path.exists(run_dir):  # the first run would resume it, and time a restore instead of a compile
+        raise ValueError(f"{run_dir} exists from an earlier benchmark: remove it (the teacher folder is reused)")
     os.makedirs(workdir, exist_ok=True)
     teacher = os.path.join(workdir, "teacher_random")
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(teacher, "model_index.json")):
         architectures.write_random_folder(_ARCH.value, teacher)
     write_s = time.perf_counter() - t0
-    run_dir = os.path.join(workdir, "run")
     report = {
         "arch": _ARCH.value,
         "resolution": _RES.value,
