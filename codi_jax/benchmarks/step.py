@@ -50,18 +50,22 @@ from codi_jax import diffusion, logging_utils, sampling, sharding, train
 from codi_jax.methods import base, codi, pretrain
 from codi_jax.models import layers
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sr.py:tiny", "Config file, e.g. configs/sr.py:tiny.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global train batch (0: the config's codi.train.batch_size).")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 1, "Batch of the sampling-latency runs.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per step kind (after the warm-up steps).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed train steps before the timed ones.")
-_REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions of each sampler (after one warm-up call).")
-_SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["1", "2", "4", "8"], "Few-step sampler step counts.")
-_TORCH_STEPS = flags.DEFINE_list("torch_steps", [], "Step counts of the PyTorch comparison (default: --sample_steps).")
-_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 50, "Steps of the DDIM baseline sampler.")
-_TORCH = flags.DEFINE_bool("torch", True, "Compare with diffusers' PyTorch classes (CPU backend only).")
-_THREADS = flags.DEFINE_integer("threads", 0, "PyTorch threads (0: the CPU count, what XLA's CPU backend uses).")
-_OUT = flags.DEFINE_string("out", "", "Write the report as JSON here.")
+
+def define_flags() -> None:
+    """The command line (defined only when run as a program: sd_gpu imports this module beside its own)."""
+    config_flags.DEFINE_config_file("config", "configs/sr.py:tiny", "Config file, e.g. configs/sr.py:tiny.")
+    flags.DEFINE_integer("batch_size", 0, "Global train batch (0: the config's codi.train.batch_size).")
+    flags.DEFINE_integer("sample_batch", 1, "Batch of the sampling-latency runs.")
+    flags.DEFINE_integer("steps", 10, "Timed train steps per step kind (after the warm-up steps).")
+    flags.DEFINE_integer("warmup", 2, "Untimed train steps before the timed ones.")
+    flags.DEFINE_integer("reps", 5, "Timed repetitions of each sampler (after one warm-up call).")
+    flags.DEFINE_list("sample_steps", ["1", "2", "4", "8"], "Few-step sampler step counts.")
+    flags.DEFINE_list("torch_steps", [], "Step counts of the PyTorch comparison (default: --sample_steps).")
+    flags.DEFINE_integer("ddim_steps", 50, "Steps of the DDIM baseline sampler.")
+    flags.DEFINE_bool("torch", True, "Compare with diffusers' PyTorch classes (CPU backend only).")
+    flags.DEFINE_integer("threads", 0, "PyTorch threads (0: the CPU count, what XLA's CPU backend uses).")
+    flags.DEFINE_string("out", "", "Write the report as JSON here.")
+
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
 PEAK_FLOPS = (
@@ -391,7 +395,7 @@ def _torch_sampler(torch, unet, controlnet, prediction: str, boundary: bool):
         x = None
         with torch.inference_mode():
             for c in coefs:
-                t = torch.full((batch,), c["t"], dtype=torch.int64)
+                t = torch.full((batch,), c["t"], dtype=torch.int64, device=z.device)
                 down, mid = controlnet(z, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
                 out = unet(
                     z,
@@ -664,25 +668,27 @@ def format_table(report: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    F = flags.FLAGS
     report = run(
-        _CONFIG.value,
-        batch_size=_BATCH.value or None,
-        sample_batch=_SAMPLE_BATCH.value,
-        steps=_STEPS.value,
-        warmup=_WARMUP.value,
-        reps=_REPS.value,
-        sample_steps=[int(v) for v in _SAMPLE_STEPS.value],
-        ddim_steps=_DDIM_STEPS.value,
-        torch_steps=[int(v) for v in _TORCH_STEPS.value] or None,
-        with_torch=_TORCH.value,
-        threads=_THREADS.value or None,
-        out=_OUT.value,
+        F.config,
+        batch_size=F.batch_size or None,
+        sample_batch=F.sample_batch,
+        steps=F.steps,
+        warmup=F.warmup,
+        reps=F.reps,
+        sample_steps=[int(v) for v in F.sample_steps],
+        ddim_steps=F.ddim_steps,
+        torch_steps=[int(v) for v in F.torch_steps] or None,
+        with_torch=F.torch,
+        threads=F.threads or None,
+        out=F.out,
     )
     print()
     print(format_table(report))
-    if _OUT.value:
-        print(f"\nreport: {_OUT.value}")
+    if F.out:
+        print(f"\nreport: {F.out}")
 
 
 if __name__ == "__main__":
+    define_flags()
     logging_utils.run_cli(main)
