@@ -31,7 +31,6 @@ each skipped (and said so in the report) once `--budget_s` is spent, the report 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import copy
 import functools
 import glob
@@ -96,7 +95,7 @@ def model_flops(config, state, batch) -> float:
     return float(cost["flops"])
 
 
-def bench_train(config, batch_sizes, steps: int, warmup: int, deadline, log):
+def bench_train(config, batch_sizes, steps: int, warmup: int, deadline, log, save=lambda result: None):
     """Returns (figures, (executable, state, batch, batch size) of the largest batch that ran, or None)."""
     setup = step_bench._Setup(config)
     c, tcfg = config.codi, config.codi.train
@@ -117,59 +116,9 @@ def bench_train(config, batch_sizes, steps: int, warmup: int, deadline, log):
         donate_argnums=(0,),
     )
     batches = {b: sharding.put_batch(setup.inputs(b, seed=0), mesh, rules) for b in batch_sizes}
-    lowered = {}
-    for b in batch_sizes:
-        with sharding.activation_rules(mesh, rules):
-            lowered[b] = step_jit.lower(state, batches[b])
-    log(f"lowered for batch sizes {batch_sizes}; compiling them side by side")
-
-    def compile_one(b):
-        t0 = time.perf_counter()
-        try:
-            return b, lowered[b].compile(), time.perf_counter() - t0, None
-        except Exception as e:  # noqa: BLE001 - one batch size that does not fit must not end the run
-            return b, None, time.perf_counter() - t0, logging_utils.one_line_error(e)[:400]
-
-    with concurrent.futures.ThreadPoolExecutor(len(batch_sizes)) as pool:
-        futures = [pool.submit(compile_one, b) for b in batch_sizes]
-        flops = {}
-        for b in batch_sizes:  # traced here while the compiles run in their threads
-            try:
-                flops[b] = model_flops(config, state, batches[b])
-            except Exception as e:  # noqa: BLE001 - a figure missing, not a run lost
-                flops[b], flops["error"] = None, logging_utils.one_line_error(e)[:300]
-        compiled = {b: (exe, secs, err) for b, exe, secs, err in (f.result() for f in futures)}
     device = jax.devices()[0]
     peak = hardware.peak_flops(device)
-    rows, largest = {}, None
-    for b in batch_sizes:
-        exe, secs, err = compiled[b]
-        row = {"batch_size": b, "compile_s": round(secs, 1), "flops_per_step": flops.get(b)}
-        if exe is not None:
-            row["compiled_memory"] = _memory(exe)
-        if err is None and deadline.left() > 15:
-            try:
-                state, times, loss = step_bench._time_steps(exe, state, batches[b], steps, warmup)
-                step_s = statistics.median(times)
-                row.update(
-                    step_ms=1e3 * step_s,
-                    step_ms_all=[1e3 * t for t in times],
-                    images_per_s=b / step_s,
-                    loss=loss,
-                    device_peak_bytes_so_far=(device.memory_stats() or {}).get("peak_bytes_in_use"),
-                )
-                if row["flops_per_step"] and peak:
-                    row["tflops_per_s"] = row["flops_per_step"] / step_s / 1e12
-                    row["mfu"] = row["flops_per_step"] / step_s / peak
-                largest = b
-            except Exception as e:  # noqa: BLE001 - out of memory at run time, say
-                err = logging_utils.one_line_error(e)[:400]
-        elif err is None:
-            err = "skipped: --budget_s spent"
-        if err:
-            row["error"] = err
-        rows[str(b)] = row
-        log(f"batch {b}: " + (err or f"compile {secs:.0f} s, step {row['step_ms']:.1f} ms, MFU {row.get('mfu')}"))
+    rows, largest, kept = {}, None, None
     result = {
         "mode": c.mode,
         "attention": config.model.unet.attention,
@@ -179,11 +128,52 @@ def bench_train(config, batch_sizes, steps: int, warmup: int, deadline, log):
         "flops_note": "the step as written (XLA attention, before optimisation); MFU = flops / step time / peak",
         "rows": rows,
     }
-    if "error" in flops:
-        result["flops_error"] = flops["error"]
+    # One at a time: three SD-size compiles side by side on an H200 (2026-12-04) had none finished after
+    # 475 s, against about 130 s for one alone (their autotuning shares the GPU's timers).
+    for b in batch_sizes:
+        row = rows[str(b)] = {"batch_size": b}
+        if deadline.left() < 150:
+            row["error"] = "skipped: --budget_s spent"
+            continue
+        t0 = time.perf_counter()
+        try:
+            with sharding.activation_rules(mesh, rules):
+                exe = step_jit.lower(state, batches[b]).compile()
+            row.update(compile_s=round(time.perf_counter() - t0, 1), compiled_memory=_memory(exe))
+            save(result)
+            state, times, loss = step_bench._time_steps(exe, state, batches[b], steps, warmup)
+        except Exception as e:  # noqa: BLE001 - one batch size that does not fit must not end the run
+            row["error"] = logging_utils.one_line_error(e)[:400]
+            log(f"batch {b}: {row['error']}")
+            save(result)
+            continue
+        step_s = statistics.median(times)
+        row.update(
+            step_ms=1e3 * step_s,
+            step_ms_all=[1e3 * t for t in times],
+            images_per_s=b / step_s,
+            loss=loss,
+            device_peak_bytes_so_far=(device.memory_stats() or {}).get("peak_bytes_in_use"),
+        )
+        largest, kept = b, exe
+        save(result)
+        log(f"batch {b}: compile {row['compile_s']:.0f} s, step {row['step_ms']:.1f} ms")
+    for b in batch_sizes:  # the FLOPs last: a lowering each, worth less than a measured step
+        row = rows[str(b)]
+        if "step_ms" not in row or deadline.left() < 20:
+            continue
+        try:
+            row["flops_per_step"] = model_flops(config, state, batches[b])
+        except Exception as e:  # noqa: BLE001 - a figure missing, not a run lost
+            result["flops_error"] = logging_utils.one_line_error(e)[:300]
+            break
+        if peak:
+            row["tflops_per_s"] = row["flops_per_step"] / (row["step_ms"] / 1e3) / 1e12
+            row["mfu"] = row["tflops_per_s"] * 1e12 / peak
+        save(result)
+        log(f"batch {b}: {row['flops_per_step'] / 1e12:.2f} TFLOP per step, MFU {row.get('mfu')}")
     # what the profile part traces, last in the run: a profiler that crashes the process loses nothing else
-    kept = None if largest is None else (compiled[largest][0], state, batches[largest], largest)
-    return result, kept
+    return result, None if largest is None else (kept, state, batches[largest], largest)
 
 
 def _memory(exe) -> dict:
@@ -414,7 +404,15 @@ def main(argv):
 
     def train_part():
         nonlocal kept
-        result, kept = bench_train(config, batch_sizes, F.steps, F.warmup, deadline, log)
+        result, kept = bench_train(
+            config,
+            batch_sizes,
+            F.steps,
+            F.warmup,
+            deadline,
+            log,
+            save=lambda r: (report.__setitem__("train", r), save()),
+        )
         return result
 
     parts = [
