@@ -105,3 +105,42 @@ def test_peak_flops_table():
     assert step.peak_flops("TPU v5 lite") == 197e12
     assert step.peak_flops("TPU v5p") == 459e12
     assert step.peak_flops("cpu") is None
+
+
+@pytest.mark.heavy(60)
+def test_gpu_benchmark_runs_every_part_on_the_cpu(tmp_path):
+    """benchmarks.sd_gpu, the one-call GPU check, end to end on the CPU at minimum size: the train step's
+    time and its FLOPs as written, the samplers, diffusers on the same exported weights (float32 here:
+    the same function to rounding), and a profile whose kernel time is summed from the trace."""
+    import os
+    import subprocess
+    import sys
+
+    one_level = [
+        "--config.model.unet.block_out_channels=(16,)",
+        "--config.model.unet.down_block_types=('DownBlock2D',)",
+        "--config.model.unet.up_block_types=('UpBlock2D',)",
+    ]
+    cmd = [sys.executable, "-m", "codi_jax.benchmarks.sd_gpu", "--config=configs/sr.py:smoke", *one_level,
+           "--batch_sizes=2", "--steps=1", "--warmup=1", "--reps=1", "--sample_steps=1", "--ddim_steps=2",
+           "--torch_steps=1", "--profile_steps=1", f"--out={tmp_path}"]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # libtpu's profiler plugin would claim the trace
+    proc = subprocess.run(
+        cmd,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    row = report["train"]["rows"]["2"]
+    assert "error" not in row and _positive(row["compile_s"]) and _positive(row["step_ms"])
+    assert _positive(row["flops_per_step"]) and row["images_per_s"] == pytest.approx(2 / (row["step_ms"] / 1e3))
+    assert set(report["sampling"]["rows"]) == {"step1", "ddim2"}
+    torch_row = report["torch"]["rows"]["step1"]
+    assert torch_row["relative_l2_diff"] < 1e-4 and _positive(torch_row["torch_ms"])
+    host = report["profile"]["lines"]["host_xla_threads"]
+    assert _positive(host["ms_per_step"]) and host["top_ms_per_step"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["train_b2"]["step_ms"] == row["step_ms"]
