@@ -11,12 +11,12 @@ Random weights of the config's shapes (codi_jax/benchmarks/step.py's `_Setup`: U
 each skipped (and said so in the report) once `--budget_s` is spent, the report rewritten after each:
 
 1. Train step (full CoDi, eq 14/15, with the job's optimizer, EMA, shardings and donation) at each of
-   `--batch_sizes`: all compiled side by side in threads, then timed one after another (median of
-   `--steps` after `--warmup`). Per batch: compile seconds, step ms, images/s, XLA's memory analysis of
-   the executable and the device's peak so far, and MFU. The FLOPs are the step's arithmetic as written,
-   XLA's cost analysis of the step lowered with XLA attention and before optimisation: the compiled
-   GPU executable's own count leaves out cuDNN's convolutions and attention (custom calls), so it is far
-   too low to give an MFU (docs/benchmarks.md, the H200 run of 2026-11-26).
+   `--batch_sizes`, each compiled and timed in turn (median of `--steps` after `--warmup`; a compile
+   starts only with 150 s of the budget left). Per batch: compile seconds, step ms, images/s, XLA's
+   memory analysis of the executable and the device's peak so far, then, once all have run, MFU. The
+   FLOPs are the step's arithmetic as written, XLA's cost analysis of the step lowered with XLA
+   attention and before optimisation: the compiled GPU executable's own count leaves out cuDNN's
+   convolutions and attention (custom calls), so it is far too low to give an MFU (docs/benchmarks.md).
 2. Sampling latency at `--sample_batch`: the few-step sampler (CoDi's boundary-wrapped denoiser) at
    `--sample_steps` and DDIM at `--ddim_steps`, as benchmarks.step measures it (no VAE decode).
 3. Against diffusers' PyTorch classes on the same device: the config's model as diffusers expresses it
